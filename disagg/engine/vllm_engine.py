@@ -1,0 +1,216 @@
+"""The vLLM engine, embedded in-process (v1 AsyncLLM).
+
+One engine per process: vLLM's Prometheus metrics live in the process-global registry, and on
+CPU its engine core is a spawned child that inherits this process's environment (core pinning,
+KV cache size), which is set here just before the engine starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any, AsyncIterator
+
+from disagg.config import AppConfig
+from disagg.engine.base import EngineStats, GenerateOutput, GenerateRequest
+from kv_transfer.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+
+def engine_environment(config: AppConfig, cpu_bind: str | None) -> dict[str, str]:
+    """Environment a vLLM engine on this host needs; applied before the engine core spawns."""
+    env = {
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": config.host,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if config.kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+    if cpu_bind is not None:
+        # Two engines on a small machine must not fight over the same cores.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+        env["OMP_NUM_THREADS"] = str(_count_cpus(cpu_bind))
+    return env
+
+
+def _count_cpus(bind: str) -> int:
+    n = 0
+    for part in bind.replace("|", ",").split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) - int(lo) + 1) if hi else 1
+    return max(n, 1)
+
+
+def kv_transfer_config(config: AppConfig, engine_id: str) -> dict[str, Any] | None:
+    """vLLM KVTransferConfig kwargs for the configured connector (None: no connector)."""
+    if config.kv_connector == "none":
+        return None
+    if config.kv_connector == "nixl":
+        return {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_both",
+            "kv_buffer_device": "cpu",
+            "engine_id": engine_id,
+        }
+    return {
+        "kv_connector": "DisaggConnector",
+        "kv_connector_module_path": "kv_transfer.vllm_connector",
+        "kv_role": "kv_both",
+        "kv_buffer_device": "cpu",
+        "engine_id": engine_id,
+        "kv_connector_extra_config": {
+            "backend": config.kv_backend,
+            "lease_s": config.kv_lease_s,
+            "host": config.host,
+        },
+    }
+
+
+class VllmEngine:
+    """`Engine` over vLLM's AsyncLLM."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        cpu_bind: str | None = None,
+        kv_events_endpoint: str | None = None,
+        kv_events_replay_endpoint: str | None = None,
+        nixl_side_channel_port: int | None = None,
+    ):
+        self.config = config
+        self.cpu_bind = cpu_bind
+        self.kv_events_endpoint = kv_events_endpoint
+        self.kv_events_replay_endpoint = kv_events_replay_endpoint
+        self.nixl_side_channel_port = nixl_side_channel_port
+        self.engine_id = f"engine-{uuid.uuid4().hex[:12]}"
+        self.layout: KVLayout | None = None
+        self.num_blocks = 0
+        self._llm: Any = None
+        self._stats = EngineStats()
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.update(engine_environment(self.config, self.cpu_bind))
+        if self.nixl_side_channel_port is not None:
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.nixl_side_channel_port)
+
+        c = self.config
+        kwargs: dict[str, Any] = dict(
+            model=c.model,
+            served_model_name=[c.model_name],
+            dtype=c.dtype,
+            block_size=c.block_size,
+            max_model_len=c.max_model_len,
+            max_num_seqs=c.max_num_seqs,
+            enforce_eager=c.enforce_eager,
+            seed=c.seed,
+            enable_prefix_caching=True,
+            disable_log_stats=False,
+        )
+        if c.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = c.max_num_batched_tokens
+        transfer = kv_transfer_config(c, self.engine_id)
+        if transfer is not None:
+            from vllm.config import KVTransferConfig
+
+            kwargs["kv_transfer_config"] = KVTransferConfig(**transfer)
+        if self.kv_events_endpoint:
+            from vllm.config import KVEventsConfig
+
+            kwargs["kv_events_config"] = KVEventsConfig(
+                enable_kv_cache_events=True,
+                publisher="zmq",
+                endpoint=self.kv_events_endpoint,
+                replay_endpoint=self.kv_events_replay_endpoint,
+                topic="kv-events",
+            )
+
+        stats_sink = self._stats
+
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        class _SchedulerSnapshot(StatLoggerBase):
+            """Keeps the latest scheduler stats for `stats()` (vLLM calls record() each step)."""
+
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    stats_sink.waiting = scheduler_stats.num_waiting_reqs
+                    stats_sink.running = scheduler_stats.num_running_reqs
+                    stats_sink.kv_usage = scheduler_stats.kv_cache_usage
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_SchedulerSnapshot])
+        vc = self._llm.vllm_config
+        self.num_blocks = int(vc.cache_config.num_gpu_blocks or 0)
+        self._stats.num_blocks = self.num_blocks
+        mc = vc.model_config
+        self.layout = KVLayout(
+            model=c.model_name,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            block_size=vc.cache_config.block_size,
+            num_layers=mc.get_num_layers(vc.parallel_config),
+            num_kv_heads=mc.get_num_kv_heads(vc.parallel_config),
+            head_dim=mc.get_head_size(),
+            tp_size=vc.parallel_config.tensor_parallel_size,
+        )
+        log.info("engine %s ready: %d KV blocks, layout %s", self.engine_id, self.num_blocks, self.layout.fingerprint())
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._llm.tokenizer
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        extra_args = {"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop or None,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra_args,
+        )
+        stream = self._llm.generate(
+            prompt={"prompt_token_ids": request.prompt_token_ids},
+            sampling_params=params,
+            request_id=request.request_id,
+        )
+        async for out in stream:
+            completion = out.outputs[0]
+            yield GenerateOutput(
+                request_id=request.request_id,
+                token_ids=list(completion.token_ids),
+                text=completion.text,
+                finished=out.finished,
+                finish_reason=completion.finish_reason if out.finished else None,
+                num_prompt_tokens=len(out.prompt_token_ids or request.prompt_token_ids),
+                num_cached_tokens=out.num_cached_tokens or 0,
+                kv_transfer_params=out.kv_transfer_params,
+            )
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
