@@ -1,0 +1,90 @@
+"""Where workers come from.
+
+A `Discovery` yields full snapshots: every worker that exists and answered its descriptor
+(`GET /v1/worker`). The scheduler makes its pool equal to each snapshot; liveness between
+snapshots comes from scrapes. Sources here have no Ray imports: a static address list and a
+Kubernetes pod watch (`disagg.routing.kubernetes`); the Ray registry lives in `deployments/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Iterable, Protocol
+
+import httpx
+from pydantic import ValidationError
+
+from disagg.worker.protocol import WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+class Discovery(Protocol):
+    """Lifecycle: `watch()` is iterated once by `Scheduler.run`; each item replaces the pool's
+    membership; the iterator runs until cancelled (or ends, leaving the pool as it is)."""
+
+    def watch(self) -> AsyncIterator[list[WorkerInfo]]: ...
+
+
+async def fetch_worker_info(client: httpx.AsyncClient, address: str) -> WorkerInfo | None:
+    """The worker's descriptor, or None when it does not answer with a valid one."""
+    try:
+        response = await client.get(f"http://{address}/v1/worker")
+        response.raise_for_status()
+        info = WorkerInfo.model_validate_json(response.content)
+    except (httpx.HTTPError, ValidationError) as exc:
+        log.debug("no descriptor from %s: %s", address, exc)
+        return None
+    if info.address != address:
+        # The address we reached it at is the one that routes; keep the descriptor otherwise.
+        info = info.model_copy(update={"address": address})
+    return info
+
+
+async def fetch_all(client: httpx.AsyncClient, addresses: Iterable[str]) -> list[WorkerInfo]:
+    infos = await asyncio.gather(*(fetch_worker_info(client, a) for a in addresses))
+    return [i for i in infos if i is not None]
+
+
+def parse_endpoints(text: str | Iterable[str]) -> list[str]:
+    """`--endpoints host:port,host:port` (or a list of such strings) -> ["host:port", ...]."""
+    parts = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    out: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        part = part.removeprefix("http://")
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"endpoint {part!r} is not host:port")
+        out.append(part)
+    return out
+
+
+class StaticDiscovery:
+    """A fixed list of worker addresses, asked for their descriptors every `interval_s`
+    (a restarted worker shows up with its new engine id at the next poll)."""
+
+    def __init__(self, addresses: Iterable[str], *, interval_s: float = 1.0, timeout_s: float = 1.0) -> None:
+        self.addresses = parse_endpoints(list(addresses))
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+
+    async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            while True:
+                yield await fetch_all(client, self.addresses)
+                await asyncio.sleep(self.interval_s)
+
+
+class FixedDiscovery:
+    """Workers whose descriptors are already known (tests, or a caller that registers them):
+    one snapshot, then nothing."""
+
+    def __init__(self, infos: Iterable[WorkerInfo]) -> None:
+        self.infos = list(infos)
+
+    async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        yield list(self.infos)
+        await asyncio.Event().wait()

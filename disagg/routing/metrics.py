@@ -1,0 +1,88 @@
+"""Routing and EPP metrics (prometheus-client, default registry).
+
+Per-endpoint gauges are computed when scraped, from every live `EndpointPool` and `PrefixIndex`
+in the process, so they never go stale themselves.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from disagg.routing.scheduler import Scheduler
+
+PICK_DURATION = Histogram(
+    "disagg_pick_duration_seconds",
+    "Time to pick a decode (and prefill) endpoint for one request.",
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1),
+)
+PD_DECISIONS = Counter(
+    "disagg_pd_decisions",
+    "Picks by prefill decision: remote (a prefill worker) or local (decode prefills itself).",
+    ["decision"],
+)
+PICK_ERRORS = Counter("disagg_pick_errors", "Picks refused, by reason.", ["reason"])
+PROMPT_TOKENS = Counter("disagg_prompt_tokens", "Prompt tokens of picked requests.")
+PREFIX_HIT_TOKENS = Counter(
+    "disagg_prefix_hit_tokens",
+    "Prompt tokens already cached on the picked decode endpoint (per the prefix index).",
+)
+ENDPOINT_REMOVALS = Counter("disagg_endpoint_removals", "Endpoints that left the pool, by reason.", ["reason"])
+REGISTRATION_ERRORS = Counter(
+    "disagg_registration_errors", "Workers refused at registration (model or KV layout mismatch)."
+)
+SCRAPES = Counter("disagg_scrapes", "Scrapes of workers' /metrics, by result.", ["result"])
+KV_EVENTS = Counter("disagg_kv_events", "KV events applied to the prefix index, by type.", ["type"])
+KV_EVENT_GAPS = Counter(
+    "disagg_kv_event_gaps", "Sequence gaps in KV event streams (events lost; a replay was asked)."
+)
+EPP_REQUESTS = Counter("disagg_epp_requests", "Requests the EPP answered, by HTTP status it chose.", ["code"])
+
+
+class _PoolCollector(Collector):
+    def __init__(self) -> None:
+        self.schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        age = GaugeMetricFamily(
+            "disagg_endpoint_signal_age_seconds",
+            "Seconds since the endpoint's newest load signal.",
+            labels=["role", "address", "engine_id"],
+        )
+        waiting = GaugeMetricFamily("disagg_endpoint_waiting", "Waiting requests (last signal).",
+                                    labels=["role", "address"])
+        running = GaugeMetricFamily("disagg_endpoint_running", "Running requests (last signal).",
+                                    labels=["role", "address"])
+        kv = GaugeMetricFamily("disagg_endpoint_kv_usage", "KV cache usage 0..1 (last signal).",
+                               labels=["role", "address"])
+        count = GaugeMetricFamily("disagg_endpoints", "Live endpoints in the pool.", labels=["role"])
+        blocks = GaugeMetricFamily("disagg_prefix_index_blocks", "Entries in the prefix index.")
+        counts = {"prefill": 0, "decode": 0}
+        total_blocks = 0
+        for scheduler in list(self.schedulers):
+            now = scheduler.pool.clock()
+            for e in scheduler.pool.endpoints(include_dead=True):
+                counts[e.role] = counts.get(e.role, 0) + 1
+                age.add_metric([e.role, e.address, e.engine_id], max(0.0, now - e.load_at))
+                waiting.add_metric([e.role, e.address], e.load.waiting)
+                running.add_metric([e.role, e.address], e.load.running)
+                kv.add_metric([e.role, e.address], e.load.kv_usage)
+            total_blocks += scheduler.index.num_blocks()
+        for role, n in counts.items():
+            count.add_metric([role], n)
+        blocks.add_metric([], total_blocks)
+        return [age, waiting, running, kv, count, blocks]
+
+
+_collector = _PoolCollector()
+REGISTRY.register(_collector)
+
+
+def watch_scheduler(scheduler: "Scheduler") -> None:
+    """Export `scheduler`'s pool and index gauges while it lives."""
+    _collector.schedulers.add(scheduler)

@@ -1,0 +1,186 @@
+"""The endpoint pool: every live worker of one model and one KV layout, with freshness.
+
+Registration checks compatibility (rule 2 of ARCHITECTURE.md): a worker of another model or
+another KV layout is refused with `IncompatibleWorkerError`. A worker that comes back at the same
+address with a new engine id is a restarted engine and replaces its old entry. A worker that has
+not answered for `dead_after_s` is dead: `endpoints()` no longer returns it and `sweep()` removes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+from disagg.routing.endpoint import Endpoint
+from disagg.routing.errors import IncompatibleWorkerError
+from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+RemovalListener = Callable[[Endpoint, str], None]
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        *,
+        model: str,
+        block_size: int,
+        stale_after_s: float = 0.5,
+        dead_after_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.stale_after_s = stale_after_s
+        self.dead_after_s = dead_after_s
+        self.clock = clock
+        # The first worker sets the pool's layout; it resets when the pool empties.
+        self.layout_fingerprint: str | None = None
+        self._by_engine: dict[str, Endpoint] = {}
+        self._by_address: dict[str, str] = {}
+        self._listeners: list[RemovalListener] = []
+
+    # -- membership -------------------------------------------------------------------------
+
+    def upsert(self, info: WorkerInfo) -> Endpoint:
+        """Add a worker or refresh its descriptor. Raises `IncompatibleWorkerError` for a worker
+        this pool cannot pair. Keeps the load and `seen_at` of an engine already known: being
+        listed by discovery is not proof that a worker answers."""
+        self._check_compatible(info)
+        known = self._by_engine.get(info.engine_id)
+        if known is not None:
+            if known.address != info.address:
+                self._by_address.pop(known.address, None)
+            known.info = info
+        else:
+            now = self.clock()
+            known = Endpoint(info=info, load=EngineLoad(num_blocks=info.num_blocks), load_at=now, seen_at=now)
+            self._by_engine[info.engine_id] = known
+            if self.layout_fingerprint is None:
+                self.layout_fingerprint = known.fingerprint
+            log.info("endpoint added: %s %s engine %s", info.role, info.address, info.engine_id)
+        previous = self._by_address.get(info.address)
+        if previous is not None and previous != info.engine_id:
+            self.remove(previous, reason="replaced")
+        self._by_address[info.address] = info.engine_id
+        return known
+
+    def remove(self, engine_id: str, *, reason: str = "deregistered") -> Endpoint | None:
+        endpoint = self._by_engine.pop(engine_id, None)
+        if endpoint is None:
+            return None
+        if self._by_address.get(endpoint.address) == engine_id:
+            del self._by_address[endpoint.address]
+        if not self._by_engine:
+            self.layout_fingerprint = None
+        log.info("endpoint removed (%s): %s %s engine %s", reason, endpoint.role, endpoint.address, engine_id)
+        for listener in self._listeners:
+            listener(endpoint, reason)
+        return endpoint
+
+    def replace_all(self, infos: Iterable[WorkerInfo]) -> list[IncompatibleWorkerError]:
+        """Make the pool equal to a discovery snapshot. Incompatible workers are left out and
+        their errors returned, so one bad worker does not stop the others from registering."""
+        errors: list[IncompatibleWorkerError] = []
+        listed: set[str] = set()
+        for info in infos:
+            try:
+                self.upsert(info)
+            except IncompatibleWorkerError as exc:
+                log.error("%s", exc)
+                errors.append(exc)
+                continue
+            listed.add(info.engine_id)
+        for engine_id in [e for e in self._by_engine if e not in listed]:
+            self.remove(engine_id, reason="gone from discovery")
+        return errors
+
+    def on_remove(self, listener: RemovalListener) -> None:
+        """Call `listener(endpoint, reason)` whenever an endpoint leaves the pool."""
+        self._listeners.append(listener)
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def update_load(self, engine_id: str, load: EngineLoad, *, at: float | None = None) -> None:
+        """A fresh load signal: the worker answered, and picks before it are now counted in it."""
+        endpoint = self._by_engine.get(engine_id)
+        if endpoint is None:
+            return
+        now = self.clock() if at is None else at
+        endpoint.load = load
+        endpoint.load_at = now
+        endpoint.seen_at = max(endpoint.seen_at, now)
+        endpoint.pending = 0
+
+    def touch(self, engine_id: str) -> None:
+        """The worker answered something (a KV event, a health check) without a load signal."""
+        endpoint = self._by_engine.get(engine_id)
+        if endpoint is not None:
+            endpoint.seen_at = self.clock()
+
+    def sweep(self) -> list[Endpoint]:
+        """Remove every endpoint silent for `dead_after_s`; return them."""
+        now = self.clock()
+        dead = [e for e in self._by_engine.values() if e.silence(now) > self.dead_after_s]
+        for endpoint in dead:
+            self.remove(endpoint.engine_id, reason="dead")
+        return dead
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def endpoints(self, role: Role | None = None, *, include_dead: bool = False) -> list[Endpoint]:
+        now = self.clock()
+        return [
+            e for e in self._by_engine.values()
+            if (role is None or e.role == role)
+            and (include_dead or e.silence(now) <= self.dead_after_s)
+        ]
+
+    def get(self, engine_id: str) -> Endpoint | None:
+        return self._by_engine.get(engine_id)
+
+    def by_address(self, address: str) -> Endpoint | None:
+        engine_id = self._by_address.get(address)
+        return self._by_engine.get(engine_id) if engine_id else None
+
+    def freshness(self, endpoint: Endpoint, now: float) -> float:
+        """1.0 while the load signal is younger than `stale_after_s`, then falling linearly to
+        0.0 at `dead_after_s`: a stale endpoint loses score before it leaves the pool."""
+        age = endpoint.signal_age(now)
+        if age <= self.stale_after_s:
+            return 1.0
+        span = self.dead_after_s - self.stale_after_s
+        if span <= 0:
+            return 0.0
+        return max(0.0, 1.0 - (age - self.stale_after_s) / span)
+
+    def __len__(self) -> int:
+        return len(self._by_engine)
+
+    def __contains__(self, engine_id: object) -> bool:
+        return engine_id in self._by_engine
+
+    # -- compatibility ----------------------------------------------------------------------
+
+    def _check_compatible(self, info: WorkerInfo) -> None:
+        if info.model != self.model:
+            raise IncompatibleWorkerError(
+                f"worker {info.address} (engine {info.engine_id}) serves model {info.model!r}, "
+                f"but this pool serves {self.model!r}"
+            )
+        if info.layout.block_size != self.block_size:
+            raise IncompatibleWorkerError(
+                f"worker {info.address} (engine {info.engine_id}) has KV block size "
+                f"{info.layout.block_size}, but this pool hashes prompts in blocks of {self.block_size}"
+            )
+        fingerprint = info.layout.fingerprint()
+        if self.layout_fingerprint is not None and fingerprint != self.layout_fingerprint:
+            reference = next(iter(self._by_engine.values()), None)
+            theirs = reference.info.layout.model_dump() if reference else {}
+            raise IncompatibleWorkerError(
+                f"worker {info.address} (engine {info.engine_id}) has KV layout {fingerprint} "
+                f"{info.layout.model_dump()}, but this pool's layout is {self.layout_fingerprint} {theirs}: "
+                "prefill and decode must agree on model, dtype, block size, heads, head dim and TP"
+            )

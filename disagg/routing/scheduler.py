@@ -1,0 +1,216 @@
+"""The scheduler: one `pick()` per request, choosing a decode endpoint and, when it pays, a
+prefill endpoint (design rule 4 of ARCHITECTURE.md).
+
+    1. decode: filter (alive, subset hint, not saturated), then rank by prefix hits, queue,
+       KV usage and freshness;
+    2. decision: the prompt's tokens not cached on the chosen decode; disaggregate only when
+       they exceed `pd_threshold_tokens` and some prefill endpoint has room;
+    3. prefill: rank by its own prefix hits, queue, KV usage, freshness and same-node;
+    4. record: both chosen endpoints are assumed to hold the prompt's blocks (approximate
+       index entries, until KV events say otherwise) and get one more pending request.
+
+`pick()` is synchronous and touches only in-memory state. `run()` keeps that state current:
+discovery snapshots, one scrape loop per endpoint, KV event subscribers and the dead sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from pydantic import BaseModel, Field
+
+from disagg.config import RoutingConfig
+from disagg.routing import metrics
+from disagg.routing.background import Background
+from disagg.routing.discovery import Discovery
+from disagg.routing.endpoint import Endpoint
+from disagg.routing.errors import NoEndpointError, OverloadedError
+from disagg.routing.pool import EndpointPool
+from disagg.routing.prefix_index import PrefixIndex, block_hashes
+from disagg.routing.scoring import (
+    Candidate,
+    KVUsageScorer,
+    PrefixScorer,
+    QueueScorer,
+    SameNodeScorer,
+    SaturationFilter,
+    Scorer,
+    ScoringContext,
+    SubsetFilter,
+    rank,
+)
+
+log = logging.getLogger(__name__)
+
+Decision = Literal["remote", "local"]
+
+
+class PickRequest(BaseModel):
+    model: str
+    prompt_token_ids: list[int] = Field(default_factory=list)
+    # The gateway's subset hint: addresses (host:port) allowed to serve as decode.
+    subset: list[str] | None = None
+
+
+@dataclass
+class Pick:
+    decode: list[Endpoint]  # best first; [0] serves, the rest are fallbacks
+    prefill: list[Endpoint]  # best first; empty: decode prefills locally
+    uncached_tokens: int  # prompt tokens not cached on decode[0]
+    decision: Decision
+    cached_tokens: int = 0
+
+    @property
+    def decode_addresses(self) -> list[str]:
+        return [e.address for e in self.decode]
+
+    @property
+    def prefill_addresses(self) -> list[str]:
+        return [e.address for e in self.prefill]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: RoutingConfig,
+        *,
+        model: str,
+        block_size: int,
+        fallbacks: int = 2,
+        same_node_weight: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.block_size = block_size
+        self.fallbacks = fallbacks
+        self.pool = EndpointPool(
+            model=model,
+            block_size=block_size,
+            stale_after_s=config.stale_after_s,
+            dead_after_s=config.dead_after_s,
+            clock=clock,
+        )
+        self.index = PrefixIndex(block_size, clock=clock)
+        self.pool.on_remove(self._forget)
+        self.decode_scorers: list[Scorer] = [
+            PrefixScorer(config.prefix_weight),
+            QueueScorer(config.load_weight),
+            KVUsageScorer(config.kv_usage_weight),
+        ]
+        self.prefill_scorers: list[Scorer] = [
+            PrefixScorer(config.prefix_weight),
+            QueueScorer(config.load_weight),
+            KVUsageScorer(config.kv_usage_weight),
+            SameNodeScorer(same_node_weight),
+        ]
+        self.saturation = SaturationFilter(config.max_waiting_per_worker)
+        self._background: Background | None = None
+        metrics.watch_scheduler(self)
+
+    # -- the pick ---------------------------------------------------------------------------
+
+    def pick(self, req: PickRequest) -> Pick:
+        """Choose decode (and maybe prefill) endpoints for one request. Raises NoEndpointError
+        (nothing can serve it: 503) or OverloadedError (all saturated: 429)."""
+        started = time.perf_counter()
+        try:
+            result = self._pick(req)
+        except NoEndpointError:
+            metrics.PICK_ERRORS.labels("no_endpoint").inc()
+            raise
+        except OverloadedError:
+            metrics.PICK_ERRORS.labels("overloaded").inc()
+            raise
+        metrics.PICK_DURATION.observe(time.perf_counter() - started)
+        metrics.PD_DECISIONS.labels(result.decision).inc()
+        metrics.PROMPT_TOKENS.inc(len(req.prompt_token_ids))
+        metrics.PREFIX_HIT_TOKENS.inc(result.cached_tokens)
+        return result
+
+    def _pick(self, req: PickRequest) -> Pick:
+        if req.model != self.model:
+            raise NoEndpointError(f"model {req.model!r} is not served here (this pool serves {self.model!r})")
+        tokens = req.prompt_token_ids
+        hashes = block_hashes(tokens, self.block_size)
+        hits = self.index.match(hashes)
+        ctx = ScoringContext(num_blocks=len(hashes), num_tokens=len(tokens))
+        now = self.pool.clock()
+
+        decodes = self.pool.endpoints("decode")
+        if req.subset is not None:
+            decodes = SubsetFilter(frozenset(req.subset)).keep(decodes)
+        if not decodes:
+            hint = f" in subset {req.subset}" if req.subset is not None else ""
+            raise NoEndpointError(f"no live decode endpoint for model {self.model!r}{hint}")
+        open_decodes = self.saturation.keep(decodes)
+        if not open_decodes:
+            raise OverloadedError(
+                f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests"
+            )
+        ranked = rank(self._candidates(open_decodes, hits, now), self.decode_scorers, ctx)
+        decode = ranked[0]
+        cached = min(decode.prefix_blocks * self.block_size, len(tokens))
+        uncached = len(tokens) - cached
+
+        prefill: list[Candidate] = []
+        if uncached > self.config.pd_threshold_tokens:
+            prefills = self.saturation.keep(self.pool.endpoints("prefill"))
+            if prefills:
+                ctx.decode = decode.endpoint
+                prefill = rank(self._candidates(prefills, hits, now), self.prefill_scorers, ctx)
+        decision: Decision = "remote" if prefill else "local"
+
+        keep = self.fallbacks + 1
+        result = Pick(
+            decode=[c.endpoint for c in ranked[:keep]],
+            prefill=[c.endpoint for c in prefill[:keep]],
+            uncached_tokens=uncached,
+            decision=decision,
+            cached_tokens=cached,
+        )
+        self._record(result, hashes)
+        return result
+
+    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> list[Candidate]:
+        return [
+            Candidate(endpoint=e, prefix_blocks=hits.get(e.engine_id, 0), freshness=self.pool.freshness(e, now))
+            for e in endpoints
+        ]
+
+    def _record(self, result: Pick, hashes: list[int]) -> None:
+        decode = result.decode[0]
+        decode.pending += 1
+        if self.config.approximate_prefix and hashes:
+            self.index.record(decode.engine_id, hashes)
+        if result.prefill:
+            prefill = result.prefill[0]
+            prefill.pending += 1
+            if self.config.approximate_prefix and hashes:
+                self.index.record(prefill.engine_id, hashes)
+
+    def _forget(self, endpoint: Endpoint, reason: str) -> None:
+        self.index.clear(endpoint.engine_id)
+        metrics.ENDPOINT_REMOVALS.labels(reason).inc()
+        if self._background is not None:
+            self._background.stop_endpoint(endpoint.engine_id)
+
+    # -- keeping state current --------------------------------------------------------------
+
+    async def run(self, discovery: Discovery) -> None:
+        """Follow `discovery`, scrape every endpoint's /metrics, subscribe to KV events and sweep
+        dead endpoints, until cancelled."""
+        background = Background(self)
+        self._background = background
+        try:
+            await background.run(discovery)
+        finally:
+            self._background = None
+            with contextlib.suppress(Exception):
+                await asyncio.shield(background.close())
+

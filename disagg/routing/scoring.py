@@ -1,0 +1,150 @@
+"""Filters, then weighted scorers, then the picker: how candidates for one role are ranked.
+
+A `Filter` removes endpoints that must not serve the request. A `Scorer` rates each remaining
+candidate in [0, 1]; the picker sums weight x rating, multiplies by the candidate's freshness
+(a stale load signal costs score) and orders candidates best first. Neither modifies endpoints
+or the index: picking is a pure function of the pool's state, and the scheduler records the
+pick's consequences afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from disagg.routing.endpoint import Endpoint
+
+
+@dataclass(slots=True)
+class Candidate:
+    endpoint: Endpoint
+    prefix_blocks: int = 0  # leading prompt blocks this endpoint already holds
+    freshness: float = 1.0
+    score: float = 0.0
+
+
+@dataclass(slots=True)
+class ScoringContext:
+    """What scorers may look at besides the candidates themselves."""
+
+    num_blocks: int  # full blocks in the prompt
+    num_tokens: int
+    decode: Endpoint | None = None  # when ranking prefill: the decode already chosen
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Scorer(Protocol):
+    """Rates candidates for one pick. `score` returns one value in [0, 1] per candidate, in
+    order, higher is better; it must not modify the candidates or their endpoints."""
+
+    name: str
+    weight: float
+
+    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]: ...
+
+
+class Filter(Protocol):
+    """Keeps the endpoints that may serve a request; must not modify them."""
+
+    name: str
+
+    def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]: ...
+
+
+# -- scorers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PrefixScorer:
+    """Fraction of the prompt's blocks already cached on the candidate."""
+
+    weight: float
+    name: str = "prefix"
+
+    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
+        if ctx.num_blocks == 0:
+            return [0.0] * len(candidates)
+        return [c.prefix_blocks / ctx.num_blocks for c in candidates]
+
+
+@dataclass
+class QueueScorer:
+    """Fewer requests ahead (waiting + running + picks not yet in a signal) is better, relative
+    to the other candidates: the emptiest gets 1, the fullest 0."""
+
+    weight: float
+    name: str = "queue"
+
+    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
+        queues = [c.endpoint.queue for c in candidates]
+        lo, hi = min(queues), max(queues)
+        if hi == lo:
+            return [1.0] * len(candidates)
+        return [(hi - q) / (hi - lo) for q in queues]
+
+
+@dataclass
+class KVUsageScorer:
+    """Free KV cache is better: room to hold this prompt without evicting."""
+
+    weight: float
+    name: str = "kv_usage"
+
+    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
+        return [1.0 - min(max(c.endpoint.load.kv_usage, 0.0), 1.0) for c in candidates]
+
+
+@dataclass
+class SameNodeScorer:
+    """A prefill on the decode's node moves KV without crossing the network."""
+
+    weight: float
+    name: str = "same_node"
+
+    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
+        node = ctx.decode.node_id if ctx.decode is not None else ""
+        return [1.0 if node and c.endpoint.node_id == node else 0.0 for c in candidates]
+
+
+# -- filters ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SubsetFilter:
+    """The gateway's subset hint: only these addresses may serve."""
+
+    addresses: frozenset[str]
+    name: str = "subset"
+
+    def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        return [e for e in endpoints if e.address in self.addresses]
+
+
+@dataclass
+class SaturationFilter:
+    """Drops endpoints whose queue is full; when it drops all, the request is shed."""
+
+    max_waiting: int
+    name: str = "saturation"
+
+    def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        return [e for e in endpoints if e.load.waiting + e.pending < self.max_waiting]
+
+
+# -- picker -----------------------------------------------------------------------------------
+
+
+def rank(candidates: list[Candidate], scorers: Sequence[Scorer], ctx: ScoringContext) -> list[Candidate]:
+    """Order candidates best first by freshness x sum(weight x rating). Ties go to the shorter
+    queue, then at random, so equal endpoints share the load."""
+    for c in candidates:
+        c.score = 0.0
+    for scorer in scorers:
+        if scorer.weight == 0:
+            continue
+        for c, value in zip(candidates, scorer.score(candidates, ctx)):
+            c.score += scorer.weight * value
+    for c in candidates:
+        c.score *= c.freshness
+    return sorted(candidates, key=lambda c: (-c.score, c.endpoint.queue, random.random()))

@@ -1,0 +1,81 @@
+"""Load signals from a worker's Prometheus `/metrics`, by vLLM's metric names (the model-server
+protocol GIE scrapes): `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`) and
+`vllm:cache_config_info{num_gpu_blocks=...}`. Several engines in one process are summed."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from disagg.worker.protocol import EngineLoad
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_WANTED = (
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:cache_config_info",
+)
+
+
+class ScrapeError(Exception):
+    pass
+
+
+def parse_metrics(text: str) -> EngineLoad:
+    """EngineLoad from Prometheus text exposition. Raises ScrapeError when no vLLM load metric is
+    present (a worker whose engine is not up yet is not a zero-load worker)."""
+    waiting = running = 0.0
+    usage: list[float] = []
+    num_blocks = 0
+    seen = False
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        brace = line.find("{")
+        space = line.find(" ")
+        if brace != -1 and (space == -1 or brace < space):
+            name = line[:brace]
+            close = line.rfind("}")
+            labels, rest = line[brace + 1:close], line[close + 1:]
+        else:
+            name, labels, rest = line[:space], "", line[space:]
+        if name not in _WANTED:
+            continue
+        try:
+            value = float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+        if name == "vllm:num_requests_waiting":
+            waiting += value
+            seen = True
+        elif name == "vllm:num_requests_running":
+            running += value
+            seen = True
+        elif name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+            usage.append(value)
+        elif name == "vllm:cache_config_info":
+            for key, val in _LABEL.findall(labels):
+                if key == "num_gpu_blocks" and val.isdigit():
+                    num_blocks += int(val)
+    if not seen:
+        raise ScrapeError("no vllm:num_requests_* metric in /metrics")
+    kv_usage = sum(usage) / len(usage) if usage else 0.0
+    usable = max(num_blocks - 1, 0)  # block 0 is vLLM's null block
+    return EngineLoad(
+        waiting=int(waiting),
+        running=int(running),
+        kv_usage=kv_usage,
+        num_blocks=num_blocks,
+        free_blocks=round((1.0 - kv_usage) * usable),
+    )
+
+
+async def scrape(client: httpx.AsyncClient, address: str) -> EngineLoad:
+    """GET http://{address}/metrics and parse it. Raises httpx errors or ScrapeError."""
+    response = await client.get(f"http://{address}/metrics")
+    response.raise_for_status()
+    return parse_metrics(response.text)

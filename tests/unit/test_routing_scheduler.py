@@ -1,0 +1,197 @@
+"""Scheduler.pick: the P/D decision, load and prefix awareness, fallbacks, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg.config import RoutingConfig
+from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
+from disagg.routing.fakes import make_info
+from disagg.worker.protocol import EngineLoad
+
+BS = 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_scheduler(clock: Clock | None = None, **routing) -> Scheduler:
+    return Scheduler(RoutingConfig(**routing), model="tiny", block_size=BS, clock=clock or Clock())
+
+
+def add(s: Scheduler, role: str, address: str, *, waiting: int = 0, running: int = 0, kv: float = 0.0, node: str = ""):
+    e = s.pool.upsert(make_info(role, address, node_id=node))
+    s.pool.update_load(e.engine_id, EngineLoad(waiting=waiting, running=running, kv_usage=kv))
+    return e
+
+
+def req(n_tokens: int, start: int = 0, **kw) -> PickRequest:
+    return PickRequest(model="tiny", prompt_token_ids=list(range(start, start + n_tokens)), **kw)
+
+
+def test_picks_least_loaded_decode() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1", running=4)
+    add(s, "decode", "d2:1", running=1)
+    assert s.pick(req(10)).decode[0].address == "d2:1"
+
+
+def test_a_burst_between_scrapes_spreads_over_equal_decodes() -> None:
+    s = make_scheduler(prefix_weight=0)
+    for i in range(4):
+        add(s, "decode", f"d{i}:1")
+    chosen = [s.pick(req(10, start=1000 * i)).decode[0].address for i in range(8)]
+    assert sorted(chosen.count(a) for a in set(chosen)) == [2, 2, 2, 2]
+
+
+def test_short_prompt_prefills_locally() -> None:
+    s = make_scheduler(pd_threshold_tokens=256)
+    add(s, "decode", "d1:1")
+    add(s, "prefill", "p1:1")
+    pick = s.pick(req(200))
+    assert pick.decision == "local" and pick.prefill == [] and pick.uncached_tokens == 200
+
+
+def test_long_uncached_prompt_disaggregates() -> None:
+    s = make_scheduler(pd_threshold_tokens=256)
+    add(s, "decode", "d1:1")
+    add(s, "prefill", "p1:1")
+    pick = s.pick(req(1000))
+    assert pick.decision == "remote" and [e.address for e in pick.prefill] == ["p1:1"]
+
+
+def test_prompt_cached_on_decode_prefills_locally() -> None:
+    s = make_scheduler(pd_threshold_tokens=256)
+    add(s, "decode", "d1:1")
+    add(s, "prefill", "p1:1")
+    assert s.pick(req(1000)).decision == "remote"
+    again = s.pick(req(1000))  # decode now holds 31 of its blocks
+    assert again.decision == "local"
+    assert again.uncached_tokens == 1000 - 31 * BS
+
+
+def test_without_prefill_workers_decode_prefills_locally() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    assert s.pick(req(5000)).decision == "local"
+
+
+def test_saturated_prefills_mean_local_prefill() -> None:
+    s = make_scheduler(max_waiting_per_worker=4)
+    add(s, "decode", "d1:1")
+    add(s, "prefill", "p1:1", waiting=4)
+    assert s.pick(req(5000)).decision == "local"
+
+
+def test_prefill_on_the_decode_node_is_preferred() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1", node="n1")
+    add(s, "prefill", "p-far:1", node="n2")
+    add(s, "prefill", "p-near:1", node="n1")
+    assert s.pick(req(5000)).prefill[0].address == "p-near:1"
+
+
+def test_shared_prefix_follows_the_decode_that_holds_it() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    add(s, "decode", "d2:1")
+    prefix = list(range(2000))
+    first = s.pick(PickRequest(model="tiny", prompt_token_ids=prefix + [1])).decode[0].address
+    for i in range(10):
+        pick = s.pick(PickRequest(model="tiny", prompt_token_ids=prefix + [5000 + i] * 40))
+        assert pick.decode[0].address == first
+
+
+def test_unrelated_prompts_spread_by_load() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    add(s, "decode", "d2:1")
+    chosen = {s.pick(req(500, start=10_000 * i)).decode[0].address for i in range(4)}
+    assert chosen == {"d1:1", "d2:1"}
+
+
+def test_fallbacks_are_ordered_and_bounded() -> None:
+    s = make_scheduler()
+    for i, running in enumerate([3, 0, 5, 1, 9]):
+        add(s, "decode", f"d{i}:1", running=running)
+        add(s, "prefill", f"p{i}:1", running=running)
+    pick = s.pick(req(5000))
+    assert pick.decode_addresses == ["d1:1", "d3:1", "d0:1"]
+    assert pick.prefill_addresses == ["p1:1", "p3:1", "p0:1"]
+
+
+def test_stale_endpoint_loses_to_fresh_one() -> None:
+    clock = Clock()
+    s = make_scheduler(clock)
+    stale = add(s, "decode", "stale:1")
+    clock.now += 1.5
+    add(s, "decode", "fresh:1", running=2)
+    s.pool.touch(stale.engine_id)  # alive, but its load signal is 1.5 s old
+    assert s.pick(req(10)).decode[0].address == "fresh:1"
+
+
+def test_dead_endpoint_is_never_picked() -> None:
+    clock = Clock()
+    s = make_scheduler(clock)
+    add(s, "decode", "dead:1")
+    clock.now += 2.5
+    add(s, "decode", "alive:1", running=50)
+    for _ in range(5):
+        assert s.pick(req(10)).decode_addresses == ["alive:1"]
+
+
+def test_subset_hint_limits_decode_choice() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    add(s, "decode", "d2:1", running=10)
+    assert s.pick(req(10, subset=["d2:1"])).decode_addresses == ["d2:1"]
+
+
+def test_subset_without_a_match_is_no_endpoint() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    with pytest.raises(NoEndpointError, match="subset"):
+        s.pick(req(10, subset=["elsewhere:1"]))
+
+
+def test_no_decode_is_no_endpoint() -> None:
+    s = make_scheduler()
+    add(s, "prefill", "p1:1")
+    with pytest.raises(NoEndpointError):
+        s.pick(req(10))
+
+
+def test_unknown_model_is_no_endpoint() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    with pytest.raises(NoEndpointError, match="not served"):
+        s.pick(PickRequest(model="other", prompt_token_ids=[1]))
+
+
+def test_all_decodes_saturated_is_overloaded() -> None:
+    s = make_scheduler(max_waiting_per_worker=2)
+    add(s, "decode", "d1:1", waiting=2)
+    add(s, "decode", "d2:1", waiting=5)
+    with pytest.raises(OverloadedError):
+        s.pick(req(10))
+
+
+def test_removed_endpoint_leaves_the_prefix_index() -> None:
+    s = make_scheduler()
+    d = add(s, "decode", "d1:1")
+    s.pick(req(500))
+    assert s.index.num_blocks(d.engine_id) > 0
+    s.pool.remove(d.engine_id)
+    assert s.index.num_blocks(d.engine_id) == 0
+
+
+def test_empty_prompt_still_picks_a_decode() -> None:
+    s = make_scheduler()
+    add(s, "decode", "d1:1")
+    pick = s.pick(PickRequest(model="tiny", prompt_token_ids=[]))
+    assert pick.decode_addresses == ["d1:1"] and pick.decision == "local"
