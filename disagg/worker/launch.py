@@ -1,0 +1,75 @@
+"""Start a worker: its engine, its HTTP endpoint on its own port, its KV-event publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+
+import uvicorn
+
+from disagg.config import AppConfig
+from disagg.engine.vllm_engine import VllmEngine
+from disagg.openai.serving import Preprocessor
+from disagg.worker.protocol import Role
+from disagg.worker.server import build_worker_app
+from disagg.worker.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningWorker:
+    worker: Worker
+    server: uvicorn.Server
+    serve_task: asyncio.Task
+
+    @property
+    def address(self) -> str:
+        return self.worker.address
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(self.serve_task, 5)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self.serve_task.cancel()
+        await self.worker.close()
+
+
+async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind: str | None = None,
+                       replica_id: str | None = None, node_id: str = "") -> RunningWorker:
+    """Start the engine, then serve the worker endpoint on `port` (0: a free one)."""
+    host = config.host
+    port = port or free_port(host)
+    events = replay = None
+    if config.routing.kv_events:
+        # The publisher binds on a wildcard host; subscribers connect to host:port.
+        ev_port, replay_port = free_port(host), free_port(host)
+        events, replay = f"tcp://*:{ev_port}", f"tcp://*:{replay_port}"
+    engine = VllmEngine(config, cpu_bind=cpu_bind, kv_events_endpoint=events, kv_events_replay_endpoint=replay,
+                        nixl_side_channel_port=free_port(host))
+    await engine.start()
+    worker = Worker(
+        config, role, engine, f"{host}:{port}", node_id=node_id, replica_id=replica_id,
+        kv_events_endpoint=events and events.replace("*", host),
+        kv_events_replay_endpoint=replay and replay.replace("*", host),
+    )
+    preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
+    app = build_worker_app(worker, preprocessor)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task  # raises the bind error
+            raise RuntimeError(f"worker HTTP server on {host}:{port} exited")
+        await asyncio.sleep(0.02)
+    log.info("%s worker %s serving on %s", role, engine.engine_id, worker.address)
+    return RunningWorker(worker, server, task)

@@ -1,0 +1,108 @@
+"""Decode-side P/D orchestration: have a prefill worker compute the prompt's KV, then generate
+with the returned kv_transfer_params while the KV connector pulls the blocks.
+
+Fault semantics: a prefill that errors, times out or is unreachable is skipped for the next
+candidate, within `prefill_attempts`; after that decode prefills locally. The client always gets
+a complete answer. Blocks a prefill handed off but that decode will not read are released at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+
+from disagg.config import AppConfig
+from disagg.engine.base import GenerateOutput, GenerateRequest
+from disagg.worker.protocol import PrefillRequest, PrefillResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillOutcome:
+    address: str | None  # the prefill worker that served it; None: prefill locally
+    kv_transfer_params: dict[str, Any] | None
+    attempts: int
+    seconds: float
+
+
+class PrefillClient:
+    """Calls `POST /internal/prefill` on prefill workers, only those the allowlist knows."""
+
+    def __init__(self, config: AppConfig, is_registered_prefill: Callable[[str], bool], layout_fingerprint: str):
+        self.config = config
+        self.is_registered_prefill = is_registered_prefill
+        self.layout_fingerprint = layout_fingerprint
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(config.prefill_timeout_s, connect=2.0))
+
+    async def prefill(self, request: GenerateRequest, candidates: list[str]) -> PrefillOutcome:
+        start = time.monotonic()
+        tried = 0
+        for address in candidates:
+            if tried >= self.config.prefill_attempts:
+                break
+            if not self.is_registered_prefill(address):
+                log.warning("skipping %s: not a registered prefill worker", address)
+                continue
+            tried += 1
+            body = PrefillRequest(
+                request_id=f"{request.request_id}-p{tried}",
+                prompt_token_ids=request.prompt_token_ids,
+                layout_fingerprint=self.layout_fingerprint,
+                kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False},
+            )
+            try:
+                resp = await asyncio.wait_for(
+                    self._http.post(f"http://{address}/internal/prefill", json=body.model_dump()),
+                    self.config.prefill_timeout_s,
+                )
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                result = PrefillResult.model_validate(resp.json())
+                if not result.kv_transfer_params:
+                    raise RuntimeError("prefill returned no kv_transfer_params")
+                return PrefillOutcome(address, result.kv_transfer_params, tried, time.monotonic() - start)
+            except (httpx.HTTPError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
+                log.warning("prefill on %s failed (%s); trying the next candidate", address, e or type(e).__name__)
+        return PrefillOutcome(None, None, tried, time.monotonic() - start)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+async def generate_disaggregated(
+    engine: Any,
+    prefill_client: PrefillClient,
+    request: GenerateRequest,
+    prefill_candidates: list[str],
+    on_prefill: Callable[[PrefillOutcome], None] | None = None,
+) -> AsyncIterator[GenerateOutput]:
+    """Decode's whole path for one request. Cancelling the iterator aborts the request here,
+    and the prefill's blocks are released if decode never read them."""
+    params: dict[str, Any] | None = None
+    if prefill_candidates:
+        outcome = await prefill_client.prefill(request, prefill_candidates)
+        if on_prefill is not None:
+            on_prefill(outcome)
+        if outcome.kv_transfer_params:
+            params = dict(outcome.kv_transfer_params)
+            params["do_remote_prefill"] = True
+            params["do_remote_decode"] = False
+    local = request.model_copy(update={"kv_transfer_params": params})
+    produced = False
+    try:
+        async for out in engine.generate(local):
+            produced = produced or bool(out.token_ids)
+            yield out
+    finally:
+        if params is not None and not produced:
+            # Cancelled (or failed) before the first token: the blocks were perhaps never read.
+            try:
+                await asyncio.shield(engine.release_remote_kv(f"{request.request_id}-rel", params))
+            except Exception:  # noqa: BLE001 - best effort; the lease frees them anyway
+                log.exception("could not release prefill blocks of %s", request.request_id)
