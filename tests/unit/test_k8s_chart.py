@@ -1,0 +1,697 @@
+"""The Helm chart (k8s/chart): it lints, and everything it renders is valid and consistent.
+
+Renders with real Helm (helm-python-sdk: Helm v4 as a library, offline) for several value
+sets, then checks every object three ways: custom resources against the published CRD schemas
+in ../shared/crds (jsonschema on the served version's openAPIV3Schema, unknown fields refused,
+and the schemas' CEL rules evaluated), core kinds with kubernetes-validate, and the references
+between objects (selectors match pod labels, ports line up, the endpoint picker's Service is the
+one the InferencePool names, the Serve args parse as AppConfig).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from disagg.config import AppConfig
+
+ROOT = Path(__file__).parents[2]
+CHART = ROOT / "k8s" / "chart"
+CRDS = ROOT.parent / "shared" / "crds"
+# The CRDs are large (the RayService's is 1 MB): parse them with libyaml where it is there.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+RELEASE = "demo"
+NAMESPACE = "serving"
+# The chart's kubeVersion floor and the newest schema kubernetes-validate ships.
+KUBE_VERSIONS = ("1.29", "1.37")
+ROLES = ("prefill", "decode")
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gateway-off": {"gateway": {"enabled": False}},
+    "multi-replica-gpu": {
+        "fullnameOverride": "llama-70b",
+        "image": {"repository": "registry.example.com/ml/disagg", "tag": "0.1.0-cu12"},
+        "imagePullSecrets": [{"name": "registry"}],
+        "model": {
+            "path": "/models/Llama-3.3-70B-Instruct",
+            "servedName": "llama-3.3-70b",
+            "maxModelLen": 32768,
+            "storage": {"mountPath": "/models", "volume": {"persistentVolumeClaim": {"claimName": "models"}}},
+        },
+        "engine": {"blockSize": 128, "maxNumBatchedTokens": 16384},
+        "routing": {"pdThresholdTokens": 512},
+        "config": {"kv_lease_s": 60, "routing": {"stale_after_s": 1.0, "pd_threshold_tokens": 1}},
+        "prefill": {"replicas": 3, "gpus": 2, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                    "nodeSelector": {"gpu": "h100"}},
+        "decode": {"replicas": 2, "gpus": 4, "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]},
+        "gateway": {"create": False, "name": "shared-gateway", "failureMode": "FailOpen"},
+        "epp": {"replicas": 2, "extraArgs": ["--log-level=debug"]},
+    },
+    "cpu-only": {
+        "prefill": {"replicas": 2, "gpus": 0, "resources": {"requests": {"cpu": "4", "memory": "8Gi"}}},
+        "decode": {"replicas": 2, "gpus": 0, "resources": {"limits": {"cpu": "4", "memory": "8Gi"}}},
+        "engine": {"blockSize": 32, "enforceEager": True, "kvBackend": "tcp"},
+        "model": {"dtype": "float32"},
+        "config": {"kv_cache_gib": 4},
+        "ray": {"authMode": "disabled"},
+        "gateway": {"className": "kgateway", "requestTimeout": None},
+        "monitoring": {
+            "grafanaHost": "http://grafana.monitoring.svc:80",
+            "grafanaIframeHost": "http://127.0.0.1:3000",
+            "prometheusHost": "http://prometheus.monitoring.svc:9090",
+            "grafanaDashboard": {"enabled": True},
+        },
+    },
+}
+GATEWAY_SETS = [name for name, v in VALUE_SETS.items() if v.get("gateway", {}).get("enabled", True)]
+
+CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1"}
+CUSTOM_KINDS = {
+    ("ray.io/v1", "RayService"),
+    ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "Gateway"),
+}
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def chart_values(name: str) -> dict[str, Any]:
+    """The chart's defaults with a value set's overrides, as an install would compose them."""
+    with helm.Chart.load(CHART) as chart:
+        return chart.merge_values(copy.deepcopy(VALUE_SETS[name]))
+
+
+@dataclass(frozen=True)
+class Manifests:
+    """One value set's rendered objects, with lookups by kind and name."""
+
+    objects: tuple[dict[str, Any], ...]
+    values: dict[str, Any]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def one(self, kind: str) -> dict[str, Any]:
+        found = self.of_kind(kind)
+        assert len(found) == 1, f"expected one {kind}, found {[o['metadata']['name'] for o in found]}"
+        return found[0]
+
+    def named(self, kind: str, name: str) -> dict[str, Any]:
+        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
+        assert found, f"no {kind} named {name!r}; have {[o['metadata']['name'] for o in self.of_kind(kind)]}"
+        return found[0]
+
+    @property
+    def cluster(self) -> dict[str, Any]:
+        return self.one("RayService")["spec"]["rayClusterConfig"]
+
+    def worker_group(self, role: str) -> dict[str, Any]:
+        groups = [g for g in self.cluster["workerGroupSpecs"] if g["groupName"] == role]
+        assert len(groups) == 1, f"expected one worker group {role!r}"
+        return groups[0]
+
+    @property
+    def serve_config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.one("RayService")["spec"]["serveConfigV2"])
+
+    @property
+    def serve_app(self) -> dict[str, Any]:
+        apps = self.serve_config["applications"]
+        assert len(apps) == 1
+        return apps[0]
+
+    @property
+    def app_config(self) -> AppConfig:
+        return AppConfig.model_validate(self.serve_app["args"])
+
+    def pod_templates(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(who, pod template) for every pod this release creates, directly or through KubeRay."""
+        yield "head", self.cluster["headGroupSpec"]["template"]
+        for group in self.cluster["workerGroupSpecs"]:
+            yield group["groupName"], group["template"]
+        for deployment in self.of_kind("Deployment"):
+            yield deployment["metadata"]["name"], deployment["spec"]["template"]
+
+
+@cache
+def render(name: str) -> Manifests:
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(copy.deepcopy(VALUE_SETS[name]), name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(files.items()):
+        for doc in yaml.safe_load_all(text):
+            if doc is not None:
+                doc.setdefault("metadata", {}).setdefault("namespace", NAMESPACE)
+                objects.append(doc)
+    assert objects, f"{name}: the chart rendered nothing"
+    return Manifests(tuple(objects), chart_values(name))
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def manifests(request: pytest.FixtureRequest) -> Manifests:
+    return render(request.param)
+
+
+@pytest.fixture(scope="module", params=GATEWAY_SETS)
+def gateway_manifests(request: pytest.FixtureRequest) -> Manifests:
+    return render(request.param)
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+
+def _forbid_unknown_fields(schema: Any) -> Any:
+    """The API server prunes unknown fields silently; here they are errors (a typo'd key would
+    otherwise be dropped without a word)."""
+    if isinstance(schema, dict):
+        schema = {k: _forbid_unknown_fields(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_forbid_unknown_fields(s) for s in schema]
+    return schema
+
+
+@cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> openAPIV3Schema of every served version in ../shared/crds."""
+    assert CRDS.is_dir(), f"CRD schemas not found at {CRDS}"
+    out = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.load(path.read_text(), Loader=_YAML_LOADER)
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            if version.get("served", True):
+                out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+@cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(_forbid_unknown_fields(crd_schemas()[(api_version, kind)]))
+
+
+def crd_errors(obj: dict[str, Any]) -> list[str]:
+    validator = crd_validator(obj["apiVersion"], obj["kind"])
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+# Kubernetes escapes these property names inside CEL expressions.
+_CEL_RESERVED = {
+    "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function", "if",
+    "import", "let", "loop", "package", "namespace", "return", "var", "void", "while",
+}
+
+
+def _cel_escape(name: str) -> str:
+    if name in _CEL_RESERVED:
+        return f"__{name}__"
+    return (name.replace("__", "__underscores__").replace(".", "__dot__")
+            .replace("-", "__dash__").replace("/", "__slash__"))
+
+
+def _cel_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_cel_escape(k): _cel_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cel_value(v) for v in value]
+    return value
+
+
+def cel_rules(schema: dict[str, Any], value: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
+    """Every x-kubernetes-validations rule the object reaches: (path, rule, the value as self)."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        yield path, rule["rule"], value
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            if key in props:
+                yield from cel_rules(props[key], item, f"{path}.{key}")
+            elif isinstance(extra, dict):
+                yield from cel_rules(extra, item, f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            yield from cel_rules(schema["items"], item, f"{path}[{i}]")
+
+
+def cel_failures(obj: dict[str, Any]) -> list[str]:
+    celpy = pytest.importorskip(
+        "celpy", reason="cel-python is not installed: the CRDs' CEL rules (x-kubernetes-validations) are not checked"
+    )
+    env = celpy.Environment()
+    failures = []
+    for path, rule, value in cel_rules(crd_schemas()[(obj["apiVersion"], obj["kind"])], obj):
+        result = env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(_cel_value(value))})
+        if isinstance(result, Exception) or not bool(result):
+            failures.append(f"{obj['kind']}{path}: {rule} -> {result!r}")
+    return failures
+
+
+# --- metadata rules (the API server's, which no schema carries) --------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # RFC 1035 label (Services)
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+
+
+def label_errors(labels: dict[str, Any], where: str) -> list[str]:
+    errors = []
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/")
+        if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+            errors.append(f"{where}: label key prefix {prefix!r}")
+        if len(name) > 63 or not _LABEL_NAME.match(name):
+            errors.append(f"{where}: label key {key!r}")
+        if not isinstance(value, str) or len(value) > 63 or (value and not _LABEL_NAME.match(value)):
+            errors.append(f"{where}: label {key}={value!r}")
+    return errors
+
+
+def all_label_maps(value: Any, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("labels", "matchLabels") and isinstance(item, dict):
+                yield f"{where}.{key}", item
+            else:
+                yield from all_label_maps(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from all_label_maps(item, f"{where}[{i}]")
+
+
+def nulls(value: Any, where: str = "") -> Iterator[str]:
+    """Paths holding null or Go's "<no value>": a value the templates expected and did not get."""
+    if value is None or value == "<no value>":
+        yield where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from nulls(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from nulls(item, f"{where}[{i}]")
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """An equality-based label selector, `k=v,k2=v2`."""
+    out = {}
+    for term in text.split(","):
+        key, sep, value = term.partition("=")
+        assert sep and key and "!" not in key, f"not an equality selector term: {term!r}"
+        out[key.strip()] = value.strip()
+    return out
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """`--name=value` container args -> {name: value}."""
+    out = {}
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        assert name.startswith("--") and sep, f"argument {arg!r} is not --name=value"
+        out[name[2:]] = value
+    return out
+
+
+def container_port(template: dict[str, Any], name: str) -> int:
+    ports = [p for c in template["spec"]["containers"] for p in c.get("ports", []) if p.get("name") == name]
+    assert len(ports) == 1, f"expected one container port named {name!r}"
+    return ports[0]["containerPort"]
+
+
+# --- Helm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_chart_lints_clean_in_strict_mode(name: str) -> None:
+    report = helm.lint(CHART, copy.deepcopy(VALUE_SETS[name]), strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["total_charts_linted"] == 1
+    assert not problems and not report["errors"], problems or report["errors"]
+
+
+def test_values_schema_refuses_unknown_and_malformed_values() -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values({}))
+        for bad in ({"gatway": {"enabled": False}}, {"prefill": {"gpus": "two"}},
+                    {"engine": {"blockSize": 24}}, {"gateway": {"failureMode": "Open"}}):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(chart.merge_values(bad))
+
+
+# --- every object, validated --------------------------------------------------------------------
+
+
+def test_renders_the_expected_objects(manifests: Manifests) -> None:
+    v = manifests.values
+    expected = {("ray.io/v1", "RayService"), ("v1", "ConfigMap")}
+    if v["gateway"]["enabled"]:
+        expected |= {
+            ("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ServiceAccount"),
+            ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+            ("inference.networking.k8s.io/v1", "InferencePool"), ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+        }
+        if v["gateway"]["create"]:
+            expected.add(("gateway.networking.k8s.io/v1", "Gateway"))
+    assert {(o["apiVersion"], o["kind"]) for o in manifests.objects} == expected
+    configmaps = 2 if v["monitoring"]["grafanaDashboard"]["enabled"] else 1
+    assert len(manifests.of_kind("ConfigMap")) == configmaps
+    keys = [(o["kind"], o["metadata"]["name"]) for o in manifests.objects]
+    assert len(keys) == len(set(keys)), "two objects of one kind share a name"
+
+
+def test_custom_resources_match_their_crd_schemas(manifests: Manifests) -> None:
+    custom = [o for o in manifests.objects if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS]
+    assert custom
+    for obj in custom:
+        assert (obj["apiVersion"], obj["kind"]) in crd_schemas(), f"no CRD schema for {obj['apiVersion']} {obj['kind']}"
+        assert crd_errors(obj) == [], obj["kind"]
+
+
+def test_custom_resources_satisfy_their_crd_cel_rules(manifests: Manifests) -> None:
+    for obj in manifests.objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            assert cel_failures(obj) == []
+
+
+def test_core_objects_pass_kubernetes_validate(manifests: Manifests) -> None:
+    core = [o for o in manifests.objects if o["apiVersion"] in CORE_API_VERSIONS]
+    assert core
+    for obj in core:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_validation_catches_a_misspelled_field_and_a_broken_rule() -> None:
+    pool = copy.deepcopy(render("default").one("InferencePool"))
+    pool["spec"]["targetPorts"] = [{"number": 8200}, {"number": 8200}]
+    ref = pool["spec"]["endpointPickerRef"]
+    ref["portNumber"] = ref.pop("port")["number"]
+    assert any("portNumber" in e for e in crd_errors(pool))
+    failures = cel_failures(pool)
+    assert len(failures) == 2 and any("targetPorts" in f for f in failures), failures
+    deployment = copy.deepcopy(render("default").one("Deployment"))
+    deployment["spec"]["template"]["spec"]["serviceAcountName"] = "typo"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+def test_every_object_is_of_a_validated_kind(manifests: Manifests) -> None:
+    for obj in manifests.objects:
+        assert obj["apiVersion"] in CORE_API_VERSIONS or (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS, obj["kind"]
+
+
+def test_names_labels_and_values_are_well_formed(manifests: Manifests) -> None:
+    for obj in manifests.objects:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 253 and _DNS_SUBDOMAIN.match(name), name
+        if obj["kind"] == "Service":
+            assert len(name) <= 63 and _DNS_LABEL.match(name), name
+        assert list(nulls(obj)) == [], f"{obj['kind']} {name} has empty values"
+        for where, labels in all_label_maps(obj):
+            assert label_errors(labels, f"{obj['kind']}{where}") == []
+    # KubeRay names the cluster <name>-<5 chars> and its head Service <cluster>-head-svc.
+    ray_service = manifests.one("RayService")["metadata"]["name"]
+    assert len(f"{ray_service}-xxxxx-head-svc") <= 63 and _DNS_LABEL.match(ray_service)
+
+
+# --- the Ray side ------------------------------------------------------------------------------
+
+
+_SERVE_APP_MODULE = ROOT / "deployments" / "app.py"
+
+
+@pytest.mark.xfail(
+    not _SERVE_APP_MODULE.exists(), strict=True,
+    reason="deployments/app.py (the Serve application and its build_app) is not written yet",
+)
+def test_serve_config_imports_build_app_from_the_repository(manifests: Manifests) -> None:
+    import_path = manifests.serve_app["import_path"]
+    module, _, attr = import_path.partition(":")
+    assert (module, attr) == ("deployments.app", "build_app")
+    source = ROOT / Path(*module.split(".")).with_suffix(".py")
+    assert source.is_file(), f"{import_path}: {source.relative_to(ROOT)} does not exist"
+    defined = {n.name for n in ast.parse(source.read_text()).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert attr in defined, f"{source.relative_to(ROOT)} defines no top-level {attr}()"
+
+
+def test_serve_args_parse_as_app_config_and_follow_the_values(manifests: Manifests) -> None:
+    v, cfg = manifests.values, manifests.app_config
+    assert cfg.model == v["model"]["path"]
+    assert cfg.served_model_name == (v["model"]["servedName"] or None)
+    assert cfg.block_size == v["engine"]["blockSize"]
+    assert cfg.max_model_len == v["model"]["maxModelLen"]
+    assert cfg.enforce_eager is v["engine"]["enforceEager"]
+    assert cfg.kv_backend == v["engine"]["kvBackend"]
+    # Explicit values win over the `config` passthrough; other passthrough fields land.
+    assert cfg.routing.pd_threshold_tokens == v["routing"]["pdThresholdTokens"]
+    for key, value in v["config"].items():
+        if key != "routing":
+            assert getattr(cfg, key) == value, key
+    for key, value in v["config"].get("routing", {}).items():
+        if key != "pd_threshold_tokens":
+            assert getattr(cfg.routing, key) == value, key
+    assert (cfg.host, cfg.port) == ("0.0.0.0", v["serve"]["port"])
+    proxy = manifests.serve_config["http_options"]
+    assert (proxy["host"], proxy["port"]) == ("0.0.0.0", cfg.port)
+
+
+def test_endpoint_picker_config_is_the_serve_args(manifests: Manifests) -> None:
+    cm = [c for c in manifests.of_kind("ConfigMap") if "config.yaml" in c["data"]]
+    assert len(cm) == 1
+    assert yaml.safe_load(cm[0]["data"]["config.yaml"]) == manifests.serve_app["args"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_worker_pod_runs_exactly_one_engine_of_its_role(manifests: Manifests, role: str) -> None:
+    v, group = manifests.values, manifests.worker_group(role)
+    role_cfg = getattr(manifests.app_config, role)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == v[role]["replicas"] == role_cfg.replicas
+    # rayStartParams carries the resources as a JSON object in one more layer of quotes.
+    raw = group["rayStartParams"]["resources"]
+    assert raw.startswith('"') and raw.endswith('"'), raw
+    advertised = json.loads(json.loads(raw))
+    assert advertised == {f"disagg_{role}": 1}
+    assert role_cfg.ray_resources == {f"disagg_{role}": 1.0}
+    other = "decode" if role == "prefill" else "prefill"
+    assert f"disagg_{role}" not in json.loads(json.loads(manifests.worker_group(other)["rayStartParams"]["resources"]))
+    assert role_cfg.cpu_bind == [], "pods own their cores: no engine thread pinning"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_worker_gpus_match_what_the_engine_reserves(manifests: Manifests, role: str) -> None:
+    v, group = manifests.values, manifests.worker_group(role)
+    gpus = v[role]["gpus"]
+    (container,) = group["template"]["spec"]["containers"]
+    resources = container["resources"]
+    assert getattr(manifests.app_config, role).ray_num_gpus == gpus
+    assert group["rayStartParams"]["num-gpus"] == str(gpus)
+    if gpus:
+        assert resources["limits"][v["gpuResourceName"]] == gpus == resources["requests"][v["gpuResourceName"]]
+    else:
+        assert v["gpuResourceName"] not in resources.get("limits", {})
+    assert manifests.cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_worker_pods_carry_their_role_and_expose_the_worker_and_metrics_ports(manifests: Manifests, role: str) -> None:
+    v, group = manifests.values, manifests.worker_group(role)
+    template = group["template"]
+    assert template["metadata"]["labels"]["disagg.io/role"] == role
+    assert container_port(template, "worker") == getattr(manifests.app_config, role).http_port == v["workerPort"]
+    assert container_port(template, "metrics") == int(group["rayStartParams"]["metrics-export-port"]) == v["ray"]["metricsPort"]
+    env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["value"] == "$(POD_IP)"
+
+
+def test_head_exposes_dashboard_serve_and_metrics_ports(manifests: Manifests) -> None:
+    v, head = manifests.values, manifests.cluster["headGroupSpec"]
+    params = head["rayStartParams"]
+    assert params["dashboard-host"] == "0.0.0.0"
+    assert container_port(head["template"], "dashboard") == int(params["dashboard-port"]) == v["ray"]["dashboardPort"] == 8265
+    assert container_port(head["template"], "metrics") == int(params["metrics-export-port"]) == v["ray"]["metricsPort"]
+    assert container_port(head["template"], "serve") == manifests.app_config.port
+    assert "disagg.io/role" not in head["template"]["metadata"]["labels"]
+
+
+def test_head_tells_the_ray_dashboard_where_grafana_and_prometheus_are(manifests: Manifests) -> None:
+    mon = manifests.values["monitoring"]
+    env = {e["name"]: e.get("value") for e in manifests.cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    for var, key in (("RAY_GRAFANA_HOST", "grafanaHost"), ("RAY_GRAFANA_IFRAME_HOST", "grafanaIframeHost"),
+                     ("RAY_PROMETHEUS_HOST", "prometheusHost")):
+        assert env.get(var) == (mon[key] or None)
+
+
+def test_model_volume_is_mounted_in_every_ray_pod(manifests: Manifests) -> None:
+    storage = manifests.values["model"]["storage"]
+    for who, template in manifests.pod_templates():
+        if who not in ("head", *ROLES):
+            continue
+        mounts = {m["name"]: m for m in template["spec"]["containers"][0]["volumeMounts"]}
+        volumes = {vol["name"]: vol for vol in template["spec"]["volumes"]}
+        assert set(mounts) <= set(volumes), who
+        if storage["volume"]:
+            assert mounts["model"]["mountPath"] == storage["mountPath"] and mounts["model"]["readOnly"], who
+            assert manifests.app_config.model.startswith(storage["mountPath"].rstrip("/") + "/")
+        else:
+            assert "model" not in mounts, who
+
+
+# --- the gateway side --------------------------------------------------------------------------
+
+
+def test_gateway_off_renders_no_gateway_objects() -> None:
+    kinds = {o["kind"] for o in render("gateway-off").objects}
+    assert kinds.isdisjoint({"InferencePool", "HTTPRoute", "Gateway", "Deployment", "Service", "Role"})
+
+
+def test_inference_pool_selects_the_decode_pods_and_nothing_else(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    selector = m.one("InferencePool")["spec"]["selector"]["matchLabels"]
+    chosen = {who for who, t in m.pod_templates() if selects(selector, t["metadata"]["labels"])}
+    assert chosen == {"decode"}
+
+
+def test_inference_pool_targets_the_decode_workers_http_port(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    pool = m.one("InferencePool")["spec"]
+    assert [p["number"] for p in pool["targetPorts"]] == [m.app_config.decode.http_port]
+    assert container_port(m.worker_group("decode")["template"], "worker") == m.app_config.decode.http_port
+    assert pool["appProtocol"] == "http"
+
+
+def test_endpoint_picker_ref_names_the_epp_service_and_its_grpc_port(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    ref = m.one("InferencePool")["spec"]["endpointPickerRef"]
+    assert (ref["group"], ref["kind"]) == ("", "Service")
+    assert ref["failureMode"] == m.values["gateway"]["failureMode"]
+    service = m.named("Service", ref["name"])
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    deployment = m.one("Deployment")
+    template = deployment["spec"]["template"]
+    # The Service reaches the picker's ext_proc gRPC port on the picker's pods.
+    assert selects(service["spec"]["selector"], template["metadata"]["labels"])
+    assert container_port(template, port["targetPort"]) == m.values["epp"]["grpcPort"] == 9002
+    assert selects(deployment["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
+    for who, other in m.pod_templates():
+        if who != deployment["metadata"]["name"]:
+            assert not selects(service["spec"]["selector"], other["metadata"]["labels"]), who
+
+
+def test_epp_service_exposes_grpc_health_and_metrics(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    epp = m.values["epp"]
+    template = m.one("Deployment")["spec"]["template"]
+    ports = {p["name"]: p for p in m.one("Service")["spec"]["ports"]}
+    assert {n: p["port"] for n, p in ports.items()} == {
+        "grpc-ext-proc": epp["grpcPort"], "grpc-health": epp["healthPort"], "metrics": epp["metricsPort"]}
+    assert (epp["grpcPort"], epp["healthPort"], epp["metricsPort"]) == (9002, 9003, 9090)
+    for port in ports.values():
+        assert container_port(template, port["targetPort"]) == port["port"]
+
+
+def test_epp_discovers_the_workers_by_pod_label(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    (container,) = m.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["disagg", "epp"]
+    f = flags([a for a in container["args"] if a not in m.values["epp"]["extraArgs"]])
+    assert f["discovery"] == "kubernetes"
+    selector = parse_selector(f["selector"])
+    chosen = {who for who, t in m.pod_templates() if selects(selector, t["metadata"]["labels"])}
+    assert chosen == set(ROLES)
+    for role in ROLES:
+        assert m.worker_group(role)["template"]["metadata"]["labels"][f["role-label"]] == role
+    assert int(f["worker-port"]) == m.app_config.prefill.http_port == m.app_config.decode.http_port
+    template = m.one("Deployment")["spec"]["template"]
+    assert int(f["port"]) == container_port(template, "grpc-ext-proc")
+    assert int(f["health-port"]) == container_port(template, "grpc-health")
+    assert int(f["metrics-port"]) == container_port(template, "metrics")
+    mount = {vm["mountPath"] for vm in container["volumeMounts"]}
+    assert str(Path(f["config"]).parent) in mount
+    assert f["namespace"] == "$(POD_NAMESPACE)"
+    assert {e["name"] for e in container["env"]} >= {"POD_NAMESPACE"}
+
+
+def test_epp_probes_ask_grpc_health_for_liveness_and_readiness(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    (container,) = m.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    health = m.values["epp"]["healthPort"]
+    assert container["livenessProbe"]["grpc"] == {"port": health, "service": "liveness"}
+    assert container["readinessProbe"]["grpc"] == {"port": health, "service": "readiness"}
+
+
+def test_epp_rbac_lets_it_list_and_watch_pods(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    pod_spec = m.one("Deployment")["spec"]["template"]["spec"]
+    account = m.named("ServiceAccount", pod_spec["serviceAccountName"])
+    binding = m.one("RoleBinding")
+    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE} in binding["subjects"]
+    assert (binding["roleRef"]["apiGroup"], binding["roleRef"]["kind"]) == ("rbac.authorization.k8s.io", "Role")
+    role = m.named("Role", binding["roleRef"]["name"])
+    allowed = {
+        verb
+        for rule in role["rules"]
+        if "" in rule["apiGroups"] and ("pods" in rule["resources"] or "*" in rule["resources"])
+        for verb in rule["verbs"]
+    }
+    assert {"get", "list", "watch"} <= allowed or "*" in allowed
+    # Least privilege: read-only, pods only.
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in role["rules"])
+
+
+def test_http_route_sends_gateway_traffic_to_the_pool(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    route = m.one("HTTPRoute")["spec"]
+    (parent,) = route["parentRefs"]
+    gateway = m.values["gateway"]
+    if gateway["create"]:
+        gw = m.one("Gateway")
+        assert parent["name"] == gw["metadata"]["name"]
+        assert gw["spec"]["gatewayClassName"] == gateway["className"]
+        assert [lst["port"] for lst in gw["spec"]["listeners"]] == [gateway["listenerPort"]]
+    else:
+        assert parent["name"] == gateway["name"] and not m.of_kind("Gateway")
+    (rule,) = route["rules"]
+    (backend,) = rule["backendRefs"]
+    pool = m.one("InferencePool")
+    assert (backend["group"], backend["kind"], backend["name"]) == (
+        "inference.networking.k8s.io", "InferencePool", pool["metadata"]["name"])
+    if gateway.get("requestTimeout"):
+        assert rule["timeouts"]["request"] == gateway["requestTimeout"]
+    else:
+        assert "timeouts" not in rule
+
+
+# --- the dashboard ConfigMap ---------------------------------------------------------------------
+
+
+def test_grafana_dashboard_configmap_holds_the_monitoring_dashboard() -> None:
+    m = render("cpu-only")
+    (cm,) = [c for c in m.of_kind("ConfigMap") if "disagg-dashboard.json" in c["data"]]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    on_disk = json.loads((ROOT / "k8s" / "monitoring" / "grafana" / "disagg-dashboard.json").read_text())
+    assert json.loads(cm["data"]["disagg-dashboard.json"]) == on_disk
