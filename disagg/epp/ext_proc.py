@@ -1,0 +1,175 @@
+"""The Envoy ext_proc service of the GIE endpoint-picker protocol.
+
+One gRPC stream per HTTP request. The EPP reads the request headers (path, subset hint in
+filter metadata `envoy.lb.subset_hint`) and the body, picks, and answers with the destination
+header `x-gateway-destination-endpoint` AND dynamic metadata `envoy.lb` with the same value
+(plus `x-prefiller-host-port` when disaggregating), or an ImmediateResponse: 400 for a body that
+is not an OpenAI request, 404 for an unknown model, 503 when nothing can serve, 429 when shedding.
+
+Body modes (from `protocol_config`, which Envoy sends on the first message; `default_body_mode`
+otherwise):
+- BUFFERED: answer the headers at once, then pick on the whole body and put the header mutation
+  in the BodyResponse.
+- FULL_DUPLEX_STREAMED: hold the headers answer, buffer the body chunks to end of stream, pick,
+  then send the HeadersResponse and the body back as StreamedBodyResponse chunks (Envoy forwards
+  only what the EPP sends back).
+- a request without a body (end_of_stream on the headers) is picked on its headers.
+Response phases, if Envoy is configured to send them, are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import msgspec
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from disagg.epp.picker import EndpointPicker, Refused, Routed
+from disagg.epp.protocol import BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+BodyMode = int  # processing_mode_pb2.ProcessingMode.BodySendMode
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+FULL_DUPLEX_STREAMED = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass
+class _Exchange:
+    """What one stream has seen of its HTTP request so far."""
+
+    mode: BodyMode
+    path: str = "/"
+    subset: list[str] | None = None
+    body: bytearray = field(default_factory=bytearray)
+    routed: bool = False
+
+
+def header_value(header: base_pb2.HeaderValue) -> str:
+    return header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+
+
+def read_subset(metadata: base_pb2.Metadata) -> list[str] | None:
+    """The subset hint: a list of "ip:port" (a comma-separated string is accepted too)."""
+    if SUBSET_NAMESPACE not in metadata.filter_metadata:
+        return None
+    fields = metadata.filter_metadata[SUBSET_NAMESPACE].fields
+    if SUBSET_KEY not in fields:
+        return None
+    value = fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        items = [v.string_value for v in value.list_value.values if v.WhichOneof("kind") == "string_value"]
+    elif kind == "string_value":
+        items = value.string_value.split(",")
+    else:
+        items = []
+    return [i.strip() for i in items if i.strip()]
+
+
+def header_mutation(routed: Routed) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+            for k, v in routed.headers.items()
+        ],
+        remove_headers=routed.remove,
+    )
+
+
+def destination_metadata(routed: Routed) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.update({DESTINATION_NAMESPACE: {DESTINATION_HEADER: routed.destination}})
+    return metadata
+
+
+def immediate(refused: Refused) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=refused.status),
+        headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+            append_action=_OVERWRITE)]),
+        body=msgspec.json.encode(refused.body),
+        details=f"disagg_epp_{refused.status}",
+    ))
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, picker: EndpointPicker, *, default_body_mode: BodyMode = FULL_DUPLEX_STREAMED) -> None:
+        self.picker = picker
+        self.default_body_mode = default_body_mode
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> AsyncIterator[pb.ProcessingResponse]:  # noqa: N802
+        ex: _Exchange | None = None
+        async for message in request_iterator:
+            phase = message.WhichOneof("request")
+            if phase == "request_headers":
+                mode = (message.protocol_config.request_body_mode
+                        if message.HasField("protocol_config") else self.default_body_mode)
+                ex = _Exchange(mode=mode, subset=read_subset(message.metadata_context))
+                for h in message.request_headers.headers.headers:
+                    if h.key == ":path":
+                        ex.path = header_value(h)
+                if message.request_headers.end_of_stream:
+                    for response in self._route(ex, phase="headers"):
+                        yield response
+                elif ex.mode != FULL_DUPLEX_STREAMED:
+                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+            elif phase == "request_body":
+                if ex is None:
+                    continue
+                ex.body.extend(message.request_body.body)
+                if message.request_body.end_of_stream:
+                    for response in self._route(ex, phase="body"):
+                        yield response
+                elif ex.mode not in (FULL_DUPLEX_STREAMED, BUFFERED):
+                    # STREAMED: each chunk needs an answer; the pick happens at the end of stream.
+                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+            elif phase == "request_trailers":
+                if ex is not None and not ex.routed:
+                    for response in self._route(ex, phase="body"):
+                        yield response
+                yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+            elif phase == "response_headers":
+                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            elif phase == "response_body":
+                body = message.response_body
+                if ex is not None and ex.mode == FULL_DUPLEX_STREAMED:
+                    yield _streamed("response_body", body.body, body.end_of_stream)
+                else:
+                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+            elif phase == "response_trailers":
+                yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+    def _route(self, ex: _Exchange, *, phase: str) -> list[pb.ProcessingResponse]:
+        ex.routed = True
+        decision = self.picker.route(ex.path, bytes(ex.body), ex.subset)
+        if isinstance(decision, Refused):
+            return [immediate(decision)]
+        common = pb.CommonResponse(header_mutation=header_mutation(decision), clear_route_cache=True)
+        metadata = destination_metadata(decision)
+        if phase == "headers":
+            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata)]
+        if ex.mode == FULL_DUPLEX_STREAMED:
+            out = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata)]
+            body = bytes(ex.body)
+            chunks = [body[i:i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)] or [b""]
+            for i, chunk in enumerate(chunks):
+                out.append(_streamed("request_body", chunk, i == len(chunks) - 1))
+            return out
+        # BUFFERED (and STREAMED): the headers are still held, so the body answer may mutate them.
+        return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata)]
+
+
+def _streamed(phase: str, chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    body = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(
+        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream))))
+    return pb.ProcessingResponse(**{phase: body})

@@ -1,0 +1,88 @@
+"""From an HTTP request (path + body) to the scheduler's `PickRequest`.
+
+With the model directory at hand, the EPP tokenizes exactly as the workers do (the shared
+`Preprocessor`: chat template, then the model's tokenizer), so prompts meet the token ids of the
+workers' KV events. Without it (`RawPromptReader`), token-id prompts are used as they are and
+text is read as its UTF-8 bytes: prefix affinity then rests on our own routing decisions
+(approximate mode) only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from disagg.openai.errors import APIError
+from disagg.routing import PickRequest
+
+OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+def openai_kind(path: str) -> str | None:
+    return OPENAI_PATHS.get(path.split("?", 1)[0])
+
+
+class PromptReader(Protocol):
+    """Reads one request; raises `APIError` (400, 404) for a body the workers would refuse."""
+
+    model_name: str
+
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest: ...
+
+
+class TokenizingReader:
+    """Tokenizes with the workers' own preprocessing (chat template and tokenizer)."""
+
+    def __init__(self, model_dir: str, model_name: str, max_model_len: int) -> None:
+        from disagg.openai.serving import Preprocessor
+
+        self.preprocessor = Preprocessor(model_dir, model_name, max_model_len)
+        self.model_name = model_name
+
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest:
+        kind = openai_kind(path)
+        if kind is None or not body:
+            return PickRequest(model=self.model_name, subset=subset)
+        prepared = self.preprocessor.prepare(kind, body)  # type: ignore[arg-type]
+        return PickRequest(model=prepared.request.model, prompt_token_ids=prepared.generate.prompt_token_ids,
+                           subset=subset)
+
+
+class RawPromptReader:
+    """No tokenizer: checks the body is an OpenAI request and hashes what it can."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest:
+        kind = openai_kind(path)
+        if kind is None or not body:
+            return PickRequest(model=self.model_name, subset=subset)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object")
+        model = data.get("model")
+        if not isinstance(model, str):
+            raise APIError(400, "model: field required", param="model")
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        if kind == "chat":
+            messages = data.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise APIError(400, "messages: field required", param="messages")
+            text = json.dumps(messages, separators=(",", ":"), sort_keys=True)
+            tokens = list(text.encode())
+        else:
+            prompt = data.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, str) and prompt:
+                tokens = list(prompt.encode())
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                tokens = prompt
+            else:
+                raise APIError(400, "prompt: a non-empty string or list of token ids is required", param="prompt")
+        return PickRequest(model=model, prompt_token_ids=tokens, subset=subset)

@@ -1,0 +1,129 @@
+"""The EPP process's servers, around one scheduler: ext_proc gRPC (9002), gRPC health (9003,
+also answered on 9002), HTTP metrics and `/v1/pick` (9090). Port 0 picks a free port; the bound
+ports are on the returned `RunningEPP`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+import uvicorn
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from disagg.epp.ext_proc import FULL_DUPLEX_STREAMED, BodyMode, ExternalProcessor
+from disagg.epp.http import build_http_app
+from disagg.epp.picker import EndpointPicker
+from disagg.epp.prompt import PromptReader
+from disagg.epp.protocol import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_METRICS_PORT,
+    EXT_PROC_SERVICE,
+    LIVENESS,
+    READINESS,
+)
+from disagg.routing import Scheduler
+
+log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RunningEPP:
+    scheduler: Scheduler
+    picker: EndpointPicker
+    host: str
+    grpc_port: int
+    health_port: int
+    metrics_port: int
+    _grpc: list[grpc.aio.Server] = field(default_factory=list)
+    _http: uvicorn.Server | None = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _serve: asyncio.Task | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def ready(self) -> bool:
+        """Ready once some decode endpoint is live: before that every pick would be a 503."""
+        return bool(self.scheduler.pool.endpoints("decode"))
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+        await asyncio.gather(*(s.stop(grace=0.1) for s in self._grpc), return_exceptions=True)
+        if self._serve is not None:
+            await asyncio.wait([self._serve], timeout=2)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def start_epp(
+    scheduler: Scheduler,
+    reader: PromptReader,
+    *,
+    host: str = "0.0.0.0",
+    grpc_port: int = DEFAULT_GRPC_PORT,
+    health_port: int = DEFAULT_HEALTH_PORT,
+    metrics_port: int = DEFAULT_METRICS_PORT,
+    default_body_mode: BodyMode = FULL_DUPLEX_STREAMED,
+) -> RunningEPP:
+    """Start the EPP's servers in the running event loop. The scheduler's state is kept current
+    by whoever runs `scheduler.run(discovery)` (see `disagg.epp.cli.run_epp`)."""
+    picker = EndpointPicker(scheduler, reader)
+    health_servicer = health.aio.HealthServicer()
+
+    main = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(picker, default_body_mode=default_body_mode), main)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
+    bound_grpc = main.add_insecure_port(f"{host}:{grpc_port}")
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    bound_health = health_server.add_insecure_port(f"{host}:{health_port}")
+    if not bound_grpc or not bound_health:
+        raise OSError(f"cannot bind the EPP's gRPC ports {host}:{grpc_port} / {health_port}")
+    await main.start()
+    await health_server.start()
+
+    running = RunningEPP(scheduler, picker, host, bound_grpc, bound_health, 0, _grpc=[main, health_server])
+    await health_servicer.set(LIVENESS, _SERVING)
+    await health_servicer.set("", _SERVING)
+
+    async def follow_readiness() -> None:
+        last = None
+        while True:
+            status = _SERVING if running.ready() else _NOT_SERVING
+            if status != last:
+                await health_servicer.set(READINESS, status)
+                await health_servicer.set(EXT_PROC_SERVICE, status)
+                last = status
+            await asyncio.sleep(0.1)
+
+    running._tasks.append(asyncio.create_task(follow_readiness(), name="epp-readiness"))
+
+    app = build_http_app(picker, running.ready)
+    config = uvicorn.Config(app, host=host, port=metrics_port, log_level="warning", lifespan="off")
+    http = uvicorn.Server(config)
+    serve = asyncio.create_task(http.serve(), name="epp-http")
+    while not http.started:
+        if serve.done():
+            with contextlib.suppress(BaseException):
+                await running.stop()
+            await serve
+            raise OSError(f"EPP HTTP server on {host}:{metrics_port} exited")
+        await asyncio.sleep(0.01)
+    running._http = http
+    running._serve = serve
+    running._tasks.append(serve)
+    running.metrics_port = http.servers[0].sockets[0].getsockname()[1]
+    log.info("EPP serving ext_proc on %s:%d, health on %d, metrics on %d",
+             host, running.grpc_port, running.health_port, running.metrics_port)
+    return running
