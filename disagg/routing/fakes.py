@@ -109,12 +109,25 @@ class FakeWorker:
                 else:
                     self._reply(404, b"{}")
 
+            def _read_body(self) -> bytes:
+                if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = int(self.headers.get("content-length") or 0)
+                return self.rfile.read(length) if length else b""
+
             def do_POST(self) -> None:
                 if worker.hung.is_set():
                     time.sleep(30)
                     return
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self._read_body()
                 worker.requests.append(("POST", self.path, dict(self.headers.items()), body))
                 answer = msgspec.json.encode({"served_by": worker.address, "engine_id": worker.info.engine_id,
                                               "prefiller": self.headers.get("x-prefiller-host-port")})

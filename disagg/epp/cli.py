@@ -1,0 +1,89 @@
+"""`disagg epp`: the endpoint picker as its own process (a Kubernetes EPP Deployment, or beside a
+gateway), optionally with an Envoy in front of the workers (`--gateway-port`).
+
+Workers come from `--endpoints host:port,...` (each asked for `GET /v1/worker`) or from a
+Kubernetes pod watch (`--k8s-selector`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from disagg.config import AppConfig
+from disagg.epp.protocol import DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT
+from disagg.routing import Discovery, StaticDiscovery
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="disagg epp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="AppConfig YAML (model, block_size, routing...)")
+    p.add_argument("--model", help="model directory (overrides the config); its tokenizer is used when present")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any AppConfig field, e.g. routing.pd_threshold_tokens=512")
+    p.add_argument("--endpoints", default="", help="static worker list host:port,host:port")
+    p.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between descriptor polls")
+    p.add_argument("--k8s-selector", help="watch pods with this label selector instead of --endpoints")
+    p.add_argument("--k8s-namespace", default=None, help="namespace to watch (default: the pod's own)")
+    p.add_argument("--k8s-port", type=int, default=8000, help="the workers' HTTP port in their pods")
+    p.add_argument("--k8s-role-label", default="disagg.io/role", help="pod label naming the role")
+    p.add_argument("--host", default="0.0.0.0", help="address the EPP's servers bind")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT)
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    p.add_argument("--gateway-port", type=int, default=None,
+                   help="also run Envoy listening on this port (0: a free one) in front of the workers")
+    p.add_argument("--gateway-host", default=None, help="Envoy's listen address (default: the config's host)")
+    p.add_argument("--eds-dir", default=None,
+                   help="keep an Envoy EDS file of the decode endpoints in this directory (for an external Envoy)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def make_discovery(args: argparse.Namespace) -> Discovery:
+    if args.k8s_selector:
+        from disagg.routing.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery(args.k8s_selector, namespace=args.k8s_namespace, port=args.k8s_port,
+                                   role_label=args.k8s_role_label)
+    if not args.endpoints:
+        raise SystemExit("disagg epp: give --endpoints host:port,... or --k8s-selector")
+    return StaticDiscovery(args.endpoints.split(","), interval_s=args.discovery_interval)
+
+
+async def run_epp(args: argparse.Namespace) -> None:
+    from disagg.epp.gateway import start_gateway
+
+    config = AppConfig.load(args.config, {"model": args.model}, args.set)
+    gateway = await start_gateway(
+        config, make_discovery(args), gateway_port=args.gateway_port, host=args.gateway_host,
+        epp_host=args.host, grpc_port=args.grpc_port, health_port=args.health_port,
+        metrics_port=args.metrics_port, eds_dir=Path(args.eds_dir) if args.eds_dir else None,
+    )
+    epp = gateway.epp
+    line = f"READY epp grpc={epp.host}:{epp.grpc_port} health={epp.health_port} metrics={epp.metrics_port}"
+    if gateway.url:
+        line += f" gateway={gateway.url}"
+    print(line, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    asyncio.run(run_epp(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

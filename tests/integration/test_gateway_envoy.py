@@ -1,0 +1,117 @@
+"""Real Envoy + EPP in front of stand-in workers (no engine): routing follows the EPP, the
+fallback list survives a dead first choice, prefixes stick, the EPP's state rebuilds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from disagg.config import AppConfig
+from disagg.epp.gateway import start_gateway
+from disagg.epp.prompt import RawPromptReader
+from disagg.routing import StaticDiscovery
+from disagg.routing.fakes import FakeWorker
+
+pytestmark = pytest.mark.integration
+
+DEST = "x-gateway-destination-endpoint"
+
+
+def config(**routing) -> AppConfig:
+    return AppConfig(model="tiny", block_size=32, routing={"scrape_interval_s": 0.05, **routing})
+
+
+async def wait_for(cond, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def stack():
+    decodes = [FakeWorker("decode").start() for _ in range(2)]
+    prefill = FakeWorker("prefill").start()
+    workers = decodes + [prefill]
+    gateway = await start_gateway(
+        config(pd_threshold_tokens=256), StaticDiscovery([w.address for w in workers], interval_s=0.2),
+        gateway_port=0, host="127.0.0.1", reader=RawPromptReader("tiny"),
+    )
+    await wait_for(lambda: len(gateway.scheduler.pool) == 3)
+    await asyncio.sleep(0.3)  # Envoy loads the EDS file
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+        yield gateway, decodes, prefill, client
+    await gateway.stop()
+    for w in workers:
+        w.stop()
+
+
+def completion(tokens: list[int]) -> dict:
+    return {"model": "tiny", "prompt": tokens, "max_tokens": 2}
+
+
+async def test_every_request_lands_on_the_decode_the_epp_chose(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    for i in range(30):
+        r = await client.post("/v1/completions", json=completion(list(range(i * 100, i * 100 + 20))))
+        assert r.status_code == 200, r.text
+        served = r.json()["served_by"]
+        _, _, headers, _ = next(req for w in decodes for req in w.requests if req[3] and json.loads(req[3])["prompt"][0] == i * 100)
+        assert headers[DEST].split(",")[0] == served
+    assert {len(w.requests) > 0 for w in decodes} == {True}  # unrelated prompts spread
+
+
+async def test_long_prompt_carries_the_prefill_endpoint(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    r = await client.post("/v1/completions", json=completion(list(range(1000))))
+    assert r.json()["prefiller"] == prefill.address
+    r = await client.post("/v1/completions", json=completion(list(range(5000, 5010))))
+    assert r.json()["prefiller"] is None
+
+
+async def test_client_cannot_choose_the_prefill_worker(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    r = await client.post("/v1/completions", json=completion([1, 2, 3]), headers={"x-prefiller-host-port": "evil:1"})
+    assert r.json()["prefiller"] is None
+
+
+async def test_shared_prefix_sticks_to_one_decode(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    prefix = list(range(10_000, 10_000 + 600))
+    served = []
+    for i in range(20):
+        r = await client.post("/v1/completions", json=completion(prefix + [i] * 20))
+        served.append(r.json()["served_by"])
+    top = max(set(served), key=served.count)
+    assert served.count(top) / len(served) >= 0.9
+
+
+async def test_dead_first_choice_falls_back_down_the_list(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    decodes[0].stop()  # connection refused from now on; the EPP may still list it first for ~2 s
+    for i in range(10):
+        r = await client.post("/v1/completions", json=completion(list(range(i * 7, i * 7 + 10))))
+        assert r.status_code == 200, r.text
+        assert r.json()["served_by"] == decodes[1].address
+
+
+async def test_no_decode_is_503(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    for w in decodes:
+        w.hang()
+    await wait_for(lambda: not gateway.scheduler.pool.endpoints("decode"), timeout=5)
+    r = await client.post("/v1/completions", json=completion([1, 2, 3]))
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable"
+
+
+async def test_bad_body_is_400_from_the_gateway(stack) -> None:
+    gateway, decodes, prefill, client = stack
+    r = await client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400
