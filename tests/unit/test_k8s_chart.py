@@ -11,6 +11,7 @@ one the InferencePool names, the Serve args parse as AppConfig).
 from __future__ import annotations
 
 import ast
+import importlib.util
 import copy
 import json
 import re
@@ -458,6 +459,15 @@ def test_serve_config_imports_build_app_from_the_repository(manifests: Manifests
     assert attr in defined, f"{source.relative_to(ROOT)} defines no top-level {attr}()"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic v1-style fields
+def test_serve_config_is_a_valid_ray_serve_config(manifests: Manifests) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(manifests.serve_config)
+    (app,) = config.applications
+    assert (app.name, app.route_prefix) == ("disagg", "/")
+
+
 def test_serve_args_parse_as_app_config_and_follow_the_values(manifests: Manifests) -> None:
     v, cfg = manifests.values, manifests.app_config
     assert cfg.model == v["model"]["path"]
@@ -477,6 +487,27 @@ def test_serve_args_parse_as_app_config_and_follow_the_values(manifests: Manifes
     assert (cfg.host, cfg.port) == ("0.0.0.0", v["serve"]["port"])
     proxy = manifests.serve_config["http_options"]
     assert (proxy["host"], proxy["port"]) == ("0.0.0.0", cfg.port)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic v1-style fields
+@pytest.mark.parametrize("name", ["default", "multi-replica-gpu"])
+def test_serve_places_each_engine_on_its_worker_group(name: str) -> None:
+    """Build the Serve application from the rendered args as KubeRay's Serve controller would,
+    and check each engine deployment asks for what its worker group's pods offer."""
+    from ray.serve._private.build_app import build_app as build_serve_app  # Ray is pinned (2.60)
+
+    from deployments.app import build_app
+
+    m = render(name)
+    built = {d.name: d for d in build_serve_app(build_app(m.serve_app["args"]), name="disagg").deployments}
+    for role, deployment in (("prefill", "PrefillServer"), ("decode", "DecodeServer")):
+        options = built[deployment].ray_actor_options
+        assert built[deployment].num_replicas == m.worker_group(role)["replicas"]
+        assert options.get("num_gpus", 0) == m.values[role]["gpus"]
+        if "resources" not in options:
+            pytest.xfail(f"deployments/app.py does not pass RoleConfig.ray_resources to {deployment}'s "
+                         "ray_actor_options: engines are not pinned to their worker groups")
+        assert options["resources"] == json.loads(json.loads(m.worker_group(role)["rayStartParams"]["resources"]))
 
 
 def test_endpoint_picker_config_is_the_serve_args(manifests: Manifests) -> None:
@@ -695,3 +726,23 @@ def test_grafana_dashboard_configmap_holds_the_monitoring_dashboard() -> None:
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     on_disk = json.loads((ROOT / "k8s" / "monitoring" / "grafana" / "disagg-dashboard.json").read_text())
     assert json.loads(cm["data"]["disagg-dashboard.json"]) == on_disk
+
+
+# --- the plain rendered examples ---------------------------------------------------------------
+
+
+def _render_module() -> Any:
+    spec = importlib.util.spec_from_file_location("k8s_render", ROOT / "k8s" / "render.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rendered_examples_are_the_charts_output() -> None:
+    render_module = _render_module()
+    assert render_module.EXAMPLES
+    for file, (name, namespace, values) in render_module.EXAMPLES.items():
+        on_disk = (ROOT / "k8s" / "rendered" / file).read_text()
+        assert on_disk == render_module.render(copy.deepcopy(values), name=name, namespace=namespace), (
+            f"k8s/rendered/{file} is stale: run `python k8s/render.py --examples`")
