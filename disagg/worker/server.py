@@ -3,56 +3,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any
 
 import prometheus_client
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
-from disagg.openai.errors import APIError, error_body, from_validation_error
-from disagg.openai.serving import Kind, Preprocessor, ResponseBuilder
+from disagg.openai.errors import APIError, from_validation_error
+from disagg.openai.http import install_error_handlers, respond, until_disconnect
+from disagg.openai.serving import Kind, Preprocessor
 from disagg.worker import metrics
 from disagg.worker.protocol import PREFILLER_HEADER, PrefillRequest
 from disagg.worker.worker import Worker
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-async def until_disconnect(request: Request, work: Awaitable[T], on_abandon: Callable[[T], Awaitable[Any]] | None = None) -> T:
-    """Run `work`; if the client disconnects first, cancel it. A result that finished but whose
-    client is gone goes to `on_abandon` (prefill uses it to free the handed-off blocks)."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.05)
-        if done:
-            break
-        if await request.is_disconnected():
-            task.cancel()
-            try:
-                result = await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone
-                raise APIError(499, "client disconnected") from None
-            if on_abandon is not None:
-                await on_abandon(result)
-            raise APIError(499, "client disconnected")
-    return task.result()
 
 
 def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
     app = FastAPI(title=f"disagg {worker.role} worker", docs_url=None, redoc_url=None)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -98,18 +70,9 @@ def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
                 raise APIError(403, f"{PREFILLER_HEADER} names {', '.join(unknown)}, not a registered prefill worker",
                                param=PREFILLER_HEADER)
         outputs = worker.generate(prepared.generate, candidates)
-        builder = ResponseBuilder(prepared, preprocessor.model_name)
-        if prepared.request.stream:
-            return StreamingResponse(builder.sse(outputs), media_type="text/event-stream",
-                                     headers={"x-disagg-decode": worker.address})
-
-        async def collect() -> None:
-            async for out in outputs:
-                builder.add(out)
-
-        await until_disconnect(request, collect())
         metrics.REQUESTS.labels(role=worker.role, status="ok").inc()
-        return JSONResponse(builder.response(), headers={"x-disagg-decode": worker.address})
+        return await respond(request, prepared, outputs, preprocessor.model_name,
+                             headers={"x-disagg-decode": worker.address})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

@@ -1,0 +1,122 @@
+"""Router: the OpenAI-compatible ingress. Validates and tokenizes, asks the scheduler for a
+prefill/decode pair, and streams from the picked decode replica (pinned by PinnedReplicaRouter)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import prometheus_client
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from disagg.config import AppConfig
+from disagg.engine.base import GenerateOutput
+from disagg.openai.errors import APIError
+from disagg.openai.http import install_error_handlers, respond
+from disagg.openai.serving import Kind, Preprocessor
+from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
+from disagg.worker.protocol import WorkerInfo
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)
+install_error_handlers(app)
+
+
+class RegistryDiscovery:
+    """`Discovery` over the Registry deployment: full snapshots every interval."""
+
+    def __init__(self, registry: DeploymentHandle, interval_s: float = 0.5):
+        self.registry = registry
+        self.interval_s = interval_s
+
+    async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        while True:
+            try:
+                yield await self.registry.list.remote()
+            except Exception:  # noqa: BLE001 - registry restarting; keep the last snapshot
+                log.warning("registry unavailable", exc_info=True)
+            await asyncio.sleep(self.interval_s)
+
+
+async def _cancel_on_close(stream: Any) -> AsyncIterator[GenerateOutput]:
+    """Iterate a handle's streaming response; closing this iterator cancels the replica's call
+    (so a client disconnect aborts the request on decode, and decode aborts its prefill)."""
+    finished = False
+    try:
+        async for out in stream:
+            finished = out.finished
+            yield out
+    finally:
+        if not finished:
+            with contextlib.suppress(Exception):
+                stream.cancel()
+
+
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Router:
+    def __init__(self, config: AppConfig, decode: DeploymentHandle, prefill: DeploymentHandle,
+                 registry: DeploymentHandle):
+        self.config = config
+        self.decode = decode
+        # Held so the prefill deployment is part of the application.
+        self.prefill = prefill
+        self.preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
+        self.scheduler = Scheduler(config.routing, model=config.model_name, block_size=config.block_size)
+        self._discovery = asyncio.get_event_loop().create_task(self.scheduler.run(RegistryDiscovery(registry)))
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        decodes = self.scheduler.pool.endpoints("decode")
+        if not decodes:
+            raise APIError(503, "no decode worker is ready")
+        return {"status": "ok", "decode": len(decodes), "prefill": len(self.scheduler.pool.endpoints("prefill"))}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return self.preprocessor.models().model_dump()
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/pool")
+    async def pool(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {"role": e.role, "address": e.address, "engine_id": e.engine_id, **e.load.model_dump(),
+             "signal_age_s": round(e.signal_age(now), 3), "silence_s": round(e.silence(now), 3)}
+            for e in self.scheduler.pool.endpoints()
+        ]
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        return await self._serve("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve("completion", request)
+
+    async def _serve(self, kind: Kind, request: Request) -> Response:
+        prepared = self.preprocessor.prepare(kind, await request.body())
+        try:
+            pick = self.scheduler.pick(PickRequest(model=self.config.model_name,
+                                                   prompt_token_ids=prepared.generate.prompt_token_ids))
+        except OverloadedError as e:
+            raise APIError(429, str(e)) from None
+        except NoEndpointError as e:
+            raise APIError(503, str(e)) from None
+        decode = pick.decode[0]
+        stream = self.decode.options(stream=True).generate.remote(
+            prepared.generate, pick.prefill_addresses, pin=decode.info.replica_id)
+        headers = {"x-disagg-decode": decode.address, "x-disagg-pd": pick.decision}
+        return await respond(request, prepared, _cancel_on_close(stream), self.config.model_name, headers)
+
+    def __del__(self) -> None:
+        self._discovery.cancel()

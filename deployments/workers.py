@@ -1,0 +1,85 @@
+"""PrefillServer and DecodeServer: Serve replicas that each run one worker (engine + its own
+HTTP endpoint) and keep themselves registered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from disagg.config import AppConfig
+from disagg.engine.base import GenerateOutput, GenerateRequest
+from disagg.worker.launch import RunningWorker, start_worker
+from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+
+
+class _WorkerReplica:
+    role: Role
+
+    async def __init__(self, config: AppConfig, registry: DeploymentHandle):
+        ctx = serve.get_replica_context()
+        role_config = config.prefill if self.role == "prefill" else config.decode
+        rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
+        cpu_bind = role_config.cpu_bind[rank % len(role_config.cpu_bind)] if role_config.cpu_bind else None
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self._registry = registry
+        self._running: RunningWorker = await start_worker(
+            config, self.role, port=role_config.http_port, cpu_bind=cpu_bind,
+            replica_id=ctx.replica_id.unique_id, node_id=node_id,
+        )
+        await self._heartbeat_once()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+
+    async def _heartbeat_once(self) -> None:
+        worker = self._running.worker
+        await self._registry.register.remote(worker.info)
+        infos: list[WorkerInfo] = await self._registry.list.remote()
+        worker.known_prefill = {i.address for i in infos if i.role == "prefill"}
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._heartbeat_once()
+            except Exception:  # noqa: BLE001 - the registry restarts; keep trying
+                log.warning("registry heartbeat failed", exc_info=True)
+
+    def info(self) -> WorkerInfo:
+        return self._running.worker.info
+
+    def load(self) -> EngineLoad:
+        return self._running.worker.load()
+
+    def check_health(self) -> None:
+        if self._running.serve_task.done():
+            raise RuntimeError("the worker's HTTP endpoint stopped")
+
+    async def __del__(self) -> None:
+        self._heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            await self._registry.deregister.remote(self._running.worker.info.engine_id)
+        await self._running.stop()
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
+class PrefillServer(_WorkerReplica):
+    role: Role = "prefill"
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
+class DecodeServer(_WorkerReplica):
+    role: Role = "decode"
+
+    async def generate(self, request: GenerateRequest, prefill: list[str], pin: str | None = None
+                       ) -> AsyncIterator[GenerateOutput]:
+        """Stream one request; `pin` is read by the request router, not here."""
+        async for out in self._running.worker.generate(request, prefill):
+            yield out

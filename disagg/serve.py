@@ -1,0 +1,60 @@
+"""`disagg serve`: the whole stack on a local Ray (router + prefill + decode), ready to curl."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from disagg.config import AppConfig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="disagg serve", description=__doc__)
+    p.add_argument("--config", help="AppConfig YAML file")
+    p.add_argument("--model", help="model directory (e.g. models/tiny from `disagg model tiny`)")
+    p.add_argument("--port", type=int, help="OpenAI API port (default 8000)")
+    p.add_argument("--host", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--prefill-replicas", type=int)
+    p.add_argument("--decode-replicas", type=int)
+    p.add_argument("--kv-connector", choices=["disagg", "nixl", "none"])
+    p.add_argument("--pd-threshold", type=int, help="routing.pd_threshold_tokens")
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--gateway", action="store_true", help="also start the EPP and Envoy in front of the workers")
+    p.add_argument("--gateway-port", type=int, default=8080)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any AppConfig field, dotted for nested ones: --set decode.cpu_bind=[1]")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> AppConfig:
+    overrides = {
+        "model": args.model, "port": args.port, "host": args.host, "kv_connector": args.kv_connector,
+        "prefill.replicas": args.prefill_replicas, "decode.replicas": args.decode_replicas,
+        "routing.pd_threshold_tokens": args.pd_threshold,
+    }
+    return AppConfig.load(args.config, overrides, args.set)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config = config_from_args(args)
+    from deployments.local import serve_forever, start_local
+
+    print(f"starting disagg: model {config.model}, {config.prefill.replicas} prefill + "
+          f"{config.decode.replicas} decode, connector {config.kv_connector}", flush=True)
+    stack = start_local(config, dashboard_port=args.dashboard_port)
+    gateway = None
+    if args.gateway:
+        from disagg.epp.gateway import start_gateway
+
+        gateway = start_gateway(config, stack, port=args.gateway_port)
+    print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}", flush=True)
+    if gateway is not None:
+        print(f"gateway: {gateway.url}", flush=True)
+    try:
+        serve_forever(stack)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+    return 0
