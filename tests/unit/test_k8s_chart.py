@@ -59,7 +59,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "nodeSelector": {"gpu": "h100"}},
         "decode": {"replicas": 2, "gpus": 4, "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]},
         "gateway": {"create": False, "name": "shared-gateway", "failureMode": "FailOpen"},
-        "epp": {"replicas": 2, "extraArgs": ["--log-level=debug"]},
+        "epp": {"replicas": 2, "extraArgs": ["--log-level=DEBUG", "--discovery-interval=0.5"]},
     },
     "cpu-only": {
         "prefill": {"replicas": 2, "gpus": 0, "resources": {"requests": {"cpu": "4", "memory": "8Gi"}}},
@@ -256,14 +256,21 @@ def cel_rules(schema: dict[str, Any], value: Any, path: str = "") -> Iterator[tu
             yield from cel_rules(schema["items"], item, f"{path}[{i}]")
 
 
+@cache
+def cel_program(rule: str) -> Any:
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
 def cel_failures(obj: dict[str, Any]) -> list[str]:
     celpy = pytest.importorskip(
         "celpy", reason="cel-python is not installed: the CRDs' CEL rules (x-kubernetes-validations) are not checked"
     )
-    env = celpy.Environment()
     failures = []
     for path, rule, value in cel_rules(crd_schemas()[(obj["apiVersion"], obj["kind"])], obj):
-        result = env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(_cel_value(value))})
+        result = cel_program(rule).evaluate({"self": celpy.json_to_cel(_cel_value(value))})
         if isinstance(result, Exception) or not bool(result):
             failures.append(f"{obj['kind']}{path}: {rule} -> {result!r}")
     return failures
@@ -324,16 +331,6 @@ def parse_selector(text: str) -> dict[str, str]:
         key, sep, value = term.partition("=")
         assert sep and key and "!" not in key, f"not an equality selector term: {term!r}"
         out[key.strip()] = value.strip()
-    return out
-
-
-def flags(args: list[str]) -> dict[str, str]:
-    """`--name=value` container args -> {name: value}."""
-    out = {}
-    for arg in args:
-        name, sep, value = arg.partition("=")
-        assert name.startswith("--") and sep, f"argument {arg!r} is not --name=value"
-        out[name[2:]] = value
     return out
 
 
@@ -646,25 +643,28 @@ def test_epp_service_exposes_grpc_health_and_metrics(gateway_manifests: Manifest
 
 
 def test_epp_discovers_the_workers_by_pod_label(gateway_manifests: Manifests) -> None:
+    from disagg.epp.cli import parse_args
+
     m = gateway_manifests
     (container,) = m.one("Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["disagg", "epp"]
-    f = flags([a for a in container["args"] if a not in m.values["epp"]["extraArgs"]])
-    assert f["discovery"] == "kubernetes"
-    selector = parse_selector(f["selector"])
+    # The picker's own parser takes the args (an unknown flag exits).
+    args = parse_args(container["args"])
+    selector = parse_selector(args.k8s_selector)
     chosen = {who for who, t in m.pod_templates() if selects(selector, t["metadata"]["labels"])}
     assert chosen == set(ROLES)
     for role in ROLES:
-        assert m.worker_group(role)["template"]["metadata"]["labels"][f["role-label"]] == role
-    assert int(f["worker-port"]) == m.app_config.prefill.http_port == m.app_config.decode.http_port
-    template = m.one("Deployment")["spec"]["template"]
-    assert int(f["port"]) == container_port(template, "grpc-ext-proc")
-    assert int(f["health-port"]) == container_port(template, "grpc-health")
-    assert int(f["metrics-port"]) == container_port(template, "metrics")
-    mount = {vm["mountPath"] for vm in container["volumeMounts"]}
-    assert str(Path(f["config"]).parent) in mount
-    assert f["namespace"] == "$(POD_NAMESPACE)"
+        assert m.worker_group(role)["template"]["metadata"]["labels"][args.k8s_role_label] == role
+    assert args.k8s_port == m.app_config.prefill.http_port == m.app_config.decode.http_port
+    assert args.k8s_namespace == "$(POD_NAMESPACE)"
     assert {e["name"] for e in container["env"]} >= {"POD_NAMESPACE"}
+    template = m.one("Deployment")["spec"]["template"]
+    assert args.grpc_port == container_port(template, "grpc-ext-proc")
+    assert args.health_port == container_port(template, "grpc-health")
+    assert args.metrics_port == container_port(template, "metrics")
+    assert args.host == "0.0.0.0"
+    mounts = {vm["mountPath"] for vm in container["volumeMounts"]}
+    assert str(Path(args.config).parent) in mounts
 
 
 def test_epp_probes_ask_grpc_health_for_liveness_and_readiness(gateway_manifests: Manifests) -> None:
