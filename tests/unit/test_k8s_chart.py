@@ -551,6 +551,7 @@ def test_worker_pods_carry_their_role_and_expose_the_worker_and_metrics_ports(ma
     assert template["metadata"]["labels"]["disagg.io/role"] == role
     assert container_port(template, "worker") == getattr(manifests.app_config, role).http_port == v["workerPort"]
     assert container_port(template, "metrics") == int(group["rayStartParams"]["metrics-export-port"]) == v["ray"]["metricsPort"]
+    assert container_port(template, "serve") == manifests.serve_config["http_options"]["port"]
     env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["value"] == "$(POD_IP)"

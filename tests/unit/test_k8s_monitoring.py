@@ -233,3 +233,23 @@ def test_scrape_config_passes_promtool(tmp_path: Path) -> None:
                 job["static_configs"] = [{"targets": ["127.0.0.1:8080"]}]
         result = _promtool_check(promtool, config, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`): PromQL is checked for balance only")
+    # Grafana substitutes its variables before Prometheus sees a query; do the same.
+    substitutions = {"$interval": "1m", "$SessionName": ".*", "$role": ".*"}
+    rules = []
+    for p in panels():
+        for t in p["targets"]:
+            expr = t["expr"]
+            for var, value in substitutions.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, f"unsubstituted variable in {p['title']}: {expr}"
+            rules.append({"record": f"disagg:panel_{p['id']}_{t['refId'].lower()}", "expr": expr})
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -178,6 +178,10 @@ minReplicas = maxReplicas = replicas: the Serve deployment has exactly one repli
             - name: metrics
               containerPort: {{ int $root.Values.ray.metricsPort }}
               protocol: TCP
+            # Serve runs a proxy on every node (proxy_location: EveryNode).
+            - name: serve
+              containerPort: {{ int $root.Values.serve.port }}
+              protocol: TCP
           resources:
             {{- toYaml $res | nindent 12 }}
           volumeMounts:
