@@ -436,6 +436,33 @@ def test_names_labels_and_values_are_well_formed(manifests: Manifests) -> None:
     assert len(f"{ray_service}-xxxxx-head-svc") <= 63 and _DNS_LABEL.match(ray_service)
 
 
+_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")  # IANA_SVC_NAME
+
+
+def test_pod_templates_pass_the_api_servers_pod_rules(manifests: Manifests) -> None:
+    """Rules the API server enforces on pods that no OpenAPI schema carries."""
+    for who, template in manifests.pod_templates():
+        spec = template["spec"]
+        volumes = {v["name"] for v in spec.get("volumes", [])}
+        assert len(volumes) == len(spec.get("volumes", [])), f"{who}: duplicate volume names"
+        seen_ports: set[tuple[int, str]] = set()
+        for container in spec["containers"]:
+            names = [p["name"] for p in container.get("ports", [])]
+            assert len(names) == len(set(names)), f"{who}: duplicate port names {names}"
+            for port in container.get("ports", []):
+                assert len(port["name"]) <= 15 and _PORT_NAME.match(port["name"]), f"{who}: port name {port['name']!r}"
+                key = (port["containerPort"], port.get("protocol", "TCP"))
+                assert key not in seen_ports, f"{who}: port {key} twice"
+                seen_ports.add(key)
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{who}: mount of undefined volume {mount['name']!r}"
+            for env in container.get("env", []):
+                assert re.match(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", env["name"]), f"{who}: env {env['name']!r}"
+                for ref in re.findall(r"\$\(([^)]*)\)", env.get("value", "")):
+                    earlier = [e["name"] for e in container["env"]][: container["env"].index(env)]
+                    assert ref in earlier, f"{who}: {env['name']} refers to $({ref}) before it is defined"
+
+
 # --- the Ray side ------------------------------------------------------------------------------
 
 
