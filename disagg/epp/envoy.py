@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 import httpx
 
-from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE
+from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, PREFILLER_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,21 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request",
                          "num_retries": s.num_retries},
     }
+    # Echo the routing on the response: which endpoints the EPP listed, which one served, and the
+    # prefill it named (operators' debugging, and how the tests check who served).
+    echo = [
+        {"header": {"key": DESTINATION_HEADER, "value": f"%REQ({DESTINATION_HEADER})%"}},
+        {"header": {"key": "x-disagg-upstream", "value": "%UPSTREAM_HOST%"}},
+        {"header": {"key": "x-disagg-prefill", "value": f"%REQ({PREFILLER_HEADER})%"}},
+    ]
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gateway",
         "codec_type": "AUTO",
         "stream_idle_timeout": _duration(s.request_timeout_s),
         "route_config": {"name": "gateway", "virtual_hosts": [
-            {"name": "workers", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}]},
+            {"name": "workers", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route,
+                                                               "response_headers_to_add": echo}]}]},
         "http_filters": [ext_proc, router],
     }
     override_host = {

@@ -26,6 +26,8 @@ PD_DECISIONS = Counter(
     "Picks by prefill decision: remote (a prefill worker) or local (decode prefills itself).",
     ["decision"],
 )
+PD_REMOTE = PD_DECISIONS.labels("remote")
+PD_LOCAL = PD_DECISIONS.labels("local")
 PICK_ERRORS = Counter("disagg_pick_errors", "Picks refused, by reason.", ["reason"])
 PROMPT_TOKENS = Counter("disagg_prompt_tokens", "Prompt tokens of picked requests.")
 PREFIX_HIT_TOKENS = Counter(

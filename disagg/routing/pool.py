@@ -40,6 +40,8 @@ class EndpointPool:
         self.layout_fingerprint: str | None = None
         self._by_engine: dict[str, Endpoint] = {}
         self._by_address: dict[str, str] = {}
+        # Per-role lists, rebuilt on membership changes only: picks read them every time.
+        self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         self._listeners: list[RemovalListener] = []
 
     # -- membership -------------------------------------------------------------------------
@@ -65,6 +67,7 @@ class EndpointPool:
         if previous is not None and previous != info.engine_id:
             self.remove(previous, reason="replaced")
         self._by_address[info.address] = info.engine_id
+        self._rebuild_roles()
         return known
 
     def remove(self, engine_id: str, *, reason: str = "deregistered") -> Endpoint | None:
@@ -75,6 +78,7 @@ class EndpointPool:
             del self._by_address[endpoint.address]
         if not self._by_engine:
             self.layout_fingerprint = None
+        self._rebuild_roles()
         log.info("endpoint removed (%s): %s %s engine %s", reason, endpoint.role, endpoint.address, engine_id)
         for listener in self._listeners:
             listener(endpoint, reason)
@@ -131,12 +135,16 @@ class EndpointPool:
     # -- queries ----------------------------------------------------------------------------
 
     def endpoints(self, role: Role | None = None, *, include_dead: bool = False) -> list[Endpoint]:
-        now = self.clock()
-        return [
-            e for e in self._by_engine.values()
-            if (role is None or e.role == role)
-            and (include_dead or e.silence(now) <= self.dead_after_s)
-        ]
+        members = list(self._by_engine.values()) if role is None else self._by_role[role]
+        if include_dead:
+            return list(members)
+        oldest = self.clock() - self.dead_after_s
+        return [e for e in members if e.seen_at >= oldest]
+
+    def _rebuild_roles(self) -> None:
+        self._by_role = {"prefill": [], "decode": []}
+        for e in self._by_engine.values():
+            self._by_role.setdefault(e.role, []).append(e)
 
     def get(self, engine_id: str) -> Endpoint | None:
         return self._by_engine.get(engine_id)

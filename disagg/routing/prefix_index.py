@@ -32,8 +32,9 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_H
     """
     hashes: list[int] = []
     h = parent
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        h = hash((h, tuple(token_ids[start:start + block_size])))
+    tokens = tuple(token_ids)  # one copy; tuple slices are cheap
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        h = hash((h, tokens[start:start + block_size]))
         hashes.append(h)
     return hashes
 
@@ -98,14 +99,22 @@ class PrefixIndex:
     # -- approximate entries ----------------------------------------------------------------
 
     def record(self, engine_id: str, hashes: Sequence[int]) -> None:
-        """We just sent these blocks' prompt to `engine_id`: assume it holds them for a while."""
+        """We just sent these blocks' prompt to `engine_id`: assume it holds them for a while
+        (an exact entry stays exact)."""
         expiry = self.clock() + self.approx_ttl_s
         blocks = self._blocks(engine_id)
+        order = blocks.order
+        holders_of = self._holders
         for h in hashes:
-            holders = self._holders.setdefault(h, {})
-            holders[engine_id] = max(holders.get(engine_id, 0.0), expiry)
-            self._touch(blocks, h)
-        self._evict(engine_id, blocks)
+            holders = holders_of.get(h)
+            if holders is None:
+                holders = holders_of[h] = {}
+            if holders.get(engine_id, 0.0) < expiry:
+                holders[engine_id] = expiry
+            order.pop(h, None)
+            order[h] = None
+        if len(order) > self.capacity_blocks:
+            self._evict(engine_id, blocks)
 
     # -- exact entries (KV events) ----------------------------------------------------------
 

@@ -33,16 +33,15 @@ from disagg.routing.errors import NoEndpointError, OverloadedError
 from disagg.routing.pool import EndpointPool
 from disagg.routing.prefix_index import PrefixIndex, block_hashes
 from disagg.routing.scoring import (
-    Candidate,
+    Candidates,
     KVUsageScorer,
     PrefixScorer,
     QueueScorer,
+    Ranker,
     SameNodeScorer,
     SaturationFilter,
-    Scorer,
     ScoringContext,
     SubsetFilter,
-    rank,
 )
 
 log = logging.getLogger(__name__)
@@ -98,17 +97,17 @@ class Scheduler:
         )
         self.index = PrefixIndex(block_size, clock=clock)
         self.pool.on_remove(self._forget)
-        self.decode_scorers: list[Scorer] = [
+        self.decode_ranker = Ranker([
             PrefixScorer(config.prefix_weight),
             QueueScorer(config.load_weight),
             KVUsageScorer(config.kv_usage_weight),
-        ]
-        self.prefill_scorers: list[Scorer] = [
+        ])
+        self.prefill_ranker = Ranker([
             PrefixScorer(config.prefix_weight),
             QueueScorer(config.load_weight),
             KVUsageScorer(config.kv_usage_weight),
             SameNodeScorer(same_node_weight),
-        ]
+        ])
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
         self._background: Background | None = None
         metrics.watch_scheduler(self)
@@ -128,7 +127,7 @@ class Scheduler:
             metrics.PICK_ERRORS.labels("overloaded").inc()
             raise
         metrics.PICK_DURATION.observe(time.perf_counter() - started)
-        metrics.PD_DECISIONS.labels(result.decision).inc()
+        (metrics.PD_REMOTE if result.decision == "remote" else metrics.PD_LOCAL).inc()
         metrics.PROMPT_TOKENS.inc(len(req.prompt_token_ids))
         metrics.PREFIX_HIT_TOKENS.inc(result.cached_tokens)
         return result
@@ -141,6 +140,7 @@ class Scheduler:
         hits = self.index.match(hashes)
         ctx = ScoringContext(num_blocks=len(hashes), num_tokens=len(tokens))
         now = self.pool.clock()
+        keep = self.fallbacks + 1
 
         decodes = self.pool.endpoints("decode")
         if req.subset is not None:
@@ -153,46 +153,48 @@ class Scheduler:
             raise OverloadedError(
                 f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests"
             )
-        ranked = rank(self._candidates(open_decodes, hits, now), self.decode_scorers, ctx)
-        decode = ranked[0]
-        cached = min(decode.prefix_blocks * self.block_size, len(tokens))
+        candidates = self._candidates(open_decodes, hits, now)
+        best = self.decode_ranker.rank(candidates, ctx, keep)
+        decode = candidates.endpoints[best[0]]
+        cached = min(candidates.prefix_blocks[best[0]] * self.block_size, len(tokens))
         uncached = len(tokens) - cached
 
-        prefill: list[Candidate] = []
+        prefill: list[Endpoint] = []
         if uncached > self.config.pd_threshold_tokens:
             prefills = self.saturation.keep(self.pool.endpoints("prefill"))
             if prefills:
-                ctx.decode = decode.endpoint
-                prefill = rank(self._candidates(prefills, hits, now), self.prefill_scorers, ctx)
-        decision: Decision = "remote" if prefill else "local"
+                ctx.decode = decode
+                prefill_candidates = self._candidates(prefills, hits, now)
+                prefill = [prefill_candidates.endpoints[i]
+                           for i in self.prefill_ranker.rank(prefill_candidates, ctx, keep)]
 
-        keep = self.fallbacks + 1
         result = Pick(
-            decode=[c.endpoint for c in ranked[:keep]],
-            prefill=[c.endpoint for c in prefill[:keep]],
+            decode=[candidates.endpoints[i] for i in best],
+            prefill=prefill,
             uncached_tokens=uncached,
-            decision=decision,
+            decision="remote" if prefill else "local",
             cached_tokens=cached,
         )
-        self._record(result, hashes)
+        self._record(result, hashes, hits)
         return result
 
-    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> list[Candidate]:
-        return [
-            Candidate(endpoint=e, prefix_blocks=hits.get(e.engine_id, 0), freshness=self.pool.freshness(e, now))
-            for e in endpoints
-        ]
+    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> Candidates:
+        freshness = self.pool.freshness
+        return Candidates(
+            endpoints=endpoints,
+            prefix_blocks=[hits.get(e.info.engine_id, 0) for e in endpoints] if hits else [0] * len(endpoints),
+            freshness=[freshness(e, now) for e in endpoints],
+            queues=[e.load.waiting + e.load.running + e.pending for e in endpoints],
+        )
 
-    def _record(self, result: Pick, hashes: list[int]) -> None:
-        decode = result.decode[0]
-        decode.pending += 1
-        if self.config.approximate_prefix and hashes:
-            self.index.record(decode.engine_id, hashes)
-        if result.prefill:
-            prefill = result.prefill[0]
-            prefill.pending += 1
+    def _record(self, result: Pick, hashes: list[int], hits: dict[str, int]) -> None:
+        """What the pick implies: one more request on each chosen endpoint, and (approximate
+        mode) the prompt's blocks cached on both."""
+        chosen = result.decode[:1] + result.prefill[:1]
+        for endpoint in chosen:
+            endpoint.pending += 1
             if self.config.approximate_prefix and hashes:
-                self.index.record(prefill.engine_id, hashes)
+                self.index.record(endpoint.engine_id, hashes)
 
     def _forget(self, endpoint: Endpoint, reason: str) -> None:
         self.index.clear(endpoint.engine_id)

@@ -9,7 +9,7 @@ pick's consequences afterwards.
 
 from __future__ import annotations
 
-import random
+import heapq
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -17,11 +17,17 @@ from disagg.routing.endpoint import Endpoint
 
 
 @dataclass(slots=True)
-class Candidate:
-    endpoint: Endpoint
-    prefix_blocks: int = 0  # leading prompt blocks this endpoint already holds
-    freshness: float = 1.0
-    score: float = 0.0
+class Candidates:
+    """The endpoints one pick ranks, as parallel lists (no per-candidate objects: a pick over
+    hundreds of endpoints must stay in the tens of microseconds)."""
+
+    endpoints: list[Endpoint]
+    prefix_blocks: list[int]  # leading prompt blocks each endpoint already holds
+    freshness: list[float]  # 1.0 fresh .. 0.0 about to be declared dead
+    queues: list[int]  # waiting + running + pending
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
 
 
 @dataclass(slots=True)
@@ -41,7 +47,7 @@ class Scorer(Protocol):
     name: str
     weight: float
 
-    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]: ...
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]: ...
 
 
 class Filter(Protocol):
@@ -62,10 +68,11 @@ class PrefixScorer:
     weight: float
     name: str = "prefix"
 
-    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         if ctx.num_blocks == 0:
             return [0.0] * len(candidates)
-        return [c.prefix_blocks / ctx.num_blocks for c in candidates]
+        n = ctx.num_blocks
+        return [b / n for b in candidates.prefix_blocks]
 
 
 @dataclass
@@ -76,12 +83,13 @@ class QueueScorer:
     weight: float
     name: str = "queue"
 
-    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
-        queues = [c.endpoint.queue for c in candidates]
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
+        queues = candidates.queues
         lo, hi = min(queues), max(queues)
         if hi == lo:
-            return [1.0] * len(candidates)
-        return [(hi - q) / (hi - lo) for q in queues]
+            return [1.0] * len(queues)
+        span = hi - lo
+        return [(hi - q) / span for q in queues]
 
 
 @dataclass
@@ -91,8 +99,8 @@ class KVUsageScorer:
     weight: float
     name: str = "kv_usage"
 
-    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
-        return [1.0 - min(max(c.endpoint.load.kv_usage, 0.0), 1.0) for c in candidates]
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
+        return [1.0 - min(max(e.load.kv_usage, 0.0), 1.0) for e in candidates.endpoints]
 
 
 @dataclass
@@ -102,9 +110,9 @@ class SameNodeScorer:
     weight: float
     name: str = "same_node"
 
-    def score(self, candidates: Sequence[Candidate], ctx: ScoringContext) -> list[float]:
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         node = ctx.decode.node_id if ctx.decode is not None else ""
-        return [1.0 if node and c.endpoint.node_id == node else 0.0 for c in candidates]
+        return [1.0 if node and e.node_id == node else 0.0 for e in candidates.endpoints]
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -132,19 +140,29 @@ class SaturationFilter:
         return [e for e in endpoints if e.load.waiting + e.pending < self.max_waiting]
 
 
-# -- picker -----------------------------------------------------------------------------------
+# -- picker ---------------------------------------------------------------------------------
 
 
-def rank(candidates: list[Candidate], scorers: Sequence[Scorer], ctx: ScoringContext) -> list[Candidate]:
-    """Order candidates best first by freshness x sum(weight x rating). Ties go to the shorter
-    queue, then at random, so equal endpoints share the load."""
-    for c in candidates:
-        c.score = 0.0
-    for scorer in scorers:
-        if scorer.weight == 0:
-            continue
-        for c, value in zip(candidates, scorer.score(candidates, ctx)):
-            c.score += scorer.weight * value
-    for c in candidates:
-        c.score *= c.freshness
-    return sorted(candidates, key=lambda c: (-c.score, c.endpoint.queue, random.random()))
+class Ranker:
+    """Orders candidates best first by freshness x sum(weight x rating). Ties go to the shorter
+    queue, then to whichever comes first from a start that rotates with every pick, so equal
+    endpoints share the load."""
+
+    def __init__(self, scorers: Sequence[Scorer]) -> None:
+        self.scorers = list(scorers)
+        self._turn = 0
+
+    def rank(self, candidates: Candidates, ctx: ScoringContext, top: int) -> list[int]:
+        """Indices of the best `top` candidates, best first."""
+        n = len(candidates)
+        totals = [0.0] * n
+        for scorer in self.scorers:
+            if scorer.weight == 0:
+                continue
+            w = scorer.weight
+            totals = [t + w * v for t, v in zip(totals, scorer.score(candidates, ctx))]
+        totals = [t * f for t, f in zip(totals, candidates.freshness)]
+        queues = candidates.queues
+        self._turn = (self._turn + 1) % n if n else 0
+        order = list(range(self._turn, n)) + list(range(self._turn))
+        return heapq.nlargest(top, order, key=lambda i: (totals[i], -queues[i]))

@@ -64,6 +64,7 @@ async def test_every_request_lands_on_the_decode_the_epp_chose(stack) -> None:
         served = r.json()["served_by"]
         _, _, headers, _ = next(req for w in decodes for req in w.requests if req[3] and json.loads(req[3])["prompt"][0] == i * 100)
         assert headers[DEST].split(",")[0] == served
+        assert r.headers[DEST] == headers[DEST] and r.headers["x-disagg-upstream"] == served
     assert {len(w.requests) > 0 for w in decodes} == {True}  # unrelated prompts spread
 
 
