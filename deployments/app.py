@@ -18,6 +18,9 @@ def _replica_options(role: RoleConfig) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": role.ray_num_cpus}
     if role.ray_num_gpus:
         actor["num_gpus"] = role.ray_num_gpus
+    if role.ray_resources:
+        # Custom resources place each role on its own worker group (KubeRay).
+        actor["resources"] = dict(role.ray_resources)
     return {"num_replicas": role.replicas, "ray_actor_options": actor}
 
 

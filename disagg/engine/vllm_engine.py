@@ -20,10 +20,12 @@ from kv_transfer.layout import KVLayout
 log = logging.getLogger(__name__)
 
 
-def engine_environment(config: AppConfig, cpu_bind: str | None) -> dict[str, str]:
+def engine_environment(config: AppConfig, cpu_bind: str | None, side_channel_host: str | None = None
+                       ) -> dict[str, str]:
     """Environment a vLLM engine on this host needs; applied before the engine core spawns."""
     env = {
-        "VLLM_NIXL_SIDE_CHANNEL_HOST": config.host,
+        # The address peers reach this engine's KV at (never a wildcard).
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": side_channel_host or config.host,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -44,7 +46,7 @@ def _count_cpus(bind: str) -> int:
     return max(n, 1)
 
 
-def kv_transfer_config(config: AppConfig, engine_id: str) -> dict[str, Any] | None:
+def kv_transfer_config(config: AppConfig, engine_id: str, host: str) -> dict[str, Any] | None:
     """vLLM KVTransferConfig kwargs for the configured connector (None: no connector)."""
     if config.kv_connector == "none":
         return None
@@ -69,7 +71,7 @@ def kv_transfer_config(config: AppConfig, engine_id: str) -> dict[str, Any] | No
         "kv_connector_extra_config": {
             "backend": config.kv_backend,
             "lease_s": config.kv_lease_s,
-            "host": config.host,
+            "host": host,
         },
     }
 
@@ -84,12 +86,14 @@ class VllmEngine:
         cpu_bind: str | None = None,
         kv_events_endpoint: str | None = None,
         kv_events_replay_endpoint: str | None = None,
+        side_channel_host: str | None = None,
         nixl_side_channel_port: int | None = None,
     ):
         self.config = config
         self.cpu_bind = cpu_bind
         self.kv_events_endpoint = kv_events_endpoint
         self.kv_events_replay_endpoint = kv_events_replay_endpoint
+        self.side_channel_host = side_channel_host
         self.nixl_side_channel_port = nixl_side_channel_port
         self.engine_id = f"engine-{uuid.uuid4().hex[:12]}"
         self.layout: KVLayout | None = None
@@ -101,7 +105,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        os.environ.update(engine_environment(self.config, self.cpu_bind))
+        os.environ.update(engine_environment(self.config, self.cpu_bind, self.side_channel_host))
         if self.nixl_side_channel_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.nixl_side_channel_port)
 
@@ -120,7 +124,7 @@ class VllmEngine:
         )
         if c.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = c.max_num_batched_tokens
-        transfer = kv_transfer_config(c, self.engine_id)
+        transfer = kv_transfer_config(c, self.engine_id, self.side_channel_host or c.host)
         if transfer is not None:
             from vllm.config import KVTransferConfig
 

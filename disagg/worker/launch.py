@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -23,6 +24,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address peers reach this worker at: the bind host, unless it is a wildcard; then the
+    pod's IP (set by the Helm chart) or this host's primary address."""
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    return os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
 
 
 @dataclass
@@ -48,6 +57,7 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
                        replica_id: str | None = None, node_id: str = "") -> RunningWorker:
     """Start the engine, then serve the worker endpoint on `port` (0: a free one)."""
     host = config.host
+    public = advertised_host(host)
     port = port or free_port(host)
     events = replay = None
     if config.routing.kv_events:
@@ -55,12 +65,12 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
         ev_port, replay_port = free_port(host), free_port(host)
         events, replay = f"tcp://*:{ev_port}", f"tcp://*:{replay_port}"
     engine = VllmEngine(config, cpu_bind=cpu_bind, kv_events_endpoint=events, kv_events_replay_endpoint=replay,
-                        nixl_side_channel_port=free_port(host))
+                        side_channel_host=public, nixl_side_channel_port=free_port(host))
     await engine.start()
     worker = Worker(
-        config, role, engine, f"{host}:{port}", node_id=node_id, replica_id=replica_id,
-        kv_events_endpoint=events and events.replace("*", host),
-        kv_events_replay_endpoint=replay and replay.replace("*", host),
+        config, role, engine, f"{public}:{port}", node_id=node_id, replica_id=replica_id,
+        kv_events_endpoint=events and events.replace("*", public),
+        kv_events_replay_endpoint=replay and replay.replace("*", public),
     )
     preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
     app = build_worker_app(worker, preprocessor)

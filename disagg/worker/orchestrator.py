@@ -68,7 +68,7 @@ class PrefillClient:
                     raise RuntimeError("prefill returned no kv_transfer_params")
                 return PrefillOutcome(address, result.kv_transfer_params, tried, time.monotonic() - start)
             except (httpx.HTTPError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
-                log.warning("prefill on %s failed (%s); trying the next candidate", address, e or type(e).__name__)
+                log.warning("prefill on %s failed (%s: %s); trying the next candidate", address, type(e).__name__, e)
         return PrefillOutcome(None, None, tried, time.monotonic() - start)
 
     async def aclose(self) -> None:
