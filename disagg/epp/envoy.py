@@ -69,6 +69,8 @@ class EnvoySettings:
     ext_proc_timeout_s: float = 5.0
     # Retries go down the EPP's fallback list (connect failures and resets before a response).
     num_retries: int = 2
+    # False: no ext_proc filter (Envoy alone, round robin; the benchmark's baseline).
+    ext_proc: bool = True
 
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         "route_config": {"name": "gateway", "virtual_hosts": [
             {"name": "workers", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route,
                                                                "response_headers_to_add": echo}]}]},
-        "http_filters": [ext_proc, router],
+        "http_filters": [ext_proc, router] if s.ext_proc else [router],
     }
     override_host = {
         "typed_extension_config": {

@@ -1,15 +1,25 @@
-"""The gateway path in one call: a scheduler following discovery, the EPP serving it, and a real
-Envoy in front of the workers' own HTTP endpoints, routed by the EPP."""
+"""The gateway path in one object: a scheduler following discovery, the EPP serving it, and a
+real Envoy in front of the workers' own HTTP endpoints, routed by the EPP.
+
+    gateway = await start_gateway(config, StaticDiscovery([...]), gateway_port=8080)   # async
+    gateway = start_gateway_thread(config, discovery, gateway_port=8080)               # sync callers
+    gateway.url; gateway.stop()
+
+The EPP can be restarted under a running Envoy (`restart_epp`): the new one starts with empty
+state on the same ports and rebuilds it from discovery, scrapes and KV event replay.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+import threading
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from disagg.config import AppConfig
 from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
@@ -18,6 +28,8 @@ from disagg.epp.server import RunningEPP, start_epp
 from disagg.routing import Discovery, Scheduler
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def make_reader(config: AppConfig) -> PromptReader:
@@ -41,73 +53,155 @@ async def follow_decode_endpoints(scheduler: Scheduler, eds_dir: Path, interval_
         await asyncio.sleep(interval_s)
 
 
-@dataclass
-class RunningGateway:
-    scheduler: Scheduler
-    epp: RunningEPP
-    envoy: EnvoyProcess | None
-    url: str | None
-    eds_dir: Path
-    _tasks: list[asyncio.Task] = field(default_factory=list)
-    _owns_eds_dir: bool = False
+class Gateway:
+    def __init__(
+        self,
+        config: AppConfig,
+        discovery: Discovery,
+        *,
+        gateway_port: int | None,
+        host: str | None = None,
+        epp_host: str = "127.0.0.1",
+        grpc_port: int = 0,
+        health_port: int = 0,
+        metrics_port: int = 0,
+        eds_dir: Path | None = None,
+        reader: PromptReader | None = None,
+        envoy_log_level: str = "warning",
+    ) -> None:
+        self.config = config
+        self.discovery = discovery
+        self.gateway_port = gateway_port
+        self.host = host or config.host
+        self.epp_host = epp_host
+        self._ports = (grpc_port, health_port, metrics_port)
+        self._owns_eds_dir = eds_dir is None
+        self.eds_dir = Path(eds_dir) if eds_dir is not None else Path(tempfile.mkdtemp(prefix="disagg-gateway-"))
+        self.reader = reader
+        self.envoy_log_level = envoy_log_level
+        self.scheduler: Scheduler | None = None
+        self.epp: RunningEPP | None = None
+        self.envoy: EnvoyProcess | None = None
+        self.url: str | None = None
+        self._tasks: list[asyncio.Task] = []
 
-    async def stop(self) -> None:
+    async def start(self) -> "Gateway":
+        self.eds_dir.mkdir(parents=True, exist_ok=True)
+        write_endpoints(self.eds_dir, [])
+        if self.reader is None:
+            self.reader = await asyncio.to_thread(make_reader, self.config)
+        await self._start_epp()
+        if self.gateway_port is None:
+            return self
+        port = self.gateway_port or free_port(self.host)
+        epp_target = "127.0.0.1" if self.epp_host in ("0.0.0.0", "::") else self.epp_host
+        assert self.epp is not None
+        envoy = EnvoyProcess(
+            EnvoySettings(listen_host=self.host, listen_port=port, epp_host=epp_target, epp_port=self.epp.grpc_port,
+                          admin_port=free_port(), eds_dir=self.eds_dir, request_timeout_s=self.config.request_timeout_s),
+            log_level=self.envoy_log_level,
+        )
+        try:
+            await envoy.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+        self.envoy = envoy
+        self.url = f"http://{self.host}:{port}"
+        log.info("gateway listening on %s (EPP %s)", self.url, self.epp.grpc_address)
+        return self
+
+    async def _start_epp(self) -> None:
+        assert self.reader is not None
+        scheduler = Scheduler(self.config.routing, model=self.config.model_name, block_size=self.config.block_size)
+        grpc_port, health_port, metrics_port = self._ports
+        self.epp = await start_epp(scheduler, self.reader, host=self.epp_host, grpc_port=grpc_port,
+                                   health_port=health_port, metrics_port=metrics_port)
+        # A restarted EPP comes back on the same ports: Envoy's cluster points there.
+        self._ports = (self.epp.grpc_port, self.epp.health_port, self.epp.metrics_port)
+        self.scheduler = scheduler
+        self._tasks = [
+            asyncio.create_task(scheduler.run(self.discovery), name="disagg-scheduler"),
+            asyncio.create_task(follow_decode_endpoints(scheduler, self.eds_dir), name="disagg-eds"),
+        ]
+
+    async def _stop_epp(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.epp is not None:
+            await self.epp.stop()
+            self.epp = None
+
+    async def restart_epp(self) -> None:
+        """Stop the EPP and its scheduler, then start fresh ones (empty state) on the same ports."""
+        await self._stop_epp()
+        await self._start_epp()
+
+    async def stop(self) -> None:
+        await self._stop_epp()
         if self.envoy is not None:
             await self.envoy.stop()
-        await self.epp.stop()
+            self.envoy = None
         if self._owns_eds_dir:
             shutil.rmtree(self.eds_dir, ignore_errors=True)
 
 
-async def start_gateway(
-    config: AppConfig,
-    discovery: Discovery,
-    *,
-    gateway_port: int | None,
-    host: str | None = None,
-    epp_host: str = "127.0.0.1",
-    grpc_port: int = 0,
-    health_port: int = 0,
-    metrics_port: int = 0,
-    eds_dir: Path | None = None,
-    reader: PromptReader | None = None,
-    envoy_log_level: str = "warning",
-) -> RunningGateway:
+async def start_gateway(config: AppConfig, discovery: Discovery, *, gateway_port: int | None, **kwargs: Any) -> Gateway:
     """Start the scheduler (following `discovery`), the EPP and, when `gateway_port` is not None,
-    Envoy listening on host:gateway_port (0: a free port; see `.url`). With `eds_dir`, the decode
-    endpoints are also written there for an Envoy run by someone else."""
-    scheduler = Scheduler(config.routing, model=config.model_name, block_size=config.block_size)
-    epp = await start_epp(scheduler, reader or make_reader(config), host=epp_host, grpc_port=grpc_port,
-                          health_port=health_port, metrics_port=metrics_port)
-    owns = eds_dir is None
-    eds = Path(eds_dir) if eds_dir is not None else Path(tempfile.mkdtemp(prefix="disagg-gateway-"))
-    eds.mkdir(parents=True, exist_ok=True)
-    write_endpoints(eds, [])
-    tasks = [
-        asyncio.create_task(scheduler.run(discovery), name="disagg-scheduler"),
-        asyncio.create_task(follow_decode_endpoints(scheduler, eds), name="disagg-eds"),
-    ]
-    gateway = RunningGateway(scheduler, epp, None, None, eds, tasks, owns)
-    if gateway_port is None:
-        return gateway
-    listen_host = host or config.host
-    port = gateway_port or free_port(listen_host)
-    epp_target = "127.0.0.1" if epp_host in ("0.0.0.0", "::") else epp_host
-    envoy = EnvoyProcess(
-        EnvoySettings(listen_host=listen_host, listen_port=port, epp_host=epp_target, epp_port=epp.grpc_port,
-                      admin_port=free_port(), eds_dir=eds, request_timeout_s=config.request_timeout_s),
-        log_level=envoy_log_level,
-    )
+    Envoy on host:gateway_port (0: a free port; see `.url`). Keyword arguments: see `Gateway`."""
+    return await Gateway(config, discovery, gateway_port=gateway_port, **kwargs).start()
+
+
+class GatewayThread:
+    """A `Gateway` on its own event loop in a daemon thread, for synchronous callers
+    (`disagg serve --gateway`, tests)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="disagg-gateway", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the gateway's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T], timeout: float | None = 10) -> T:
+        """Run `fn()` on the gateway's loop (where the scheduler's state lives)."""
+        async def _call() -> T:
+            return fn()
+        return self.run(_call(), timeout)
+
+    @property
+    def url(self) -> str | None:
+        return self.gateway.url
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        return self.gateway.scheduler
+
+    def restart_epp(self) -> None:
+        self.run(self.gateway.restart_epp(), 60)
+
+    def stop(self) -> None:
+        try:
+            self.run(self.gateway.stop(), 60)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            log.warning("gateway stop: %s", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def start_gateway_thread(config: AppConfig, discovery: Discovery, *, gateway_port: int | None = 0,
+                         **kwargs: Any) -> GatewayThread:
+    """`start_gateway` for synchronous callers: returns once Envoy and the EPP are up."""
+    thread = GatewayThread(Gateway(config, discovery, gateway_port=gateway_port, **kwargs))
     try:
-        await envoy.start()
+        thread.run(thread.gateway.start(), 120)
     except BaseException:
-        with contextlib.suppress(Exception):
-            await gateway.stop()
+        thread.loop.call_soon_threadsafe(thread.loop.stop)
         raise
-    gateway.envoy = envoy
-    gateway.url = f"http://{listen_host}:{port}"
-    log.info("gateway listening on %s (EPP %s)", gateway.url, epp.grpc_address)
-    return gateway
+    return thread

@@ -1,0 +1,218 @@
+"""`disagg bench epp`: how fast the endpoint picker is.
+
+1. Pick latency and picks per second at 8, 64 and 256 endpoints (half prefill, half decode), with
+   100k blocks in the prefix index; prompts of 1024 tokens, half of them sharing an indexed prefix.
+2. The latency the ext_proc hop adds: the same small request through Envoy alone, then through
+   Envoy + EPP, to a stand-in worker that answers at once.
+
+Writes JSON (and a PNG plot when matplotlib is installed) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from disagg.config import AppConfig, RoutingConfig
+from disagg.routing import PickRequest, Scheduler, StaticDiscovery
+from disagg.routing.fakes import FakeWorker, make_info
+from disagg.routing.prefix_index import block_hashes
+from disagg.worker.protocol import EngineLoad
+
+BLOCK = 32
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def bench_pick(num_endpoints: int, *, indexed_blocks: int, picks: int, prompt_tokens: int, seed: int = 0) -> dict[str, Any]:
+    rng = random.Random(seed)
+    # Signals never age here: the benchmark times picks, not freshness.
+    scheduler = Scheduler(RoutingConfig(stale_after_s=1e6, dead_after_s=1e7), model="bench", block_size=BLOCK)
+    endpoints = []
+    for i in range(num_endpoints):
+        role = "decode" if i % 2 == 0 else "prefill"
+        e = scheduler.pool.upsert(make_info(role, f"10.{i // 250}.{i % 250}.1:8000", model="bench"))
+        endpoints.append(e)
+
+    def scrape() -> None:
+        for e in endpoints:
+            scheduler.pool.update_load(e.engine_id, EngineLoad(waiting=rng.randint(0, 2), running=rng.randint(0, 8),
+                                                               kv_usage=rng.random()))
+
+    scrape()
+    prefixes: list[list[int]] = []
+    while scheduler.index.num_blocks() < indexed_blocks:
+        tokens = [rng.randrange(32_000) for _ in range(16 * BLOCK)]
+        scheduler.index.record(rng.choice(endpoints).engine_id, block_hashes(tokens, BLOCK))
+        prefixes.append(tokens)
+    requests = []
+    for i in range(picks):
+        head = rng.choice(prefixes)[: prompt_tokens // 2] if i % 2 else []
+        tail = [rng.randrange(32_000) for _ in range(prompt_tokens - len(head))]
+        requests.append(PickRequest(model="bench", prompt_token_ids=head + tail))
+    latencies = []
+    decisions = {"remote": 0, "local": 0}
+    started = time.perf_counter()
+    for i, req in enumerate(requests):
+        t0 = time.perf_counter()
+        pick = scheduler.pick(req)
+        latencies.append(time.perf_counter() - t0)
+        decisions[pick.decision] += 1
+        if i % 50 == 49:  # a scrape round every 50 picks
+            scrape()
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "endpoints": num_endpoints,
+        "indexed_blocks": scheduler.index.num_blocks(),
+        "picks": picks,
+        "prompt_tokens": prompt_tokens,
+        "p50_us": _percentile(latencies, 0.5) * 1e6,
+        "p90_us": _percentile(latencies, 0.9) * 1e6,
+        "p99_us": _percentile(latencies, 0.99) * 1e6,
+        "mean_us": statistics.fmean(latencies) * 1e6,
+        "picks_per_s": picks / wall,
+        "decisions": decisions,
+    }
+
+
+async def _time_requests(url: str, n: int, body: dict[str, Any]) -> list[float]:
+    import httpx
+
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(20):  # warm-up: connections, Envoy's first ext_proc stream
+            (await client.post("/v1/completions", json=body)).raise_for_status()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = await client.post("/v1/completions", json=body)
+            out.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    out.sort()
+    return out
+
+
+async def bench_hop(requests: int) -> dict[str, Any]:
+    from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
+    from disagg.epp.gateway import start_gateway
+    from disagg.epp.prompt import RawPromptReader
+
+    worker = FakeWorker("decode", model="bench").start()
+    body = {"model": "bench", "prompt": list(range(200)), "max_tokens": 1}
+    try:
+        eds = Path(tempfile.mkdtemp(prefix="disagg-bench-envoy-"))
+        write_endpoints(eds, [worker.address])
+        port = free_port()
+        alone = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", 1, free_port(), eds, ext_proc=False))
+        await alone.start()
+        try:
+            await asyncio.sleep(0.3)
+            envoy_only = await _time_requests(f"http://127.0.0.1:{port}", requests, body)
+        finally:
+            await alone.stop()
+        direct = await _time_requests(f"http://{worker.address}", requests, body)
+        config = AppConfig(model="bench", block_size=BLOCK)
+        gateway = await start_gateway(config, StaticDiscovery([worker.address], interval_s=1.0), gateway_port=0,
+                                      host="127.0.0.1", reader=RawPromptReader("bench"))
+        try:
+            while not gateway.scheduler.pool.endpoints("decode"):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            with_epp = await _time_requests(gateway.url, requests, body)
+        finally:
+            await gateway.stop()
+    finally:
+        worker.stop()
+
+    def summary(values: list[float]) -> dict[str, float]:
+        return {"p50_ms": _percentile(values, 0.5) * 1e3, "p90_ms": _percentile(values, 0.9) * 1e3,
+                "p99_ms": _percentile(values, 0.99) * 1e3}
+
+    result = {"requests": requests, "direct": summary(direct), "envoy": summary(envoy_only),
+              "envoy_epp": summary(with_epp)}
+    result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
+    result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    picks = result["pick"]
+    xs = [p["endpoints"] for p in picks]
+    left.plot(xs, [p["p50_us"] for p in picks], "o-", label="p50")
+    left.plot(xs, [p["p99_us"] for p in picks], "s--", label="p99")
+    left.axhline(100, color="grey", lw=0.8, ls=":", label="p50 target at 64 (100 µs)")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("endpoints")
+    left.set_ylabel("pick latency (µs)")
+    left.set_title(f"pick() with {picks[0]['indexed_blocks'] // 1000}k indexed blocks")
+    left.legend()
+    hop = result.get("hop")
+    if hop:
+        names = ["direct", "envoy", "envoy_epp"]
+        right.bar([n.replace("_", "+") for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
+        right.scatter([n.replace("_", "+") for n in names], [hop[n]["p99_ms"] for n in names], color="black",
+                      marker="_", s=400, label="p99")
+        right.set_ylabel("request latency (ms)")
+        right.set_title(f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50")
+        right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="disagg bench epp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoints", default="8,64,256")
+    p.add_argument("--indexed-blocks", type=int, default=100_000)
+    p.add_argument("--picks", type=int, default=5000)
+    p.add_argument("--prompt-tokens", type=int, default=1024)
+    p.add_argument("--hop-requests", type=int, default=500, help="0 skips the Envoy hop measurement")
+    p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png")
+    args = p.parse_args(argv)
+
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
+        "pick": [],
+    }
+    for n in (int(x) for x in args.endpoints.split(",")):
+        r = bench_pick(n, indexed_blocks=args.indexed_blocks, picks=args.picks, prompt_tokens=args.prompt_tokens)
+        print(f"pick @ {n:4d} endpoints: p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs, "
+              f"{r['picks_per_s']:.0f} picks/s", flush=True)
+        result["pick"].append(r)
+    if args.hop_requests:
+        hop = asyncio.run(bench_hop(args.hop_requests))
+        print(f"hop: direct p50 {hop['direct']['p50_ms']:.2f} ms, Envoy {hop['envoy']['p50_ms']:.2f} ms, "
+              f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50)",
+              flush=True)
+        result["hop"] = hop
+    result["machine"]["load_avg_after"] = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "epp.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'epp.json'}" + (f" and {out / 'epp.png'}" if plot(result, out / "epp.png") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The generated Envoy configuration: what the GIE protocol needs from the proxy, and that Envoy
+itself accepts it (`envoy --mode validate`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from disagg.epp.envoy import EDS_FILE, EnvoySettings, endpoints_document, envoy_binary, envoy_config, write_endpoints
+
+
+@pytest.fixture
+def settings(tmp_path) -> EnvoySettings:
+    return EnvoySettings("127.0.0.1", 18000, "127.0.0.1", 9002, 19901, tmp_path)
+
+
+def ext_proc_filter(config: dict) -> dict:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+
+
+def test_ext_proc_streams_the_body_full_duplex_and_accepts_envoy_lb_metadata(settings) -> None:
+    ext_proc = ext_proc_filter(envoy_config(settings))
+    assert ext_proc["processing_mode"]["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert ext_proc["processing_mode"]["request_trailer_mode"] == "SEND"
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
+    assert ext_proc["failure_mode_allow"] is False
+
+
+def test_workers_cluster_routes_by_override_host_from_metadata_then_header(settings) -> None:
+    cluster = next(c for c in envoy_config(settings)["static_resources"]["clusters"] if c["name"] == "workers")
+    policy = cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]
+    assert policy["name"] == "envoy.load_balancing_policies.override_host"
+    sources = policy["typed_config"]["override_host_sources"]
+    assert sources == [{"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}},
+                       {"header": "x-gateway-destination-endpoint"}]
+
+
+def test_endpoints_document_lists_each_address_once() -> None:
+    doc = endpoints_document(["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8001"])
+    lb = doc["resources"][0]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in lb] == [8001, 8002]
+
+
+def test_envoy_accepts_the_generated_configuration(settings, tmp_path) -> None:
+    try:
+        binary = envoy_binary()
+    except FileNotFoundError:
+        pytest.skip("no Envoy binary")
+    write_endpoints(tmp_path, ["127.0.0.1:8001"])
+    assert json.loads((tmp_path / EDS_FILE).read_text())["resources"]
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(envoy_config(settings)))
+    done = subprocess.run([str(binary), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
