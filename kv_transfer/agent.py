@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,14 @@ class XferHandle:
         return self.local.total_bytes
 
 
+@dataclass(frozen=True)
+class FetchedMetadata:
+    """A peer's metadata fetched off the owner thread; `add_fetched` finishes adding it."""
+
+    metadata: AgentMetadata
+    control: ControlClient
+
+
 @dataclass
 class _Remote:
     name: str
@@ -93,6 +101,7 @@ class _Remote:
     # Newer backend metadata pushed by the peer, applied by the owner thread (backends are not
     # thread-safe) the next time it uses this peer.
     pending_backend_md: bytes | None = None
+    app_metadata: bytes = b""
 
 
 class Agent:
@@ -118,6 +127,9 @@ class Agent:
         self._backend: Backend = create_backend(backend, self.name, host)
         self._backend.start(self.regions.access)
         self._control = ControlServer(host, control_port, self._handle_control)
+        self._fetcher: ThreadPoolExecutor | None = None
+        # Published to peers with the metadata (set it before peers fetch).
+        self.app_metadata = b""
         self._closed = False
 
     # -- identity and metadata --
@@ -139,7 +151,8 @@ class Agent:
                              backend_metadata=self._backend.metadata(),
                              regions=[r.to_wire() for r in self.regions.regions()],
                              regions_generation=self.regions.generation,
-                             control_host=self._control.host, control_port=self._control.port)
+                             control_host=self._control.host, control_port=self._control.port,
+                             app_metadata=self.app_metadata)
 
     # -- memory --
 
@@ -189,15 +202,29 @@ class Agent:
 
     def fetch_remote_metadata(self, host: str, port: int, timeout_s: float = 5.0) -> str:
         """Fetch a peer's metadata from its control address and add it; returns its name."""
-        client = ControlClient(host, port, self._apply_push, timeout_s=timeout_s,
-                               on_lost=lambda: self._peer_lost(host, port))
+        return self.add_fetched(self._fetch(host, port, timeout_s))
+
+    def start_fetch(self, host: str, port: int, timeout_s: float = 5.0) -> Future[FetchedMetadata]:
+        """`fetch_remote_metadata` in two halves, for an owner thread that must not block on the
+        network: the fetch runs on a helper thread; pass its result to `add_fetched` here."""
+        if self._fetcher is None:
+            self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-fetch")
+        return self._fetcher.submit(self._fetch, host, port, timeout_s)
+
+    def add_fetched(self, fetched: FetchedMetadata) -> str:
+        return self._add_remote(fetched.metadata, fetched.control)
+
+    def remote_app_metadata(self, name: str) -> bytes:
+        return self._remote(name).app_metadata
+
+    def _fetch(self, host: str, port: int, timeout_s: float) -> FetchedMetadata:
+        client = ControlClient(host, port, self._apply_push, timeout_s=timeout_s, on_lost=self._peer_lost)
         try:
             reply = client.call(Hello(requester=self.name).model_dump(), timeout_s)
-            md = AgentMetadata.model_validate(reply)
+            return FetchedMetadata(AgentMetadata.model_validate(reply), client)
         except Exception:
             client.close()
             raise
-        return self._add_remote(md, client)
 
     def _add_remote(self, md: AgentMetadata, client: ControlClient | None) -> str:
         if md.backend != self._backend.name:
@@ -206,15 +233,18 @@ class Agent:
             raise PeerError(f"agent {md.name!r} uses backend {md.backend!r}, this agent {self._backend.name!r}")
         with self._lock:
             old = self._remotes.get(md.name)
-        if old is not None and old.incarnation == md.incarnation and old.control is not None \
-                and old.control.alive and client is None:
+        if old is not None and old.incarnation == md.incarnation and (old.control is None or old.control.alive):
+            # Already known and reachable: keep its connections (and in-flight transfers).
             old.regions.replace([Region.from_wire(r) for r in md.regions], md.regions_generation)
+            if old.control is None and client is not None:
+                old.control = client
+            elif client is not None:
+                client.close()
             return md.name
         if old is not None:
             self.remove_remote_agent(md.name)
         if client is None and md.control_port:
-            host, port = md.control_host, md.control_port
-            client = ControlClient(host, port, self._apply_push, on_lost=lambda: self._peer_lost(host, port))
+            client = ControlClient(md.control_host, md.control_port, self._apply_push, on_lost=self._peer_lost)
             try:
                 md = AgentMetadata.model_validate(client.call(Hello(requester=self.name).model_dump()))
             except Exception:
@@ -226,7 +256,7 @@ class Agent:
         table.replace([Region.from_wire(r) for r in md.regions], md.regions_generation)
         self._backend.add_peer(md.name, md.backend_metadata)
         with self._lock:
-            self._remotes[md.name] = _Remote(md.name, md.incarnation, table, client)
+            self._remotes[md.name] = _Remote(md.name, md.incarnation, table, client, app_metadata=md.app_metadata)
             early = self._early_updates.pop(md.name, None)
         if early is not None and early.incarnation == md.incarnation:
             table.replace([Region.from_wire(r) for r in early.regions], early.regions_generation)
@@ -266,12 +296,11 @@ class Agent:
             self._backend.add_peer(name, md)
         return remote
 
-    def _peer_lost(self, host: str, port: int) -> None:
+    def _peer_lost(self, client: ControlClient) -> None:
         """The control channel dropped: the peer died, restarted or cut us off. Its in-flight
         transfers fail (a one-sided transfer to a dead process may otherwise never finish)."""
         with self._lock:
-            lost = [r for r in self._remotes.values()
-                    if r.control is not None and r.control.address == (host, port)]
+            lost = [r for r in self._remotes.values() if r.control is client]
             inflight = [h for r in lost for h in r.xfers.values()]
         for h in inflight:
             h._invalidated = f"lost agent {h.remote_agent!r} during the transfer"
@@ -549,6 +578,8 @@ class Agent:
             if remote.control is not None:
                 remote.control.close()
         self._control.close()
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
         self._backend.close()
 
     def __enter__(self) -> "Agent":

@@ -194,7 +194,7 @@ class ControlClient:
     """A connection to one peer's control server: calls with replies, and pushes applied."""
 
     def __init__(self, host: str, port: int, on_push: PushHandler, timeout_s: float = 5.0,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[["ControlClient"], None] | None = None) -> None:
         try:
             sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as e:
@@ -273,4 +273,4 @@ class ControlClient:
                 if not fut.done():
                     fut.set_exception(PeerError(f"control connection to {self.address} lost"))
             if self._on_lost is not None:
-                self._on_lost()
+                self._on_lost(self)

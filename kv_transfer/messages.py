@@ -25,6 +25,8 @@ class AgentMetadata(_Message):
     regions_generation: int
     control_host: str = ""
     control_port: int = 0
+    # Opaque bytes the owner publishes beside its metadata (the vLLM connector: its KV layout).
+    app_metadata: bytes = b""
 
 
 class Hello(_Message):
