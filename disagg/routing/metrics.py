@@ -29,7 +29,10 @@ PD_DECISIONS = Counter(
 PD_REMOTE = PD_DECISIONS.labels("remote")
 PD_LOCAL = PD_DECISIONS.labels("local")
 PICK_ERRORS = Counter("disagg_pick_errors", "Picks refused, by reason.", ["reason"])
-PROMPT_TOKENS = Counter("disagg_prompt_tokens", "Prompt tokens of picked requests.")
+PROMPT_TOKENS = Counter(
+    "disagg_pick_prompt_tokens",
+    "Prompt tokens of picked requests (prefix hit rate: disagg_prefix_hit_tokens / this).",
+)
 PREFIX_HIT_TOKENS = Counter(
     "disagg_prefix_hit_tokens",
     "Prompt tokens already cached on the picked decode endpoint (per the prefix index).",
