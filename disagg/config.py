@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 KVConnectorName = Literal["disagg", "nixl", "none"]
 KVBackendName = Literal["auto", "nixl", "ucxx", "tcp"]
@@ -25,7 +25,7 @@ class RoleConfig(_Strict):
     replicas: int = Field(1, ge=0)
     # CPU cores for each replica's engine threads (VLLM_CPU_OMP_THREADS_BIND), replica i gets
     # cpu_bind[i % len]. Empty: no pinning (GPU machines, or a pod that owns its cores).
-    cpu_bind: list[str] = Field(default_factory=list)
+    cpu_bind: list[Annotated[str, BeforeValidator(str)]] = Field(default_factory=list)
     # The worker's own HTTP endpoint (gateway path). 0 picks a free port on each replica.
     http_port: int = Field(0, ge=0, le=65535)
     # Logical CPUs Ray reserves per replica (0 lets many engines share a small machine).
