@@ -29,8 +29,9 @@ class Background:
         self.scheduler = scheduler
         cfg = scheduler.config
         self.scrape_interval_s = cfg.scrape_interval_s
-        # A hung worker must not hold a scrape past the point where it would count as dead.
-        self.scrape_timeout_s = max(0.05, min(1.0, cfg.dead_after_s / 2))
+        # An answer that takes up to dead_after_s still proves the worker alive (a starved
+        # machine answers slowly); a hung worker is dead at dead_after_s whatever the timeout.
+        self.scrape_timeout_s = cfg.dead_after_s
         self.sweep_interval_s = min(0.1, cfg.dead_after_s / 10)
         self._tasks: dict[str, list[asyncio.Task]] = {}
         self._client: httpx.AsyncClient | None = None

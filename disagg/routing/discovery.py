@@ -64,7 +64,8 @@ def parse_endpoints(text: str | Iterable[str]) -> list[str]:
 
 class StaticDiscovery:
     """A fixed list of worker addresses, asked for their descriptors every `interval_s`
-    (a restarted worker shows up with its new engine id at the next poll)."""
+    (a restarted worker shows up with its new engine id at the next poll). A worker that does not
+    answer one poll keeps its last descriptor: whether it is alive is for the scrapes to say."""
 
     def __init__(self, addresses: Iterable[str], *, interval_s: float = 1.0, timeout_s: float = 1.0) -> None:
         self.addresses = parse_endpoints(list(addresses))
@@ -72,9 +73,12 @@ class StaticDiscovery:
         self.timeout_s = timeout_s
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        known: dict[str, WorkerInfo] = {}
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
             while True:
-                yield await fetch_all(client, self.addresses)
+                for info in await fetch_all(client, self.addresses):
+                    known[info.address] = info
+                yield list(known.values())
                 await asyncio.sleep(self.interval_s)
 
 

@@ -2,8 +2,10 @@
 
 Pods matching a label selector, Running and Ready, with an IP, are asked for their descriptor at
 `http://POD_IP:PORT/v1/worker`. The pod's role label (default `disagg.io/role`) must agree with
-the role the worker reports; a pod whose label and descriptor disagree is left out, loudly. The
-pod list is re-read every `interval_s`, and at once when the watch stream reports a change.
+the role the worker reports; a pod whose label and descriptor disagree is left out, loudly. A
+listed pod that does not answer keeps its last descriptor (the scrapes decide whether it is
+alive). The pod list is re-read every `interval_s`, and at once when the watch stream reports a
+change.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class KubernetesDiscovery:
             threading.Thread(target=self._watch_changes, args=(api, asyncio.get_running_loop(), changed, stop),
                              daemon=True, name="disagg-pod-watch").start()
         try:
+            known: dict[str, WorkerInfo] = {}
             async with httpx.AsyncClient(timeout=self.timeout_s) as client:
                 while True:
                     changed.clear()
@@ -111,7 +114,9 @@ class KubernetesDiscovery:
                         log.warning("listing pods failed: %s", exc)
                         pods = None
                     if pods is not None:
-                        yield await self._describe(client, pods)
+                        known = {a: i for a, i in known.items() if a in pods}
+                        known.update(await self._describe(client, pods))
+                        yield [i for a, i in known.items() if pods[a] in (None, i.role)]
                     try:
                         await asyncio.wait_for(changed.wait(), self.interval_s)
                     except asyncio.TimeoutError:
@@ -119,9 +124,9 @@ class KubernetesDiscovery:
         finally:
             stop.set()
 
-    async def _describe(self, client: httpx.AsyncClient, pods: dict[str, str | None]) -> list[WorkerInfo]:
+    async def _describe(self, client: httpx.AsyncClient, pods: dict[str, str | None]) -> dict[str, WorkerInfo]:
         infos = await asyncio.gather(*(fetch_worker_info(client, address) for address in pods))
-        out: list[WorkerInfo] = []
+        out: dict[str, WorkerInfo] = {}
         for address, info in zip(pods, infos):
             if info is None:
                 continue
@@ -130,5 +135,5 @@ class KubernetesDiscovery:
                 log.error("pod %s is labelled %s=%s but its worker is a %s worker: left out",
                           address, self.role_label, label, info.role)
                 continue
-            out.append(info)
+            out[address] = info
         return out

@@ -28,6 +28,9 @@ PD_DECISIONS = Counter(
 )
 PD_REMOTE = PD_DECISIONS.labels("remote")
 PD_LOCAL = PD_DECISIONS.labels("local")
+PANIC_PICKS = Counter(
+    "disagg_pick_panics", "Picks made with no live decode endpoint, to the most recently seen one."
+)
 PICK_ERRORS = Counter("disagg_pick_errors", "Picks refused, by reason.", ["reason"])
 PROMPT_TOKENS = Counter(
     "disagg_pick_prompt_tokens",

@@ -2,8 +2,13 @@
 
 Registration checks compatibility (rule 2 of ARCHITECTURE.md): a worker of another model or
 another KV layout is refused with `IncompatibleWorkerError`. A worker that comes back at the same
-address with a new engine id is a restarted engine and replaces its old entry. A worker that has
-not answered for `dead_after_s` is dead: `endpoints()` no longer returns it and `sweep()` removes it.
+address with a new engine id is a restarted engine and replaces its old entry.
+
+Liveness: a worker that has not answered for `dead_after_s` is dead: `endpoints()` no longer
+returns it, so no pick chooses it. It stays known (`dead_endpoints()`) until `forget_after_s`, when
+`sweep()` removes it: if every live endpoint is gone at once, more likely our side stalled than
+all of them, and the scheduler may still route to the most recently seen (panic mode). An engine
+removed as dead and listed again by discovery comes back with its old silence, not as new.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ class EndpointPool:
         block_size: int,
         stale_after_s: float = 0.5,
         dead_after_s: float = 2.0,
+        forget_after_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.stale_after_s = stale_after_s
         self.dead_after_s = dead_after_s
+        self.forget_after_s = forget_after_s if forget_after_s is not None else 5 * dead_after_s
         self.clock = clock
         # The first worker sets the pool's layout; it resets when the pool empties.
         self.layout_fingerprint: str | None = None
@@ -43,6 +50,8 @@ class EndpointPool:
         # Per-role lists, rebuilt on membership changes only: picks read them every time.
         self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         self._listeners: list[RemovalListener] = []
+        # engine id -> seen_at of engines removed as dead (bounded), so rediscovery is no revival.
+        self._tombstones: dict[str, float] = {}
 
     # -- membership -------------------------------------------------------------------------
 
@@ -58,7 +67,8 @@ class EndpointPool:
             known.info = info
         else:
             now = self.clock()
-            known = Endpoint(info=info, load=EngineLoad(num_blocks=info.num_blocks), load_at=now, seen_at=now)
+            seen = self._tombstones.pop(info.engine_id, now)
+            known = Endpoint(info=info, load=EngineLoad(num_blocks=info.num_blocks), load_at=seen, seen_at=seen)
             self._by_engine[info.engine_id] = known
             if self.layout_fingerprint is None:
                 self.layout_fingerprint = known.fingerprint
@@ -78,6 +88,10 @@ class EndpointPool:
             del self._by_address[endpoint.address]
         if not self._by_engine:
             self.layout_fingerprint = None
+        if reason == "dead":
+            self._tombstones[engine_id] = endpoint.seen_at
+            if len(self._tombstones) > 4096:
+                del self._tombstones[next(iter(self._tombstones))]
         self._rebuild_roles()
         log.info("endpoint removed (%s): %s %s engine %s", reason, endpoint.role, endpoint.address, engine_id)
         for listener in self._listeners:
@@ -125,9 +139,9 @@ class EndpointPool:
             endpoint.seen_at = self.clock()
 
     def sweep(self) -> list[Endpoint]:
-        """Remove every endpoint silent for `dead_after_s`; return them."""
+        """Remove every endpoint silent for `forget_after_s`; return them."""
         now = self.clock()
-        dead = [e for e in self._by_engine.values() if e.silence(now) > self.dead_after_s]
+        dead = [e for e in self._by_engine.values() if e.silence(now) > self.forget_after_s]
         for endpoint in dead:
             self.remove(endpoint.engine_id, reason="dead")
         return dead
@@ -140,6 +154,11 @@ class EndpointPool:
             return list(members)
         oldest = self.clock() - self.dead_after_s
         return [e for e in members if e.seen_at >= oldest]
+
+    def dead_endpoints(self, role: Role) -> list[Endpoint]:
+        """Endpoints silent past `dead_after_s` but not yet forgotten, most recently seen first."""
+        oldest = self.clock() - self.dead_after_s
+        return sorted((e for e in self._by_role[role] if e.seen_at < oldest), key=lambda e: -e.seen_at)
 
     def _rebuild_roles(self) -> None:
         self._by_role = {"prefill": [], "decode": []}

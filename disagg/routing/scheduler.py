@@ -110,6 +110,7 @@ class Scheduler:
         ])
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
         self._background: Background | None = None
+        self._panic_logged_at = -1e9
         metrics.watch_scheduler(self)
 
     # -- the pick ---------------------------------------------------------------------------
@@ -142,12 +143,12 @@ class Scheduler:
         now = self.pool.clock()
         keep = self.fallbacks + 1
 
+        subset = SubsetFilter(frozenset(req.subset)) if req.subset is not None else None
         decodes = self.pool.endpoints("decode")
-        if req.subset is not None:
-            decodes = SubsetFilter(frozenset(req.subset)).keep(decodes)
+        if subset is not None:
+            decodes = subset.keep(decodes)
         if not decodes:
-            hint = f" in subset {req.subset}" if req.subset is not None else ""
-            raise NoEndpointError(f"no live decode endpoint for model {self.model!r}{hint}")
+            return self._panic_pick(req, subset, len(tokens), hashes)
         open_decodes = self.saturation.keep(decodes)
         if not open_decodes:
             raise OverloadedError(
@@ -176,6 +177,25 @@ class Scheduler:
             cached_tokens=cached,
         )
         self._record(result, hashes, hits)
+        return result
+
+    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, num_tokens: int, hashes: list[int]) -> Pick:
+        """No live decode: route to the most recently seen of those not yet forgotten (they may
+        only look dead because this process or the machine stalled), or refuse with 503."""
+        recent = self.pool.dead_endpoints("decode")
+        if subset is not None:
+            recent = subset.keep(recent)
+        if not recent:
+            hint = f" in subset {req.subset}" if req.subset is not None else ""
+            raise NoEndpointError(f"no live decode endpoint for model {self.model!r}{hint}")
+        metrics.PANIC_PICKS.inc()
+        now = self.pool.clock()
+        if now - self._panic_logged_at > 1.0:
+            self._panic_logged_at = now
+            log.warning("no live decode endpoint: routing to the most recently seen, %s (silent %.1f s)",
+                        recent[0].address, recent[0].silence(now))
+        result = Pick(decode=recent[: self.fallbacks + 1], prefill=[], uncached_tokens=num_tokens, decision="local")
+        self._record(result, hashes, {})
         return result
 
     def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> Candidates:

@@ -104,9 +104,10 @@ async def test_dead_first_choice_falls_back_down_the_list(stack) -> None:
 
 async def test_no_decode_is_503(stack) -> None:
     gateway, decodes, prefill, client = stack
+    gateway.scheduler.pool.forget_after_s = 2.5  # the default (5 x dead_after_s) would take 10 s
     for w in decodes:
         w.hang()
-    await wait_for(lambda: not gateway.scheduler.pool.endpoints("decode"), timeout=5)
+    await wait_for(lambda: not gateway.scheduler.pool.endpoints("decode", include_dead=True), timeout=8)
     r = await client.post("/v1/completions", json=completion([1, 2, 3]))
     assert r.status_code == 503
     assert r.json()["error"]["type"] == "service_unavailable"

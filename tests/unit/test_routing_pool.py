@@ -69,13 +69,17 @@ def test_restarted_worker_replaces_its_old_engine(pool: EndpointPool) -> None:
     assert removed == [("old", "replaced")]
 
 
-def test_silent_endpoint_is_dead_and_swept(pool: EndpointPool, clock: Clock) -> None:
+def test_silent_endpoint_is_dead_at_once_and_forgotten_later(pool: EndpointPool, clock: Clock) -> None:
     a = pool.upsert(make_info("decode", "10.0.0.1:8000"))
     b = pool.upsert(make_info("decode", "10.0.0.2:8000"))
     clock.now += 1.5
     pool.update_load(b.engine_id, EngineLoad())
     clock.now += 0.6  # a: silent 2.1 s, b: 0.6 s
     assert pool.endpoints("decode") == [b]
+    assert pool.dead_endpoints("decode") == [a]
+    assert pool.sweep() == []
+    pool.update_load(b.engine_id, EngineLoad())
+    clock.now += 8  # a: silent 10.1 s, past forget_after_s
     assert pool.sweep() == [a]
     assert a.engine_id not in pool
 
@@ -86,6 +90,18 @@ def test_rediscovery_does_not_revive_a_silent_endpoint(pool: EndpointPool, clock
     clock.now += 3
     pool.upsert(info)
     assert pool.endpoints("decode") == []
+
+
+def test_forgotten_endpoint_listed_again_comes_back_dead(pool: EndpointPool, clock: Clock) -> None:
+    info = make_info("decode", "10.0.0.1:8000")
+    pool.upsert(info)
+    clock.now += 11
+    pool.sweep()
+    assert len(pool) == 0
+    pool.upsert(info)  # a discovery source still lists it
+    assert pool.endpoints("decode") == []
+    pool.update_load(info.engine_id, EngineLoad())  # it answered a scrape: alive again
+    assert [e.engine_id for e in pool.endpoints("decode")] == [info.engine_id]
 
 
 def test_freshness_falls_from_stale_to_dead(pool: EndpointPool, clock: Clock) -> None:

@@ -145,6 +145,23 @@ def test_dead_endpoint_is_never_picked() -> None:
         assert s.pick(req(10)).decode_addresses == ["alive:1"]
 
 
+def test_with_no_live_decode_the_most_recently_seen_is_picked() -> None:
+    clock = Clock()
+    s = make_scheduler(clock)
+    older = add(s, "decode", "older:1")
+    clock.now += 1
+    add(s, "decode", "newer:1")
+    add(s, "prefill", "p:1")
+    clock.now += 2.5  # both silent past dead_after_s, neither forgotten
+    pick = s.pick(req(5000))
+    assert pick.decode_addresses == ["newer:1", "older:1"] and pick.decision == "local"
+    clock.now += 10
+    s.pool.sweep()
+    with pytest.raises(NoEndpointError):
+        s.pick(req(10))
+    assert older.engine_id not in s.pool
+
+
 def test_subset_hint_limits_decode_choice() -> None:
     s = make_scheduler()
     add(s, "decode", "d1:1")
