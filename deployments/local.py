@@ -39,23 +39,37 @@ def start_local(config: AppConfig, *, dashboard_port: int = 0, ray_tmpdir: str |
     """Start Ray on 127.0.0.1 with its own temp dir and the dashboard, deploy, wait until ready."""
     tmp = ray_tmpdir or tempfile.mkdtemp(prefix="disagg-ray-")
     os.environ.setdefault("RAY_TMPDIR", tmp)
-    # Engines on CPU are pinned to cores by config; Ray's logical CPUs only gate placement.
-    ctx = ray.init(
-        _node_ip_address=config.host,
-        _temp_dir=tmp,
-        include_dashboard=True,
-        dashboard_host=config.host,
-        dashboard_port=dashboard_port or None,
-        num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 2, 8),
-        runtime_env={"env_vars": {"VLLM_NIXL_SIDE_CHANNEL_HOST": config.host, "UCX_NET_DEVICES": "lo",
-                                  "TOKENIZERS_PARALLELISM": "false"}},
-        logging_level=logging.WARNING,
-    )
+    ctx = _init_ray(config, tmp, dashboard_port, num_cpus)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}"
     _wait_ready(url, timeout_s=600)
     return LocalStack(url=url, dashboard_url=f"http://{ctx.dashboard_url}", ray_tmpdir=tmp)
+
+
+def _init_ray(config: AppConfig, tmp: str, dashboard_port: int, num_cpus: int | None, attempts: int = 3):
+    """ray.init on 127.0.0.1. Ray gives its raylet a fixed 30 s to register, which a loaded
+    2-core machine can miss: retry a fresh start before giving up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            # Engines on CPU are pinned to cores by config; Ray's logical CPUs only gate placement.
+            return ray.init(
+                _node_ip_address=config.host,
+                _temp_dir=tmp,
+                include_dashboard=True,
+                dashboard_host=config.host,
+                dashboard_port=dashboard_port or None,
+                num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 2, 8),
+                runtime_env={"env_vars": {"VLLM_NIXL_SIDE_CHANNEL_HOST": config.host, "UCX_NET_DEVICES": "lo",
+                                          "TOKENIZERS_PARALLELISM": "false"}},
+                logging_level=logging.WARNING,
+            )
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("Ray did not start in time (attempt %d of %d); retrying", attempt, attempts)
+            ray.shutdown()
+            time.sleep(5)  # let the first attempt's processes release their ports
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:

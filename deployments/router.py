@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -19,7 +20,7 @@ from disagg.config import AppConfig
 from disagg.engine.base import GenerateOutput
 from disagg.openai.errors import APIError
 from disagg.openai.http import install_error_handlers, respond
-from disagg.openai.serving import Kind, Preprocessor
+from disagg.openai.serving import Kind, Prepared, Preprocessor, ResponseBuilder
 from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
 from disagg.worker.protocol import WorkerInfo
 
@@ -88,6 +89,10 @@ class Router:
 
     @app.get("/v1/pool")
     async def pool(self) -> list[dict[str, Any]]:
+        return self.workers()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The scheduler's pool: every worker, its load and how fresh that knowledge is."""
         now = time.monotonic()
         return [
             {"role": e.role, "address": e.address, "engine_id": e.engine_id, **e.load.model_dump(),
@@ -104,7 +109,21 @@ class Router:
         return await self._serve("completion", request)
 
     async def _serve(self, kind: Kind, request: Request) -> Response:
-        prepared = self.preprocessor.prepare(kind, await request.body())
+        prepared, stream, headers = self._dispatch(kind, await request.body())
+        return await respond(request, prepared, stream, self.config.model_name, headers)
+
+    async def openai(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        """The same API for Python callers holding a handle (no HTTP): a non-streaming OpenAI
+        response body; errors raise APIError with the status a client would see."""
+        prepared, stream, _ = self._dispatch(kind, json.dumps(body).encode())
+        builder = ResponseBuilder(prepared, self.config.model_name)
+        async for out in stream:
+            builder.add(out)
+        return builder.response()
+
+    def _dispatch(self, kind: Kind, raw: bytes) -> tuple[Prepared, AsyncIterator[GenerateOutput], dict[str, str]]:
+        """Validate, tokenize, pick a pair, and start streaming from the picked decode replica."""
+        prepared = self.preprocessor.prepare(kind, raw)
         try:
             pick = self.scheduler.pick(PickRequest(model=self.config.model_name,
                                                    prompt_token_ids=prepared.generate.prompt_token_ids))
@@ -116,7 +135,7 @@ class Router:
         stream = self.decode.options(stream=True).generate.remote(
             prepared.generate, pick.prefill_addresses, pin=decode.info.replica_id)
         headers = {"x-disagg-decode": decode.address, "x-disagg-pd": pick.decision}
-        return await respond(request, prepared, _cancel_on_close(stream), self.config.model_name, headers)
+        return prepared, _cancel_on_close(stream), headers
 
     def __del__(self) -> None:
         self._discovery.cancel()
