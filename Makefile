@@ -7,7 +7,7 @@ PORT   ?= 8000
 # Stamp named after the install recipe's inputs: a changed pyproject or Makefile refreshes the venv.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install model serve test test-unit clean
+.PHONY: install system-deps model serve test test-unit clean
 
 install: $(STAMP)
 
@@ -32,7 +32,12 @@ model: $(MODEL)/config.json
 serve: install model
 	$(VENV)/bin/disagg serve --model $(MODEL) --port $(PORT)
 
-test: install model
+# Metrics tests scrape the stack with a real Prometheus (Debian's package) and lint with promtool.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
+test: install model system-deps
 	$(VENV)/bin/python -m pytest -q -x --timeout 900 tests
 
 test-unit: install

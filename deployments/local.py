@@ -25,6 +25,8 @@ class LocalStack:
     url: str
     dashboard_url: str
     ray_tmpdir: str
+    # Ray's Prometheus export (the disagg_* metrics appear there as ray_disagg_*).
+    metrics_url: str
 
     def shutdown(self) -> None:
         # Not `ray stop`: that would kill every Ray on the machine.
@@ -44,7 +46,9 @@ def start_local(config: AppConfig, *, dashboard_port: int = 0, ray_tmpdir: str |
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}"
     _wait_ready(url, timeout_s=600)
-    return LocalStack(url=url, dashboard_url=f"http://{ctx.dashboard_url}", ray_tmpdir=tmp)
+    node = ray._private.worker.global_worker.node
+    metrics_url = f"http://{config.host}:{node.metrics_export_port}/metrics"
+    return LocalStack(url=url, dashboard_url=f"http://{ctx.dashboard_url}", ray_tmpdir=tmp, metrics_url=metrics_url)
 
 
 def _init_ray(config: AppConfig, tmp: str, dashboard_port: int, num_cpus: int | None, attempts: int = 3):

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics_bridge import MetricsBridge
 from disagg.config import AppConfig
 from disagg.engine.base import GenerateOutput
 from disagg.openai.errors import APIError
@@ -70,7 +71,9 @@ class Router:
         self.prefill = prefill
         self.preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
         self.scheduler = Scheduler(config.routing, model=config.model_name, block_size=config.block_size)
-        self._discovery = asyncio.get_event_loop().create_task(self.scheduler.run(RegistryDiscovery(registry)))
+        loop = asyncio.get_event_loop()
+        self._discovery = loop.create_task(self.scheduler.run(RegistryDiscovery(registry)))
+        self._metrics = loop.create_task(MetricsBridge().run())
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -139,3 +142,4 @@ class Router:
 
     def __del__(self) -> None:
         self._discovery.cancel()
+        self._metrics.cancel()

@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from disagg.config import AppConfig
 from disagg.engine.base import GenerateOutput, GenerateRequest
 from disagg.worker.launch import RunningWorker, start_worker
+from deployments.metrics_bridge import MetricsBridge
 from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class _WorkerReplica:
         )
         await self._heartbeat_once()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        self._metrics = asyncio.create_task(MetricsBridge().run())
 
     async def _heartbeat_once(self) -> None:
         worker = self._running.worker
@@ -64,6 +66,7 @@ class _WorkerReplica:
 
     async def __del__(self) -> None:
         self._heartbeat.cancel()
+        self._metrics.cancel()
         with contextlib.suppress(Exception):
             await self._registry.deregister.remote(self._running.worker.info.engine_id)
         await self._running.stop()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+from typing import AsyncIterator
+
+import httpx
 
 from disagg.config import AppConfig
+from disagg.routing.discovery import fetch_all
+from disagg.worker.protocol import WorkerInfo
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +41,25 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
     return AppConfig.load(args.config, overrides, args.set)
 
 
+class PoolDiscovery:
+    """Discovery for the gateway in front of a running stack: the router's `/v1/pool` lists the
+    workers (as the Ray registry knows them); each one's descriptor comes from its endpoint."""
+
+    def __init__(self, router_url: str, interval_s: float = 0.5):
+        self.router_url = router_url
+        self.interval_s = interval_s
+
+    async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                try:
+                    pool = (await client.get(f"{self.router_url}/v1/pool")).json()
+                    yield await fetch_all(client, [w["address"] for w in pool])
+                except (httpx.HTTPError, ValueError):
+                    pass  # the router restarts; keep the last snapshot
+                await asyncio.sleep(self.interval_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -46,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     stack = start_local(config, dashboard_port=args.dashboard_port)
     gateway = None
     if args.gateway:
-        from disagg.epp.gateway import start_gateway
+        from disagg.epp.gateway import start_gateway_thread
 
-        gateway = start_gateway(config, stack, port=args.gateway_port)
-    print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}", flush=True)
+        gateway = start_gateway_thread(config, PoolDiscovery(stack.url), gateway_port=args.gateway_port)
+    print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}; "
+          f"Ray metrics {stack.metrics_url}", flush=True)
     if gateway is not None:
         print(f"gateway: {gateway.url}", flush=True)
     try:

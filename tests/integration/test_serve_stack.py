@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.prometheus import Prometheus, promtool_problems
 from tests.support.workers import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -45,15 +46,17 @@ def stack(tiny_model, tmp_path_factory):
     deadline = time.monotonic() + 600
     url = dashboard = None
     while time.monotonic() < deadline and proc.poll() is None:
-        m = re.search(r"ready: (http://\S+)/v1 .*Ray dashboard (http://\S+)", log.read_text(errors="replace"))
+        m = re.search(r"ready: (http://\S+)/v1 .*Ray dashboard (http://[^\s;]+); Ray metrics (http://\S+)",
+                      log.read_text(errors="replace"))
         if m:
-            url, dashboard = m.group(1), m.group(2)
+            url, dashboard, ray_metrics = m.groups()
             break
         time.sleep(1)
     if url is None:
         proc.kill()
         pytest.fail(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")
     s = Stack(proc, url, dashboard, log)
+    s.ray_metrics = ray_metrics
     yield s
     proc.send_signal(signal.SIGINT)
     try:
@@ -167,3 +170,65 @@ def test_ray_dashboard_lists_the_deployments_healthy(stack):
     deployments = app["deployments"]
     for name in ("Router", "PrefillServer", "DecodeServer"):
         assert deployments[name]["status"] == "HEALTHY", (name, deployments[name]["status"])
+
+
+def test_disagg_metrics_reach_rays_metrics_port(stack):
+    # Requests above made P/D decisions and prefill hand-offs; the bridge pushes every 2 s and
+    # Ray's exporter refreshes on its own period.
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(stack.ray_metrics, timeout=10).text
+        if "ray_disagg_pd_decisions_total" in text and "ray_disagg_prefill_handoffs_total" in text:
+            break
+        time.sleep(2)
+    assert re.search(r'ray_disagg_pd_decisions_total\{[^}]*decision="remote"[^}]*\} [1-9]', text), text[-2000:]
+    assert re.search(r'ray_disagg_prefill_handoffs_total\{[^}]*deployment="DecodeServer"[^}]*\} [1-9]', text)
+
+
+def test_disagg_status_prints_the_pool(stack):
+    out = subprocess.run([sys.executable, "-m", "disagg.cli", "status", "--url", stack.url], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["ROLE", "ADDRESS"]
+    roles = sorted(line.split()[0] for line in lines[1:])
+    assert roles == ["decode", "prefill"]
+    assert all(line.rstrip().endswith("ok") for line in lines[1:])
+
+
+def test_prometheus_scrapes_the_stack_and_promtool_finds_no_problems(stack, tmp_path):
+    pool = httpx.get(f"{stack.url}/v1/pool").json()
+    workers = [w["address"] for w in pool]
+    router = stack.url.removeprefix("http://")
+    ray_metrics = stack.ray_metrics.removeprefix("http://").removesuffix("/metrics")
+    prom = Prometheus({"workers": workers, "router": [router], "ray": [ray_metrics]}, tmp_path)
+    try:
+        for i in range(3):
+            stack.post("/v1/completions", {"model": "tiny", "prompt": long_prompt(10 + i), "max_tokens": 8})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ttft = prom.query('sum(vllm:time_to_first_token_seconds_count{model_name="tiny"})')
+            decisions = prom.query("sum(disagg_pd_decisions_total)")
+            if ttft and float(ttft[0]["value"][1]) >= 3 and decisions and float(decisions[0]["value"][1]) >= 3:
+                break
+            time.sleep(1)
+        assert all(v == 1.0 for v in prom.targets_up().values()), prom.targets_up()
+        for name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
+            series = prom.query(name)
+            assert len(series) == len(workers), (name, series)
+            assert all(float(s["value"][1]) >= 0 for s in series)
+        usage = prom.query("vllm:kv_cache_usage_perc")
+        assert len(usage) == len(workers) and all(0.0 <= float(s["value"][1]) <= 1.0 for s in usage)
+        info = prom.query("vllm:cache_config_info")
+        assert {s["metric"]["block_size"] for s in info} == {"32"}
+        assert float(prom.query("sum(vllm:time_to_first_token_seconds_count)")[0]["value"][1]) >= 3
+        assert prom.query("vllm:inter_token_latency_seconds_count")
+        assert float(prom.query('sum(disagg_pd_decisions_total{decision="remote"})')[0]["value"][1]) >= 3
+        assert float(prom.query("sum(disagg_prefill_handoffs_total)")[0]["value"][1]) >= 3
+        assert prom.query("disagg_endpoint_signal_age_seconds")
+    finally:
+        prom.stop()
+    for address in workers + [router]:
+        problems = promtool_problems(httpx.get(f"http://{address}/metrics").text)
+        assert problems == [], (address, problems)
