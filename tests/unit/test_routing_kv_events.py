@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import msgspec
-import pytest
 import pytest_asyncio
 
 from disagg.config import RoutingConfig
