@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from typing import AsyncIterator
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from disagg.config import AppConfig
@@ -22,19 +24,28 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 
 
+def _replica_identity() -> tuple[str, int]:
+    """This replica's Serve id and rank. Serve's local testing mode has no replica context
+    during construction: one replica per deployment there, so rank 0 and a fresh id."""
+    try:
+        ctx = serve.get_replica_context()
+    except RayServeException:
+        return f"local-{uuid.uuid4().hex[:8]}", 0
+    rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
+    return ctx.replica_id.unique_id, rank
+
+
 class _WorkerReplica:
     role: Role
 
     async def __init__(self, config: AppConfig, registry: DeploymentHandle):
-        ctx = serve.get_replica_context()
+        replica_id, rank = _replica_identity()
         role_config = config.prefill if self.role == "prefill" else config.decode
-        rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
         cpu_bind = role_config.cpu_bind[rank % len(role_config.cpu_bind)] if role_config.cpu_bind else None
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self._registry = registry
         self._running: RunningWorker = await start_worker(
-            config, self.role, port=role_config.http_port, cpu_bind=cpu_bind,
-            replica_id=ctx.replica_id.unique_id, node_id=node_id,
+            config, self.role, port=role_config.http_port, cpu_bind=cpu_bind, replica_id=replica_id, node_id=node_id,
         )
         await self._heartbeat_once()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
