@@ -106,7 +106,9 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     route = {
         "cluster": WORKERS_CLUSTER,
         "timeout": _duration(s.request_timeout_s),
-        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request",
+        # "reset": an upstream that drops the connection before answering (a crash, or a keep-alive
+        # connection it closed as Envoy reused it); the retry goes to the next listed endpoint.
+        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset",
                          "num_retries": s.num_retries},
     }
     # Echo the routing on the response: which endpoints the EPP listed, which one served, and the
@@ -170,6 +172,13 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     "name": WORKERS_CLUSTER,
                     "type": "EDS",
                     "connect_timeout": "1s",
+                    # Close idle upstream connections before the workers do (uvicorn: 5 s), so Envoy
+                    # never sends a request on a connection the worker is closing.
+                    "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "common_http_protocol_options": {"idle_timeout": "3s"},
+                        "explicit_http_config": {"http_protocol_options": {}},
+                    }},
                     "eds_cluster_config": {"eds_config": {
                         "resource_api_version": "V3",
                         "path_config_source": {"path": os.path.join(eds_dir, EDS_FILE),
