@@ -5,6 +5,10 @@
 2. The latency the ext_proc hop adds: the same small request through Envoy alone, then through
    Envoy + EPP, to a stand-in worker that answers at once.
 
+Wall-clock figures on a shared machine measure the machine as much as the code, so each is paired
+with a CPU-time one: CPU seconds the picking thread spent per pick, and CPU seconds Envoy and the
+EPP spent per request (from /proc and the process clock), which waiting for a core does not inflate.
+
 Writes JSON (and a PNG plot when matplotlib is installed) to --out.
 """
 
@@ -63,17 +67,21 @@ def bench_pick(num_endpoints: int, *, indexed_blocks: int, picks: int, prompt_to
         tail = [rng.randrange(32_000) for _ in range(prompt_tokens - len(head))]
         requests.append(PickRequest(model="bench", prompt_token_ids=head + tail))
     latencies = []
+    cpu = []
     decisions = {"remote": 0, "local": 0}
     started = time.perf_counter()
     for i, req in enumerate(requests):
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         pick = scheduler.pick(req)
         latencies.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
         decisions[pick.decision] += 1
         if i % 50 == 49:  # a scrape round every 50 picks
             scrape()
     wall = time.perf_counter() - started
     latencies.sort()
+    cpu.sort()
     return {
         "endpoints": num_endpoints,
         "indexed_blocks": scheduler.index.num_blocks(),
@@ -83,25 +91,40 @@ def bench_pick(num_endpoints: int, *, indexed_blocks: int, picks: int, prompt_to
         "p90_us": _percentile(latencies, 0.9) * 1e6,
         "p99_us": _percentile(latencies, 0.99) * 1e6,
         "mean_us": statistics.fmean(latencies) * 1e6,
+        "cpu_p50_us": _percentile(cpu, 0.5) * 1e6,
+        "cpu_p99_us": _percentile(cpu, 0.99) * 1e6,
+        "cpu_mean_us": statistics.fmean(cpu) * 1e6,
         "picks_per_s": picks / wall,
+        "picks_per_cpu_s": picks / sum(cpu) if sum(cpu) else None,
         "decisions": decisions,
     }
 
 
-async def _time_requests(url: str, n: int, body: dict[str, Any]) -> list[float]:
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _time_requests(url: str, n: int, body: dict[str, Any], envoy_pid: int | None = None) -> dict[str, Any]:
+    """Sequential requests: wall latencies, and CPU seconds this process and Envoy spent."""
     import httpx
 
     out = []
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         for _ in range(20):  # warm-up: connections, Envoy's first ext_proc stream
             (await client.post("/v1/completions", json=body)).raise_for_status()
+        own0 = time.process_time()
+        envoy0 = _cpu_seconds(envoy_pid) if envoy_pid else 0.0
         for _ in range(n):
             t0 = time.perf_counter()
             r = await client.post("/v1/completions", json=body)
             out.append(time.perf_counter() - t0)
             r.raise_for_status()
+        own = time.process_time() - own0
+        envoy = (_cpu_seconds(envoy_pid) - envoy0) if envoy_pid else 0.0
     out.sort()
-    return out
+    return {"latencies": out, "own_cpu_s": own, "envoy_cpu_s": envoy}
 
 
 async def bench_hop(requests: int) -> dict[str, Any]:
@@ -119,7 +142,7 @@ async def bench_hop(requests: int) -> dict[str, Any]:
         await alone.start()
         try:
             await asyncio.sleep(0.3)
-            envoy_only = await _time_requests(f"http://127.0.0.1:{port}", requests, body)
+            envoy_only = await _time_requests(f"http://127.0.0.1:{port}", requests, body, alone.process.pid)
         finally:
             await alone.stop()
         direct = await _time_requests(f"http://{worker.address}", requests, body)
@@ -130,20 +153,26 @@ async def bench_hop(requests: int) -> dict[str, Any]:
             while not gateway.scheduler.pool.endpoints("decode"):
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)
-            with_epp = await _time_requests(gateway.url, requests, body)
+            with_epp = await _time_requests(gateway.url, requests, body, gateway.envoy.process.pid)
         finally:
             await gateway.stop()
     finally:
         worker.stop()
 
-    def summary(values: list[float]) -> dict[str, float]:
+    def summary(run: dict[str, Any]) -> dict[str, float]:
+        values = run["latencies"]
         return {"p50_ms": _percentile(values, 0.5) * 1e3, "p90_ms": _percentile(values, 0.9) * 1e3,
-                "p99_ms": _percentile(values, 0.99) * 1e3}
+                "p99_ms": _percentile(values, 0.99) * 1e3,
+                "envoy_cpu_ms_per_request": run["envoy_cpu_s"] / requests * 1e3}
 
     result = {"requests": requests, "direct": summary(direct), "envoy": summary(envoy_only),
               "envoy_epp": summary(with_epp)}
     result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
     result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
+    # This process ran the client and the stand-in worker in both runs, and the EPP in the second.
+    result["epp_cpu_ms_per_request"] = (with_epp["own_cpu_s"] - envoy_only["own_cpu_s"]) / requests * 1e3
+    result["envoy_ext_proc_cpu_ms_per_request"] = (
+        result["envoy_epp"]["envoy_cpu_ms_per_request"] - result["envoy"]["envoy_cpu_ms_per_request"])
     return result
 
 
@@ -158,10 +187,12 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     picks = result["pick"]
     xs = [p["endpoints"] for p in picks]
-    left.plot(xs, [p["p50_us"] for p in picks], "o-", label="p50")
-    left.plot(xs, [p["p99_us"] for p in picks], "s--", label="p99")
+    left.plot(xs, [p["p50_us"] for p in picks], "o-", label="wall p50")
+    left.plot(xs, [p["p99_us"] for p in picks], "s--", label="wall p99")
+    left.plot(xs, [p["cpu_p50_us"] for p in picks], "^-", label="CPU p50")
     left.axhline(100, color="grey", lw=0.8, ls=":", label="p50 target at 64 (100 µs)")
     left.set_xscale("log", base=2)
+    left.set_yscale("log")
     left.set_xlabel("endpoints")
     left.set_ylabel("pick latency (µs)")
     left.set_title(f"pick() with {picks[0]['indexed_blocks'] // 1000}k indexed blocks")
@@ -198,13 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(x) for x in args.endpoints.split(",")):
         r = bench_pick(n, indexed_blocks=args.indexed_blocks, picks=args.picks, prompt_tokens=args.prompt_tokens)
         print(f"pick @ {n:4d} endpoints: p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs, "
-              f"{r['picks_per_s']:.0f} picks/s", flush=True)
+              f"{r['picks_per_s']:.0f} picks/s; CPU p50 {r['cpu_p50_us']:.1f} µs, p99 {r['cpu_p99_us']:.1f} µs, "
+              f"{r['picks_per_cpu_s']:.0f} picks per CPU second", flush=True)
         result["pick"].append(r)
     if args.hop_requests:
         hop = asyncio.run(bench_hop(args.hop_requests))
         print(f"hop: direct p50 {hop['direct']['p50_ms']:.2f} ms, Envoy {hop['envoy']['p50_ms']:.2f} ms, "
-              f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50)",
-              flush=True)
+              f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50); "
+              f"CPU per request: EPP {hop['epp_cpu_ms_per_request']:.2f} ms, Envoy's ext_proc work "
+              f"{hop['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
         result["hop"] = hop
     result["machine"]["load_avg_after"] = os.getloadavg()
     out = Path(args.out)
