@@ -109,8 +109,14 @@ class WorkerSide:
     def start_load_kv(self, meta: DisaggConnectorMetadata) -> None:
         assert self.agent is not None
         for hold in meta.holds:
-            self.agent.hold_lease(LeaseToken(hold.lease_id, hold.lease_generation), hold.expires_at,
-                                  key=hold.request_id)
+            try:
+                self.agent.hold_lease(LeaseToken(hold.lease_id, hold.lease_generation), hold.expires_at,
+                                      key=hold.request_id)
+            except ValueError:
+                # A newer generation of this lease is held: the blocks were handed out again.
+                log.warning("stale lease %s for %s ignored", hold.lease_id, hold.request_id)
+                self._sent.add(hold.request_id)
+                continue
             self._lease_requests[hold.lease_id] = hold.request_id
         for load in meta.loads:
             self._loads[load.request_id] = _PendingLoad(load)

@@ -43,6 +43,8 @@ async def _serve_engine(conn: Any, model: str, lease_s: float) -> None:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     usage: list[float] = [0.0]
+    # Prompt tokens by where they came from, summed over the engine's life.
+    sources = {"computed": 0, "external": 0, "local_hit": 0}
 
     class Usage(StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
@@ -52,6 +54,11 @@ async def _serve_engine(conn: Any, model: str, lease_s: float) -> None:
                    engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 usage[0] = scheduler_stats.kv_cache_usage
+            if iteration_stats is not None:
+                pts = iteration_stats.prompt_token_stats
+                sources["computed"] += pts.computed
+                sources["external"] += pts.external_kv_transfer
+                sources["local_hit"] += pts.local_cache_hit
 
         def log_engine_initialized(self) -> None:
             pass
@@ -75,31 +82,51 @@ async def _serve_engine(conn: Any, model: str, lease_s: float) -> None:
         if cmd == "usage":
             conn.send(usage[0])
             continue
+        if cmd == "metrics":
+            # Our connector's series, as this (front-end) process exports them.
+            from prometheus_client import REGISTRY
+
+            await asyncio.sleep(args.get("settle_s", 0.0))
+            totals: dict[str, float] = {}
+            for metric in REGISTRY.collect():
+                for sample in metric.samples:
+                    if sample.name.startswith("disagg_kv_") and not sample.name.endswith("_created"):
+                        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            conn.send(totals)
+            continue
         if cmd == "reject":
             await llm.notify_kv_transfer_request_rejected(f"reject-{uuid.uuid4().hex[:6]}", args["params"])
             conn.send(None)
             continue
         extra = {"kv_transfer_params": args["params"]} if args.get("params") is not None else None
         sp = SamplingParams(max_tokens=args["max_tokens"], temperature=0.0, ignore_eos=True, extra_args=extra)
-        final = None
+        final, before = None, dict(sources)
         async for out in llm.generate({"prompt_token_ids": args["prompt"]}, sp, request_id=args["request_id"]):
             final = out
         assert final is not None
+        await asyncio.sleep(0.05)  # the last iteration's stats reach the logger after the output
         conn.send({"tokens": list(final.outputs[0].token_ids), "params": final.kv_transfer_params,
-                   "num_cached_tokens": final.num_cached_tokens})
+                   "prompt_tokens": {k: sources[k] - before[k] for k in sources}})
 
 
 class Engine:
+    """One AsyncLLM in its own process. `start()` returns at once; `ready()` waits for it."""
+
     def __init__(self, model: str, cpu: str, lease_s: float = LEASE_S, env: dict[str, str] | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_engine_main, args=(child, model, cpu, lease_s, env or {}), daemon=False)
         self.process.start()
         child.close()
-        if not self.conn.poll(240):
+        self.info: dict[str, Any] = {}
+
+    def ready(self, timeout_s: float = 600.0) -> "Engine":
+        # Generous: an engine starts in ~20 s on a quiet 2-core machine, minutes on a busy one.
+        if not self.conn.poll(timeout_s):
             self.kill()
             raise TimeoutError("engine did not start")
         self.info = self.conn.recv()
+        return self
 
     def call(self, cmd: str, timeout_s: float = 120.0, **args: Any) -> Any:
         self.send(cmd, **args)
@@ -171,13 +198,12 @@ def prompt_tokens(seed: int, n: int = 300) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engines(tiny_model: str):
+    # Started together: start-up is mostly imports, one core each.
     prefill = Engine(tiny_model, "0")
+    decode = Engine(tiny_model, "1", env={"DISAGG_KV_FAULT_INJECTION": "1"})
     try:
-        decode = Engine(tiny_model, "1", env={"DISAGG_KV_FAULT_INJECTION": "1"})
-    except Exception:
-        prefill.close()
-        raise
-    try:
+        prefill.ready()
+        decode.ready()
         yield prefill, decode
     finally:
         decode.close()
@@ -204,11 +230,16 @@ def test_disaggregated_output_equals_aggregated(engines) -> None:
     prefill, decode = engines
     prompt = prompt_tokens(2)
     params = prefill.prefill(prompt)
+    before = decode.call("metrics")
     out = decode.generate(prompt, params=params)
     reference = prefill.generate(prompt)  # aggregated, on the other engine
     assert out["tokens"] == reference["tokens"]
-    computed_locally = len(prompt) - out["num_cached_tokens"]
-    assert computed_locally <= BLOCK, out["num_cached_tokens"]
+    assert out["prompt_tokens"]["computed"] <= BLOCK, out["prompt_tokens"]
+    assert out["prompt_tokens"]["external"] >= len(prompt) - BLOCK, out["prompt_tokens"]
+    after = decode.call("metrics", settle_s=1.0)
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert grew.get("disagg_kv_transfers_total") == 1, grew
+    assert grew.get("disagg_kv_transfer_bytes_total", 0) >= len(params["remote_block_ids"]) * BLOCK, grew
 
 
 def test_prefill_frees_blocks_once_decode_acknowledged(engines) -> None:
@@ -229,8 +260,13 @@ def test_read_after_lease_expiry_is_recomputed(engines) -> None:
     assert prefill.wait_idle(LEASE_S + 10) == 0.0  # expired and freed
     # Pretend the decode's clock disagrees: it reads, and the prefill's confirmation fails it.
     stale = dict(params, lease_expires_at=time.time() + 3600)
+    before = decode.call("metrics")
     out = decode.generate(prompt, params=stale)
     assert out["tokens"] == prefill.generate(prompt)["tokens"]
+    assert out["prompt_tokens"]["computed"] >= len(prompt) - BLOCK, out["prompt_tokens"]  # recomputed
+    after = decode.call("metrics", settle_s=1.0)
+    assert after.get("disagg_kv_transfer_failures_total", 0) - before.get("disagg_kv_transfer_failures_total", 0) == 1
+    assert prefill.call("metrics", settle_s=0.5).get("disagg_kv_lease_expiries_total", 0) >= 1
     assert decode.wait_idle() == 0.0
 
 
@@ -243,19 +279,19 @@ def test_rejected_transfer_frees_prefill_blocks_early(engines) -> None:
     assert time.monotonic() - t0 < LEASE_S - 2
 
 
-def test_killed_prefill_mid_transfer_still_answers_correctly(engines, tiny_model: str) -> None:
+def test_killed_prefill_mid_transfer_still_answers_correctly(engines) -> None:
+    """Runs last: it kills the module's prefill engine."""
     prefill, decode = engines
-    victim = Engine(tiny_model, "0")
-    try:
-        prompt = prompt_tokens(6)
-        decode.generate(prompt_tokens(7), params=victim.prefill(prompt_tokens(7)))  # handshake done
-        params = victim.prefill(prompt)
-        decode.send("generate", prompt=prompt, max_tokens=MAX_TOKENS, request_id="killed-prefill",
-                    params=dict(params, fault_delay_read_s=2.0))
-        time.sleep(1.0)
-        victim.kill()
-        out = decode.reply(60)
-    finally:
-        victim.kill()
-    assert out["tokens"] == prefill.generate(prompt)["tokens"]
+    prompt = prompt_tokens(6)
+    reference = prefill.generate(prompt)["tokens"]  # aggregated, before the prefill dies
+    params = prefill.prefill(prompt)
+    # The decode has met this prefill before (handshake done); it waits 2 s before its READ,
+    # and the prefill dies meanwhile.
+    decode.send("generate", prompt=prompt, max_tokens=MAX_TOKENS, request_id="killed-prefill",
+                params=dict(params, fault_delay_read_s=2.0))
+    time.sleep(1.0)
+    prefill.kill()
+    out = decode.reply(120)
+    assert out["tokens"] == reference
+    assert out["prompt_tokens"]["computed"] >= len(prompt) - BLOCK, out["prompt_tokens"]  # recomputed
     assert decode.wait_idle() == 0.0
