@@ -77,6 +77,9 @@ class XferHandle:
     _invalidated: str | None = None
     _started_at: float = 0.0
     _incarnation: str = ""
+    # (local generation, remote incarnation, remote generation) of the tables this request was
+    # last checked against.
+    _checked: tuple[int, str, int] = (-1, "", -1)
 
     @property
     def nbytes(self) -> int:
@@ -244,14 +247,13 @@ class Agent:
         if old is not None:
             self.remove_remote_agent(md.name)
         if client is None and md.control_port:
+            # Metadata passed by hand: still subscribe to the peer's region changes.
             client = ControlClient(md.control_host, md.control_port, self._apply_push, on_lost=self._peer_lost)
             try:
                 md = AgentMetadata.model_validate(client.call(Hello(requester=self.name).model_dump()))
             except Exception:
                 client.close()
                 raise
-        elif client is not None:
-            pass  # fetch_remote_metadata already said hello (and subscribed)
         table = RegionTable(md.name)
         table.replace([Region.from_wire(r) for r in md.regions], md.regions_generation)
         self._backend.add_peer(md.name, md.backend_metadata)
@@ -341,16 +343,17 @@ class Agent:
             raise ValueError(f"operation must be READ or WRITE, not {operation!r}")
         if len(local_descs) != len(remote_descs):
             raise ValueError(f"{len(local_descs)} local descriptors but {len(remote_descs)} remote")
-        if (local_descs.lengths != remote_descs.lengths).any():
+        if not local_descs.same_lengths(remote_descs):
             raise ValueError("local and remote descriptor lengths differ")
         remote = self._remote(remote_agent)
+        checked = (self.regions.generation, remote.incarnation, remote.regions.generation)
         self.regions.check(local_descs, "local")
         remote.regions.check(remote_descs, "remote")
         token = lease.token if isinstance(lease, Lease) else lease
         if isinstance(lease, Lease) and lease_expires_at is None:
             lease_expires_at = lease.expires_at
         return XferHandle(operation, local_descs, remote_descs, remote_agent, bytes(notif_msg), token,
-                          lease_expires_at, release_lease, xfer_id=next(self._xfer_ids))
+                          lease_expires_at, release_lease, xfer_id=next(self._xfer_ids), _checked=checked)
 
     def transfer(self, handle: XferHandle, notif_msg: bytes | None = None) -> XferState:
         """Post (or re-post) a transfer. Returns its state; refusals come back as ERR."""
@@ -365,9 +368,12 @@ class Agent:
             if handle.lease_expires_at is not None and time.time() >= handle.lease_expires_at:
                 raise LeaseError(f"lease {handle.lease.lease_id if handle.lease else ''} expired before the "
                                  "transfer was posted; nothing was transferred")
-            # The tables may have changed since initialize_xfer.
-            self.regions.check(handle.local, "local")
-            remote.regions.check(handle.remote, "remote")
+            # Check again only if a table changed since the request was last checked.
+            checked = (self.regions.generation, remote.incarnation, remote.regions.generation)
+            if checked != handle._checked:
+                self.regions.check(handle.local, "local")
+                remote.regions.check(handle.remote, "remote")
+                handle._checked = checked
             handle._incarnation = remote.incarnation
             # Tracked before posting, so a region update racing the post still invalidates it.
             with self._lock:

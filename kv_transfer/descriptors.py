@@ -32,7 +32,7 @@ class Desc:
 class DescList:
     """An ordered list of spans in one memory type. Immutable once built."""
 
-    __slots__ = ("array", "mem_type")
+    __slots__ = ("array", "mem_type", "_total")
 
     def __init__(self, array: np.ndarray, mem_type: MemType = "DRAM") -> None:
         array = np.asarray(array, dtype=np.int64)
@@ -45,6 +45,7 @@ class DescList:
         array.setflags(write=False)
         self.array = array
         self.mem_type: MemType = mem_type
+        self._total: int | None = None
 
     @classmethod
     def from_descs(cls, descs: Iterable[Desc | tuple[int, ...]], mem_type: MemType = "DRAM") -> "DescList":
@@ -83,7 +84,17 @@ class DescList:
 
     @property
     def total_bytes(self) -> int:
-        return int(self.array[:, 1].sum())
+        if self._total is None:
+            self._total = int(self.array[:, 1].sum())
+        return self._total
+
+    def same_lengths(self, other: "DescList") -> bool:
+        """Whether descriptor i of both lists has the same length, for every i."""
+        if len(self) != len(other):
+            return False
+        if len(self) <= 8:
+            return self.array[:, 1].tolist() == other.array[:, 1].tolist()
+        return bool((self.array[:, 1] == other.array[:, 1]).all())
 
     @property
     def lengths(self) -> np.ndarray:

@@ -7,6 +7,7 @@ check again, against their live table, before they touch memory.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ class RegionTable:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0  # two-sided accesses being served right now
-        self._index: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._index: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, list[int], list[int]]] = {}
 
     def add(self, region: Region) -> None:
         with self._lock:
@@ -144,7 +145,7 @@ class RegionTable:
         self.generation += 1
         self._index = {}
 
-    def _sorted(self, mem_type: str, dev: int) -> tuple[np.ndarray, np.ndarray]:
+    def _sorted(self, mem_type: str, dev: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
         key = (mem_type, dev)
         if key not in self._index:
             rs = sorted((r for r in self._regions.values() if r.mem_type == mem_type and r.dev_id == dev),
@@ -154,15 +155,23 @@ class RegionTable:
             # starting at or before an address is the one that can contain a span from there.
             reach = np.maximum.accumulate(np.array([r.end for r in rs], dtype=np.int64)) if rs \
                 else np.zeros(0, dtype=np.int64)
-            self._index[key] = (starts, reach)
+            self._index[key] = (starts, reach, starts.tolist(), reach.tolist())
         return self._index[key]
 
     def _uncovered(self, descs: DescList) -> int | None:
         a = descs.array
+        if len(a) <= 8:
+            # Few descriptors (single-block latency): plain Python beats numpy's per-call cost.
+            for i, (addr, length, dev) in enumerate(a.tolist()):
+                _, _, starts_l, reach_l = self._sorted(descs.mem_type, dev)
+                j = bisect.bisect_right(starts_l, addr) - 1
+                if j < 0 or reach_l[j] < addr + length:
+                    return i
+            return None
         devs = np.unique(a[:, 2])
         for dev in devs.tolist():
             rows = np.flatnonzero(a[:, 2] == dev) if len(devs) > 1 else np.arange(len(a))
-            starts, reach = self._sorted(descs.mem_type, dev)
+            starts, reach, _, _ = self._sorted(descs.mem_type, dev)
             if starts.size == 0:
                 return int(rows[0])
             addr = a[rows, 0]
