@@ -57,10 +57,12 @@ def bench_pick(num_endpoints: int, *, indexed_blocks: int, picks: int, prompt_to
 
     scrape()
     prefixes: list[list[int]] = []
-    while scheduler.index.num_blocks() < indexed_blocks:
+    indexed = 0
+    while indexed < indexed_blocks:
         tokens = [rng.randrange(32_000) for _ in range(16 * BLOCK)]
         scheduler.index.record(rng.choice(endpoints).engine_id, block_hashes(tokens, BLOCK))
         prefixes.append(tokens)
+        indexed += 16
     requests = []
     for i in range(picks):
         head = rng.choice(prefixes)[: prompt_tokens // 2] if i % 2 else []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import httpx
 
@@ -86,7 +86,7 @@ class Background:
             subscriber = KVEventSubscriber(
                 subscriber_endpoint(info.kv_events_endpoint, host), on_batch, replay_endpoint=replay
             )
-            tasks.append(asyncio.create_task(self._guard(subscriber.run(), f"KV events of {endpoint}"),
+            tasks.append(asyncio.create_task(self._guard(subscriber.run, f"KV events of {endpoint}"),
                                              name=f"disagg-kv-events-{endpoint.address}"))
         return tasks
 
@@ -116,9 +116,9 @@ class Background:
                 self.scheduler.index.expire()
 
     @staticmethod
-    async def _guard(coro, what: str) -> None:
+    async def _guard(run: Callable[[], Awaitable[None]], what: str) -> None:
         try:
-            await coro
+            await run()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -8,7 +8,7 @@ Liveness: a worker that has not answered for `dead_after_s` is dead: `endpoints(
 returns it, so no pick chooses it. It stays known (`dead_endpoints()`) until `forget_after_s`, when
 `sweep()` removes it: if every live endpoint is gone at once, more likely our side stalled than
 all of them, and the scheduler may still route to the most recently seen (panic mode). An engine
-removed as dead and listed again by discovery comes back with its old silence, not as new.
+removed as dead and listed again by discovery comes back dead until a scrape hears from it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class EndpointPool:
         # Per-role lists, rebuilt on membership changes only: picks read them every time.
         self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         self._listeners: list[RemovalListener] = []
-        # engine id -> seen_at of engines removed as dead (bounded), so rediscovery is no revival.
+        # engine ids removed as dead (bounded), so rediscovery is no revival.
         self._tombstones: dict[str, float] = {}
 
     # -- membership -------------------------------------------------------------------------
@@ -67,7 +67,9 @@ class EndpointPool:
             known.info = info
         else:
             now = self.clock()
-            seen = self._tombstones.pop(info.engine_id, now)
+            # An engine forgotten as dead comes back dead (not pickable) but not due for another
+            # sweep before its scrapes have had forget_after_s - dead_after_s to revive it.
+            seen = now - self.dead_after_s - 1e-3 if self._tombstones.pop(info.engine_id, None) is not None else now
             known = Endpoint(info=info, load=EngineLoad(num_blocks=info.num_blocks), load_at=seen, seen_at=seen)
             self._by_engine[info.engine_id] = known
             if self.layout_fingerprint is None:
@@ -127,6 +129,8 @@ class EndpointPool:
         if endpoint is None:
             return
         now = self.clock() if at is None else at
+        if not 0.0 <= load.kv_usage <= 1.0:
+            load = load.model_copy(update={"kv_usage": min(max(load.kv_usage, 0.0), 1.0)})
         endpoint.load = load
         endpoint.load_at = now
         endpoint.seen_at = max(endpoint.seen_at, now)

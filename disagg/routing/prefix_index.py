@@ -6,22 +6,23 @@ a prompt and a KV event that carry the same tokens always meet.
 
 Two kinds of entries share one index:
 - exact ones, from an engine's KV events (`store` / `remove_engine_blocks` / `clear`), which live
-  until the engine says the block is gone;
-- approximate ones, learned from our own routing decisions (`record`), which expire after
-  `approx_ttl_s`. They also cover the gap between a pick and the engine's events about it.
+  until the engine says the block is gone; each engine keeps at most `capacity_blocks`;
+- approximate ones, learned from our own routing decisions (`record`), which expire: they live in
+  two generations that rotate every `approx_ttl_s / 2`, so an entry lasts between half the TTL
+  and the TTL, and a generation holding `capacity_blocks` rotates early. They also cover the gap
+  between a pick and the engine's events about it.
 
-Each engine holds at most `capacity_blocks` entries; the oldest go first.
+Each block maps to a bit mask of the engines holding it (one bit per engine), so a match is a
+chain of integer ANDs and recording a block is one dict update, whatever the number of engines.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
 ROOT_HASH = 0
-_NEVER = math.inf
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
@@ -40,11 +41,13 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_H
 
 
 @dataclass
-class _EngineBlocks:
+class _ExactBlocks:
+    """One engine's exact entries."""
+
     # our hash -> None, in insertion order (oldest first) for capacity eviction
-    order: dict[int, None]
+    order: dict[int, None] = field(default_factory=dict)
     # the engine's own block hash -> ours, to follow parent links and removals in KV events
-    from_engine: dict[Hashable, int]
+    from_engine: dict[Hashable, int] = field(default_factory=dict)
 
 
 class PrefixIndex:
@@ -60,61 +63,75 @@ class PrefixIndex:
         self.approx_ttl_s = approx_ttl_s
         self.capacity_blocks = capacity_blocks
         self.clock = clock
-        # our hash -> {engine_id: expiry (inf for exact entries)}
-        self._holders: dict[int, dict[str, float]] = {}
-        self._engines: dict[str, _EngineBlocks] = {}
+        self._bits: dict[str, int] = {}  # engine id -> its bit
+        self._engine_of_bit: dict[int, str] = {}
+        self._free_bits: list[int] = []
+        self._exact: dict[int, int] = {}  # our hash -> mask of engines with an exact entry
+        self._approx_new: dict[int, int] = {}  # our hash -> mask, current generation
+        self._approx_old: dict[int, int] = {}  # previous generation
+        self._generation_started = clock()
+        self._exact_blocks: dict[str, _ExactBlocks] = {}
         self.unresolved_blocks = 0  # blocks whose parent we never saw (events lost)
 
     # -- queries ----------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """For each engine holding the first block, how many leading blocks of `hashes` it holds.
-        Does not modify the index."""
-        hits: dict[str, int] = {}
+        Does not change what the index holds."""
         if not hashes:
-            return hits
-        now = self.clock()
-        alive: set[str] | None = None
+            return {}
+        self._rotate_if_due()
+        exact, new, old = self._exact, self._approx_new, self._approx_old
+        hits: dict[int, int] = {}  # bit -> leading blocks held
+        alive = -1
         for i, h in enumerate(hashes):
-            holders = self._holders.get(h)
-            if not holders:
-                break
-            here = {e for e, expiry in holders.items() if expiry > now}
-            alive = here if alive is None else alive & here
+            here = alive & (exact.get(h, 0) | new.get(h, 0) | old.get(h, 0))
+            dropped = alive & ~here if i else 0
+            while dropped:
+                bit = dropped & -dropped
+                hits[bit] = i
+                dropped ^= bit
+            alive = here
             if not alive:
                 break
-            for engine_id in alive:
-                hits[engine_id] = i + 1
-        return hits
+        else:
+            i = len(hashes)
+            while alive:
+                bit = alive & -alive
+                hits[bit] = i
+                alive ^= bit
+        engine_of = self._engine_of_bit
+        return {engine_of[bit]: n for bit, n in hits.items() if bit in engine_of}
 
     def num_blocks(self, engine_id: str | None = None) -> int:
-        if engine_id is not None:
-            blocks = self._engines.get(engine_id)
-            return len(blocks.order) if blocks else 0
-        return sum(len(b.order) for b in self._engines.values())
+        """Blocks held (exact or approximate): by one engine, or index entries in all. O(size)."""
+        self._rotate_if_due()
+        if engine_id is None:
+            return sum(len(b.order) for b in self._exact_blocks.values()) + sum(
+                m.bit_count() for d in (self._approx_new, self._approx_old) for m in d.values())
+        bit = self._bits.get(engine_id)
+        if bit is None:
+            return 0
+        held = set(self._exact_blocks[engine_id].order) if engine_id in self._exact_blocks else set()
+        for generation in (self._approx_new, self._approx_old):
+            held.update(h for h, m in generation.items() if m & bit)
+        return len(held)
 
     def engines(self) -> list[str]:
-        return list(self._engines)
+        return list(self._bits)
 
     # -- approximate entries ----------------------------------------------------------------
 
     def record(self, engine_id: str, hashes: Sequence[int]) -> None:
-        """We just sent these blocks' prompt to `engine_id`: assume it holds them for a while
-        (an exact entry stays exact)."""
-        expiry = self.clock() + self.approx_ttl_s
-        blocks = self._blocks(engine_id)
-        order = blocks.order
-        holders_of = self._holders
+        """We just sent these blocks' prompt to `engine_id`: assume it holds them for a while."""
+        self._rotate_if_due()
+        bit = self._bit(engine_id)
+        new = self._approx_new
+        get = new.get
         for h in hashes:
-            holders = holders_of.get(h)
-            if holders is None:
-                holders = holders_of[h] = {}
-            if holders.get(engine_id, 0.0) < expiry:
-                holders[engine_id] = expiry
-            order.pop(h, None)
-            order[h] = None
-        if len(order) > self.capacity_blocks:
-            self._evict(engine_id, blocks)
+            new[h] = get(h, 0) | bit
+        if len(new) > self.capacity_blocks:
+            self._rotate()
 
     # -- exact entries (KV events) ----------------------------------------------------------
 
@@ -127,7 +144,7 @@ class PrefixIndex:
     ) -> int:
         """A BlockStored event: the engine now holds these blocks. Returns how many were indexed
         (0 when the parent block is unknown, i.e. we missed the events that named it)."""
-        blocks = self._blocks(engine_id)
+        blocks = self._exact_blocks.setdefault(engine_id, _ExactBlocks())
         if parent_engine_hash is None:
             parent = ROOT_HASH
         else:
@@ -136,71 +153,85 @@ class PrefixIndex:
                 self.unresolved_blocks += len(engine_hashes)
                 return 0
             parent = found
+        bit = self._bit(engine_id)
         ours = block_hashes(token_ids, self.block_size, parent)
         n = min(len(ours), len(engine_hashes))
+        exact, order = self._exact, blocks.order
         for engine_hash, h in zip(engine_hashes[:n], ours[:n]):
             blocks.from_engine[engine_hash] = h
-            self._holders.setdefault(h, {})[engine_id] = _NEVER
-            self._touch(blocks, h)
-        self._evict(engine_id, blocks)
+            exact[h] = exact.get(h, 0) | bit
+            order.pop(h, None)
+            order[h] = None
+        while len(order) > self.capacity_blocks:
+            self._drop_exact(bit, order, next(iter(order)))
         return n
 
     def remove_engine_blocks(self, engine_id: str, engine_hashes: Sequence[Hashable]) -> None:
         """A BlockRemoved event: the engine evicted these blocks."""
-        blocks = self._engines.get(engine_id)
-        if blocks is None:
+        blocks = self._exact_blocks.get(engine_id)
+        bit = self._bits.get(engine_id)
+        if blocks is None or bit is None:
             return
         for engine_hash in engine_hashes:
             h = blocks.from_engine.pop(engine_hash, None)
             if h is not None:
-                self._drop(engine_id, blocks, h)
+                self._drop_exact(bit, blocks.order, h)
 
     def clear(self, engine_id: str) -> None:
-        """AllBlocksCleared, or the engine left the pool: forget everything it held."""
-        blocks = self._engines.pop(engine_id, None)
-        if blocks is None:
+        """AllBlocksCleared, or the engine left the pool: forget everything it held (O(size))."""
+        bit = self._bits.pop(engine_id, None)
+        blocks = self._exact_blocks.pop(engine_id, None)
+        if bit is None:
             return
-        for h in blocks.order:
-            holders = self._holders.get(h)
-            if holders is not None:
-                holders.pop(engine_id, None)
-                if not holders:
-                    del self._holders[h]
+        if blocks is not None:
+            for h in list(blocks.order):
+                self._drop_exact(bit, blocks.order, h)
+        for generation in (self._approx_new, self._approx_old):
+            for h in [h for h, m in generation.items() if m & bit]:
+                rest = generation[h] & ~bit
+                if rest:
+                    generation[h] = rest
+                else:
+                    del generation[h]
+        del self._engine_of_bit[bit]
+        self._free_bits.append(bit)
 
     def expire(self) -> int:
-        """Drop approximate entries past their expiry; returns how many. `match` already ignores
-        them: this only frees memory."""
-        now = self.clock()
-        dropped = 0
-        for engine_id, blocks in list(self._engines.items()):
-            stale = [h for h in blocks.order if self._holders.get(h, {}).get(engine_id, _NEVER) <= now]
-            for h in stale:
-                self._drop(engine_id, blocks, h)
-            dropped += len(stale)
-        return dropped
+        """Rotate approximate generations that are due; returns how many entries were dropped.
+        `match` and `record` rotate too: this only frees memory sooner."""
+        return self._rotate_if_due()
 
     # -- internals --------------------------------------------------------------------------
 
-    def _blocks(self, engine_id: str) -> _EngineBlocks:
-        blocks = self._engines.get(engine_id)
-        if blocks is None:
-            blocks = self._engines[engine_id] = _EngineBlocks(order={}, from_engine={})
-        return blocks
+    def _bit(self, engine_id: str) -> int:
+        bit = self._bits.get(engine_id)
+        if bit is None:
+            bit = self._free_bits.pop() if self._free_bits else 1 << len(self._engine_of_bit)
+            self._bits[engine_id] = bit
+            self._engine_of_bit[bit] = engine_id
+        return bit
 
-    @staticmethod
-    def _touch(blocks: _EngineBlocks, h: int) -> None:
-        blocks.order.pop(h, None)
-        blocks.order[h] = None
+    def _drop_exact(self, bit: int, order: dict[int, None], h: int) -> None:
+        order.pop(h, None)
+        rest = self._exact.get(h, 0) & ~bit
+        if rest:
+            self._exact[h] = rest
+        else:
+            self._exact.pop(h, None)
 
-    def _drop(self, engine_id: str, blocks: _EngineBlocks, h: int) -> None:
-        blocks.order.pop(h, None)
-        holders = self._holders.get(h)
-        if holders is not None:
-            holders.pop(engine_id, None)
-            if not holders:
-                del self._holders[h]
+    def _rotate_if_due(self) -> int:
+        half = self.approx_ttl_s / 2
+        elapsed = self.clock() - self._generation_started
+        if elapsed < half:
+            return 0
+        dropped = self._rotate()
+        if elapsed >= 2 * half:
+            dropped += self._rotate()
+        self._generation_started = self.clock()
+        return dropped
 
-    def _evict(self, engine_id: str, blocks: _EngineBlocks) -> None:
-        while len(blocks.order) > self.capacity_blocks:
-            oldest = next(iter(blocks.order))
-            self._drop(engine_id, blocks, oldest)
+    def _rotate(self) -> int:
+        dropped = len(self._approx_old)
+        self._approx_old = self._approx_new
+        self._approx_new = {}
+        return dropped

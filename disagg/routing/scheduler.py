@@ -199,11 +199,15 @@ class Scheduler:
         return result
 
     def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> Candidates:
-        freshness = self.pool.freshness
+        # EndpointPool.freshness, inlined: this runs once per endpoint per pick.
+        stale = self.pool.stale_after_s
+        span = max(self.pool.dead_after_s - stale, 1e-9)
+        freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
+                     for e in endpoints]
         return Candidates(
             endpoints=endpoints,
             prefix_blocks=[hits.get(e.info.engine_id, 0) for e in endpoints] if hits else [0] * len(endpoints),
-            freshness=[freshness(e, now) for e in endpoints],
+            freshness=freshness,
             queues=[e.load.waiting + e.load.running + e.pending for e in endpoints],
         )
 

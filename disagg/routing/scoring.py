@@ -100,7 +100,7 @@ class KVUsageScorer:
     name: str = "kv_usage"
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
-        return [1.0 - min(max(e.load.kv_usage, 0.0), 1.0) for e in candidates.endpoints]
+        return [1.0 - e.load.kv_usage for e in candidates.endpoints]  # clamped to [0, 1] by the pool
 
 
 @dataclass

@@ -149,7 +149,7 @@ def test_hung_decode_leaves_the_pool_within_two_seconds(cluster):
             assert served_by(via_gateway(client, prompt(3000 + i, words=20))) == survivor.address, pool_state(gateway)
     finally:
         os.killpg(victim.proc.pid, signal.SIGCONT)
-    wait_until(lambda: gateway.call(lambda: len(gateway.scheduler.pool.endpoints("decode"))) == 2, 30)
+    wait_until(lambda: gateway.call(lambda: len(gateway.scheduler.pool.endpoints("decode"))) == 2, 60)
 
 
 def test_restarted_epp_rebuilds_its_state_and_routing_goes_on(cluster):

@@ -54,7 +54,7 @@ async def cluster():
     workers = [FakeWorker("decode").start(), FakeWorker("decode").start(), FakeWorker("prefill").start()]
     s = Scheduler(RoutingConfig(scrape_interval_s=0.05), model="tiny", block_size=32)
     task = asyncio.create_task(s.run(StaticDiscovery([w.address for w in workers], interval_s=0.2)))
-    await wait_for(lambda: len(s.pool) == 3)
+    await wait_for(lambda: len(s.pool) == 3, timeout=15)
     yield s, workers
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -86,6 +86,17 @@ async def test_hung_worker_leaves_the_pool_within_dead_after(cluster) -> None:
     for i in range(20):
         pick = s.pick(PickRequest(model="tiny", prompt_token_ids=list(range(i, i + 100))))
         assert workers[0].address not in pick.decode_addresses
+
+
+async def test_worker_forgotten_while_hung_comes_back_when_it_answers(cluster) -> None:
+    s, workers = cluster
+    s.pool.forget_after_s = 2.5
+    gone = workers[0]
+    engine_id = gone.info.engine_id
+    gone.hung.set()
+    await wait_for(lambda: engine_id not in s.pool, timeout=6)
+    gone.hung.clear()
+    await wait_for(lambda: any(e.engine_id == engine_id for e in s.pool.endpoints("decode")), timeout=6)
 
 
 async def test_restarted_worker_is_replaced_by_its_new_engine(cluster) -> None:

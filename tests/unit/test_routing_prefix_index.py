@@ -71,15 +71,57 @@ def test_approximate_entries_expire_but_exact_ones_stay() -> None:
     hashes = block_hashes(tokens, BS)
     index.record("guess", hashes)
     index.store("event", [1, 2], tokens, None)
+    clock.now = 5.5  # one rotation: still there
+    assert index.match(hashes) == {"guess": 2, "event": 2}
     clock.now = 11
     assert index.match(hashes) == {"event": 2}
-    assert index.expire() == 2
     assert index.num_blocks("guess") == 0
 
 
-def test_capacity_evicts_oldest_blocks() -> None:
+def test_recording_again_keeps_an_entry_alive() -> None:
+    clock = Clock()
+    index = PrefixIndex(BS, approx_ttl_s=10, clock=clock)
+    hashes = block_hashes(list(range(8)), BS)
+    for t in (0, 6, 12, 18):
+        clock.now = t
+        index.record("a", hashes)
+    clock.now = 20
+    assert index.match(hashes) == {"a": 2}
+
+
+def test_exact_capacity_evicts_an_engines_oldest_blocks() -> None:
     index = PrefixIndex(BS, capacity_blocks=2)
-    hashes = block_hashes(list(range(12)), BS)
-    index.record("a", hashes)
+    tokens = list(range(12))
+    index.store("a", [1, 2, 3], tokens, None)
     assert index.num_blocks("a") == 2
-    assert index.match(hashes) == {}  # the first block went first
+    assert index.match(block_hashes(tokens, BS)) == {}  # the first block went first
+
+
+def test_a_full_approximate_generation_rotates_early() -> None:
+    index = PrefixIndex(BS, capacity_blocks=2)
+    first = block_hashes(list(range(12)), BS)
+    second = block_hashes(list(range(100, 112)), BS)
+    third = block_hashes(list(range(200, 212)), BS)
+    index.record("a", first)
+    index.record("a", second)
+    index.record("a", third)
+    assert index.match(first) == {}
+    assert index.match(third) == {"a": 3}
+
+
+def test_many_engines_match_independently() -> None:
+    index = PrefixIndex(BS)
+    hashes = block_hashes(list(range(40)), BS)
+    for e in range(100):
+        index.record(f"e{e}", hashes[: 1 + e % 10])
+    hits = index.match(hashes)
+    assert all(hits[f"e{e}"] == 1 + e % 10 for e in range(100))
+
+
+def test_a_cleared_engines_bit_is_reused_without_its_blocks() -> None:
+    index = PrefixIndex(BS)
+    hashes = block_hashes(list(range(8)), BS)
+    index.record("old", hashes)
+    index.clear("old")
+    index.record("new", hashes[:1])
+    assert index.match(hashes) == {"new": 1}
