@@ -40,6 +40,19 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def reference_loop_ms() -> float:
+    """CPU time of a fixed pure-Python loop (median of 11): how fast this machine runs Python
+    right now. About 2.5-3 ms on an idle recent x86 core; more when cores are shared."""
+    times = []
+    for _ in range(11):
+        c0 = time.thread_time()
+        total = 0
+        for i in range(100_000):
+            total += i
+        times.append((time.thread_time() - c0) * 1e3)
+    return sorted(times)[5]
+
+
 def bench_pick(num_endpoints: int, *, indexed_blocks: int, picks: int, prompt_tokens: int, seed: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     # Signals never age here: the benchmark times picks, not freshness.
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
+                    "reference_loop_ms": reference_loop_ms()},
         "pick": [],
     }
     for n in (int(x) for x in args.endpoints.split(",")):
@@ -242,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{hop['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
         result["hop"] = hop
     result["machine"]["load_avg_after"] = os.getloadavg()
+    result["machine"]["reference_loop_ms_after"] = reference_loop_ms()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "epp.json").write_text(json.dumps(result, indent=2))
