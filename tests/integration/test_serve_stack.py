@@ -143,7 +143,7 @@ def test_models_and_health(stack):
 
 def test_client_disconnect_aborts_both_workers(stack):
     pool = httpx.get(f"{stack.url}/v1/pool").json()
-    body = {"model": "tiny", "prompt": long_prompt(3), "max_tokens": 600, "temperature": 0, "stream": True,
+    body = {"model": "tiny", "prompt": long_prompt(3), "max_tokens": 350, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200, r.read()
