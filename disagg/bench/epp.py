@@ -99,7 +99,8 @@ def bench_pick(num_endpoints: int, *, indexed_blocks: int, picks: int, prompt_to
     cpu.sort()
     return {
         "endpoints": num_endpoints,
-        "indexed_blocks": scheduler.index.num_blocks(),
+        "indexed_blocks": indexed,  # before the picks (each pick records its prompt's blocks too)
+        "index_entries_after": scheduler.index.num_blocks(),
         "picks": picks,
         "prompt_tokens": prompt_tokens,
         "p50_us": _percentile(latencies, 0.5) * 1e6,
