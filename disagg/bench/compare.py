@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -60,32 +61,49 @@ ROUND_ROBIN = ["routing.prefix_weight=0", "routing.load_weight=0", "routing.kv_u
 
 @dataclass(frozen=True)
 class Plan:
-    """How much to run: requests per workload, open-loop rates, closed-loop concurrency."""
+    """How much to run. `shapes`: each workload's builder arguments; `rates`: open-loop requests/s;
+    `closed`: closed-loop concurrency (absent: no closed-loop run). The `study_` fields are the
+    same for the P/D study, on a model whose long prefill takes seconds on one core."""
 
-    requests: int
-    conversations: int
-    turns: int
-    rates: dict[str, float]  # per workload, requests/s (open loop)
-    closed: dict[str, int]  # per workload, concurrency (closed loop); absent: no closed loop
-    study_requests: int
+    shapes: dict[str, dict[str, Any]]
+    rates: dict[str, float]
+    closed: dict[str, int]
+    study_shapes: dict[str, dict[str, Any]]
     study_rates: dict[str, float]
     thresholds: tuple[int, ...]
 
     @staticmethod
     def full() -> "Plan":
-        return Plan(requests=32, conversations=8, turns=4,
-                    rates={"shared_prefix": 2.0, "mixed": 2.0, "uniform": 2.0},
-                    closed={"shared_prefix": 4, "mixed": 4, "uniform": 4},
-                    study_requests=32, study_rates={"mixed": 0.5, "shared_prefix": 0.5},
-                    thresholds=(0, 256, 1280, 100_000))
+        return Plan(
+            shapes={"shared_prefix": {"conversations": 6, "turns": 4}, "mixed": {"requests": 24},
+                    "uniform": {"requests": 24}},
+            rates={"shared_prefix": 2.0, "mixed": 2.0, "uniform": 2.0},
+            closed={"shared_prefix": 4, "mixed": 4, "uniform": 4},
+            study_shapes={"shared_prefix": {"conversations": 4, "turns": 4, **STUDY_SHARED_PREFIX},
+                          "mixed": {"requests": 16, **STUDY_MIXED}},
+            study_rates={"mixed": 0.25, "shared_prefix": 0.3},
+            thresholds=(0, 256, 100_000))
 
     @staticmethod
     def quick() -> "Plan":
-        return Plan(requests=16, conversations=4, turns=4,
-                    rates={"shared_prefix": 2.0, "mixed": 2.0, "uniform": 2.0},
-                    closed={"uniform": 4},
-                    study_requests=16, study_rates={"mixed": 0.5, "shared_prefix": 0.5},
-                    thresholds=(0, 256, 100_000))
+        return Plan(
+            shapes={"shared_prefix": {"conversations": 4, "turns": 3}, "mixed": {"requests": 12},
+                    "uniform": {"requests": 12}},
+            rates={"shared_prefix": 2.0, "mixed": 2.0, "uniform": 2.0},
+            closed={"uniform": 4},
+            study_shapes={"shared_prefix": {"conversations": 3, "turns": 3, **STUDY_SHARED_PREFIX},
+                          "mixed": {"requests": 10, **STUDY_MIXED}},
+            study_rates={"mixed": 0.25, "shared_prefix": 0.3},
+            thresholds=(256,))
+
+
+# The study's model takes ~1 s per 300 prompt tokens on one (AVX2, fp32) core here. Workload (ii):
+# a long prompt's prefill stalls every decode on its engine for a second or more (the
+# interference), short prompts get answers long enough to show decode's inter-token gaps.
+STUDY_MIXED = {"long_prompt": (384, 512), "long_answer": (4, 8), "short_prompt": (16, 32),
+               "short_answer": (32, 48)}
+# Workload (i): a cache miss prefills the whole conversation, a hit only the newest turn.
+STUDY_SHARED_PREFIX = {"system_tokens": 256, "user_tokens": 48, "answer_tokens": 16}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -159,7 +177,8 @@ class Budget:
 
 def _run(url: str, model: str, workload: workloads.Workload, *, rate: float | None = None,
          concurrency: int | None = None, seed: int = 0) -> dict[str, Any]:
-    run = asyncio.run(driver.drive(url, model, workload, rate=rate, concurrency=concurrency, seed=seed))
+    run = asyncio.run(driver.drive(url, model, workload, rate=rate, concurrency=concurrency, seed=seed,
+                                   timeout_s=300.0))
     out = run.to_json()
     for r in out["requests"]:  # per-event gaps stay out of the JSON (summaries keep percentiles)
         r.pop("itl_s", None)
@@ -184,7 +203,7 @@ def make_stack(name: str, model: str, settings: EngineSettings, log_dir: Path) -
 
 def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSettings, log_dir: Path,
                  budget: Budget, seed: int, start_timeout: float) -> dict[str, Any]:
-    loads = {name: workloads.build(name, model, seed=seed, **_shape(name, plan)) for name in workloads.WORKLOADS}
+    loads = {name: workloads.build(name, model, seed=seed, **plan.shapes[name]) for name in workloads.WORKLOADS}
     warm = workloads.build("uniform", model, seed=seed + 1000, requests=2, salt="warm-up")
     results: dict[str, Any] = {"model": Path(model).name, "workloads": {k: w.summary() for k, w in loads.items()},
                                "stacks": []}
@@ -217,12 +236,6 @@ def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSetti
     return results
 
 
-def _shape(name: str, plan: Plan, requests: int | None = None) -> dict[str, Any]:
-    if name == "shared_prefix":
-        return {"conversations": plan.conversations, "turns": plan.turns}
-    return {"requests": requests or plan.requests}
-
-
 def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budget: Budget, seed: int,
           start_timeout: float) -> dict[str, Any]:
     """The P/D study on the gateway path: the engines start once, the router restarts per arm."""
@@ -230,16 +243,21 @@ def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budge
                GatewayWorker("decode0", "decode", settings.prefill_core),
                GatewayWorker("decode1", "decode", settings.decode_core)]
     stack = OursGateway("ours-gateway", model, settings, log_dir=log_dir / "study", workers=workers,
-                        worker_settings=["kv_connector=nixl"])
+                        # A slow prefill must not fall back to a local one: that would be another arm.
+                        worker_settings=["kv_connector=nixl", "prefill_timeout_s=600"])
     results: dict[str, Any] = {"model": Path(model).name, "arms": [], "workloads": {}}
     salt = iter(range(1, 1000))
 
     def load(name: str) -> workloads.Workload:
         # A fresh salt per run: no run hits the prefix cache another run filled.
-        w = workloads.build(name, model, seed=seed, salt=f"study-{next(salt)}",
-                            **_shape(name, plan, plan.study_requests))
+        w = workloads.build(name, model, seed=seed, salt=f"study-{next(salt)}", **plan.study_shapes[name])
         results["workloads"].setdefault(name, w.summary())
         return w
+
+    def warm() -> workloads.Workload:
+        # Long enough to be disaggregated at the default threshold (first NIXL handshake).
+        return workloads.uniform(model, seed=seed + 1000, requests=2, prompt=(300, 400), answer=(4, 8),
+                                 salt=f"warm-{next(salt)}")
 
     def arm(label: str, endpoints: list[str], routing: list[str], runs: list[str], **extra: Any) -> None:
         if budget.left() < 60:
@@ -250,7 +268,7 @@ def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budge
         entry = {"arm": label, "endpoints": endpoints, "routing": routing, "router_startup_s": router_s,
                  "runs": [], **extra}
         results["arms"].append(entry)
-        asyncio.run(driver.warm_up(stack.url, stack.model_name, load("uniform"), n=2))
+        entry["warm_up_errors"] = asyncio.run(driver.warm_up(stack.url, stack.model_name, warm()))
         for name in runs:
             log.info("study %s:", label)
             entry["runs"].append(_run(stack.url, stack.model_name, load(name), rate=plan.study_rates[name], seed=seed))
@@ -343,8 +361,14 @@ def ratios(side: dict[str, Any] | None, pd: dict[str, Any] | None) -> dict[str, 
 # -- entry point -------------------------------------------------------------------------------
 
 
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every started stack is stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

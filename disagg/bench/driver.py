@@ -35,8 +35,12 @@ class RequestResult:
     prompt_tokens: int
     max_tokens: int
     sent_s: float = 0.0  # when it was sent, from the run's start
+    # Time to the first event with text. None for an answer with no visible text at all (a
+    # random-weight model can repeat a special token, which detokenizes to ""): such a request
+    # succeeded but has no TTFT, ITL or TPOT; `summary()["no_text"]` counts them.
     ttft_s: float | None = None
-    latency_s: float | None = None
+    last_token_s: float | None = None  # time to the last event with text
+    latency_s: float | None = None  # time to the end of the stream
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)  # gaps between content events
     status: int | None = None
@@ -49,9 +53,9 @@ class RequestResult:
 
     @property
     def tpot_s(self) -> float | None:
-        if self.ttft_s is None or self.latency_s is None or self.output_tokens < 2:
+        if self.ttft_s is None or self.last_token_s is None or self.output_tokens < 2:
             return None
-        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+        return (self.last_token_s - self.ttft_s) / (self.output_tokens - 1)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -89,7 +93,7 @@ class RunResult:
         latency = [r.latency_s for r in ok if r.latency_s is not None]
         tokens = sum(r.output_tokens for r in ok)
         out: dict[str, Any] = {
-            "requests": len(rs), "failed": len(rs) - len(ok),
+            "requests": len(rs), "failed": len(rs) - len(ok), "no_text": sum(r.ttft_s is None for r in ok),
             "ttft_p50_ms": _ms(percentile(ttft, 50)), "ttft_p99_ms": _ms(percentile(ttft, 99)),
             "itl_p50_ms": _ms(percentile(itl, 50)), "itl_p99_ms": _ms(percentile(itl, 99)),
             "tpot_p50_ms": _ms(percentile(tpot, 50)), "tpot_p99_ms": _ms(percentile(tpot, 99)),
@@ -161,11 +165,12 @@ async def send(client: httpx.AsyncClient, url: str, model: str, req: BenchReques
         res.error = f"{type(e).__name__}: {e}"[:200]
     if res.error is not None:
         return res
-    res.latency_s = (last or time.perf_counter()) - t0
+    res.latency_s = time.perf_counter() - t0
+    res.last_token_s = None if last is None else last - t0
     res.output_tokens = usage_tokens if usage_tokens is not None else events
     if not done:
         res.error = "stream ended without [DONE]"
-    elif res.output_tokens < req.max_tokens or events == 0:
+    elif res.output_tokens < req.max_tokens:
         res.error = f"short answer: {res.output_tokens} of {req.max_tokens} tokens"
     return res
 

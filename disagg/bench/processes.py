@@ -9,6 +9,7 @@ ends all of them, not only the ones still in the tree.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,9 +26,30 @@ Classifier = Callable[[str], "str | None"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A free port below the kernel's ephemeral range. A port is picked here long before the
+    process that will listen on it binds it (engines take minutes to start); one from the
+    ephemeral range could meanwhile be handed to anyone's `bind(0)`, a port below it cannot."""
+    low = _ephemeral_low()
+    if low > 24_000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(low - 8_000, low - 500)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from disagg.bench.processes import free_port
+
 # Ray Serve LLM's default: streamed tokens are sent in batches every 50 ms.
 DEFAULT_STREAM_BATCHING_MS = 50.0
 
@@ -33,6 +35,8 @@ def engine_env(core: str | None, nixl_port: int, host: str, kv_cache_gib: int) -
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "UCX_NET_DEVICES": "lo",
         "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
+        "VLLM_ENGINE_READY_TIMEOUT_S": "3600",
     }
     if core is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = core
@@ -67,14 +71,6 @@ def pd_serving_args(model: str, *, model_id: str, host: str, prefill_core: str |
 
     return {"prefill_config": llm_config(prefill_core, prefill_nixl_port),
             "decode_config": llm_config(decode_core, decode_nixl_port)}
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, model_id: str, timeout_s: float) -> None:
@@ -127,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_pd_openai_app(pd_serving_args(
             args.model, model_id=model_id, host=args.host, prefill_core=args.prefill_core or None,
-            decode_core=args.decode_core or None, prefill_nixl_port=_free_port(args.host),
-            decode_nixl_port=_free_port(args.host), stream_batching_ms=args.stream_batching_ms,
+            decode_core=args.decode_core or None, prefill_nixl_port=free_port(args.host),
+            decode_nixl_port=free_port(args.host), stream_batching_ms=args.stream_batching_ms,
             dtype=args.dtype, block_size=args.block_size, max_model_len=args.max_model_len))
         serve.run(app, name="ray-serve-llm-pd", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"

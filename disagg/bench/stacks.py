@@ -25,11 +25,15 @@ from typing import Any
 
 import httpx
 
-from disagg.bench.processes import Launched, MemorySampler, free_port, launch, terminate
+from disagg.bench.processes import Launched, MemorySampler, free_port, terminate
+from disagg.bench.processes import launch as _launch_process
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+# On a shared, overloaded machine one engine step can take minutes; vLLM's defaults would then
+# declare the engine dead (300 s per step) or never ready (600 s). Same for every stack.
+PATIENT_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600", "VLLM_ENGINE_READY_TIMEOUT_S": "3600"}
 
 
 def native_dtype() -> str:
@@ -60,6 +64,10 @@ class EngineSettings:
     kv_cache_gib: int = 1
     prefill_core: str = "0"
     decode_core: str = "1"
+
+
+def launch(label: str, cmd: list[str], *, env: dict[str, str] | None = None, **kwargs: Any) -> Launched:
+    return _launch_process(label, cmd, env={**PATIENT_ENV, **(env or {})}, **kwargs)
 
 
 def _ray_component(cmdline: str) -> str | None:
@@ -279,20 +287,19 @@ class OursGateway(Stack):
 
     workers: list[GatewayWorker] = field(default_factory=list)
     worker_settings: list[str] = field(default_factory=list)
+    # Route over these workers as soon as they are up (empty: wait for `route`).
+    initial_route: list[str] = field(default_factory=list)
     router_settings: list[str] = field(default_factory=list)
     router_label: str = ""
     description = "disagg gateway path (standalone workers, EPP + Envoy)"
 
     def _start(self, timeout_s: float) -> None:
         s = self.settings
-        prefills = []
         for w in self.workers:
             w.port = w.port or free_port()
-            if w.role == "prefill":
-                prefills.append(w.address)
+        prefills = [w.address for w in self.workers if w.role == "prefill"]
         base = [f"dtype={s.dtype}", f"block_size={s.block_size}", f"max_model_len={s.max_model_len}",
-                f"max_num_seqs={s.max_num_seqs}",
-                f"kv_cache_gib={s.kv_cache_gib}", *self.worker_settings]
+                f"max_num_seqs={s.max_num_seqs}", f"kv_cache_gib={s.kv_cache_gib}", *self.worker_settings]
         for w in self.workers:
             cmd = [PY, "-m", "disagg.worker", "--role", w.role, "--model", self.model, "--port", str(w.port),
                    "--cpu-bind", w.core, "--prefill-endpoints", ",".join(prefills)]
@@ -301,7 +308,8 @@ class OursGateway(Stack):
             self.launched.append(launch(w.label, cmd, log_dir=self.log_dir, cwd=REPO))
         _wait(lambda: all(_get_ok(f"http://{w.address}/health") for w in self.workers), self.launched, timeout_s,
               f"{self.name} workers")
-        self.route([w.label for w in self.workers], self.router_settings)
+        if self.initial_route:
+            self.route(self.initial_route, self.router_settings)
 
     def route(self, labels: list[str], settings: list[str], timeout_s: float = 180) -> float:
         """Put a fresh EPP + Envoy in front of the named workers; returns its start-up seconds."""

@@ -95,8 +95,8 @@ def test_request_body_streams_greedy_answers_of_max_tokens(tiny_model: str) -> N
 
 
 def test_failed_requests_are_counted_not_dropped() -> None:
-    ok = RequestResult(index=0, group="g", prompt_tokens=10, max_tokens=3, ttft_s=0.1, latency_s=0.3,
-                       output_tokens=3, itl_s=[0.1, 0.1])
+    ok = RequestResult(index=0, group="g", prompt_tokens=10, max_tokens=3, ttft_s=0.1, last_token_s=0.3,
+                       latency_s=0.31, output_tokens=3, itl_s=[0.1, 0.1])
     bad = RequestResult(index=1, group="g", prompt_tokens=10, max_tokens=3, error="HTTP 500: boom")
     s = RunResult("w", "closed 1", 1.0, [ok, bad]).summary()
     assert s["requests"] == 2 and s["failed"] == 1
