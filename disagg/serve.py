@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.gateway:
         from disagg.epp.gateway import start_gateway_thread
 
-        gateway = start_gateway_thread(config, PoolDiscovery(stack.url), gateway_port=args.gateway_port)
+        gateway = start_gateway_thread(config, PoolDiscovery(stack.url), gateway_port=args.gateway_port,
+                                       host=config.host)
     print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}; "
           f"Ray metrics {stack.metrics_url}", flush=True)
     if gateway is not None:
