@@ -120,7 +120,7 @@ class Engine:
         child.close()
         self.info: dict[str, Any] = {}
 
-    def ready(self, timeout_s: float = 600.0) -> "Engine":
+    def ready(self, timeout_s: float = 1200.0) -> "Engine":
         # Generous: an engine starts in ~20 s on a quiet 2-core machine, minutes on a busy one.
         if not self.conn.poll(timeout_s):
             self.kill()
