@@ -53,7 +53,8 @@ def stack(tiny_model, tmp_path_factory):
             break
         time.sleep(1)
     if url is None:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         pytest.fail(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")
     s = Stack(proc, url, dashboard, log)
     s.ray_metrics = ray_metrics
