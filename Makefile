@@ -21,6 +21,9 @@ $(STAMP):
 	$(PIP) install -e ".[ray,ucx,k8s,bench,test]"
 	# The `nixl` meta package would pull 5.7 GB of CUDA: take NIXL with its UCX backend alone.
 	$(PIP) install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
+	# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's own; Ray's metrics
+	# agent then rejects every application metric (AttributeError: scope_metrics). Put the real one back.
+	$(PIP) install --no-deps --force-reinstall "opentelemetry-proto==$$($(VENV)/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -38,7 +41,7 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 test: install model system-deps
-	$(VENV)/bin/python -m pytest -q -x --timeout 900 tests
+	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=30 tests
 
 test-unit: install
 	$(VENV)/bin/python -m pytest -q tests/unit

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from disagg.bench import driver, workloads
+from disagg.bench.processes import component_roots
+from disagg.bench.profile import Profile
 from disagg.bench.stacks import (
     EngineSettings,
     GatewayWorker,
@@ -114,6 +116,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--study-model", default="models/bench", help="model for the P/D study (built if missing)")
     p.add_argument("--stacks", default=",".join(STACKS), help=f"comma list of {', '.join(STACKS)} ('' for none)")
     p.add_argument("--no-study", action="store_true", help="skip the P/D study")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the extra profiled run (py-spy) on ours and Ray Serve LLM")
     p.add_argument("--out", default="benchmarks", help="directory for JSON, plots and README.md")
     p.add_argument("--no-readme", action="store_true", help="write JSON and plots, leave README.md alone")
     p.add_argument("--seed", type=int, default=0)
@@ -175,11 +179,23 @@ class Budget:
         return self.limit_s - self.elapsed()
 
 
+def contention() -> dict[str, float]:
+    """How busy the machine is right now: the 1-minute load average and how long a fixed bit of
+    pure-Python work takes (about 20 ms on an idle core of this class)."""
+    started = time.perf_counter()
+    x = 0
+    for i in range(400_000):
+        x += i * i
+    return {"load_avg_1m": round(os.getloadavg()[0], 1), "probe_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
 def _run(url: str, model: str, workload: workloads.Workload, *, rate: float | None = None,
          concurrency: int | None = None, seed: int = 0) -> dict[str, Any]:
+    before = contention()
     run = asyncio.run(driver.drive(url, model, workload, rate=rate, concurrency=concurrency, seed=seed,
                                    timeout_s=300.0))
     out = run.to_json()
+    out["contention"] = {"before": before, "after": contention()}
     for r in out["requests"]:  # per-event gaps stay out of the JSON (summaries keep percentiles)
         r.pop("itl_s", None)
     s = out["summary"]
@@ -201,8 +217,20 @@ def make_stack(name: str, model: str, settings: EngineSettings, log_dir: Path) -
     raise ValueError(f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
 
 
+PROFILED = ("ours", "ray-serve-llm")
+
+
+def profiled_run(stack: Stack, workload: workloads.Workload, concurrency: int, out_dir: Path) -> dict[str, Any]:
+    """One more closed-loop run, not measured, with py-spy sampling the stack's router, decode and
+    Serve processes: where each spends its time."""
+    pids = {k: v for k, v in component_roots(stack.launched).items() if k in ("router", "decode", "serve", "prefill")}
+    with Profile(pids, out_dir) as prof:
+        asyncio.run(driver.drive(stack.url, stack.model_name, workload, concurrency=concurrency, timeout_s=300.0))
+    return {"pids": pids, "profiles": prof.summary(), "raw_dir": str(out_dir)}
+
+
 def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSettings, log_dir: Path,
-                 budget: Budget, seed: int, start_timeout: float) -> dict[str, Any]:
+                 budget: Budget, seed: int, start_timeout: float, profile: bool = True) -> dict[str, Any]:
     loads = {name: workloads.build(name, model, seed=seed, **plan.shapes[name]) for name in workloads.WORKLOADS}
     warm = workloads.build("uniform", model, seed=seed + 1000, requests=2, salt="warm-up")
     results: dict[str, Any] = {"model": Path(model).name, "workloads": {k: w.summary() for k, w in loads.items()},
@@ -225,6 +253,9 @@ def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSetti
                 entry["runs"].append(_run(stack.url, stack.model_name, workload, rate=plan.rates[wname], seed=seed))
                 if wname in plan.closed:
                     entry["runs"].append(_run(stack.url, stack.model_name, workload, concurrency=plan.closed[wname]))
+            if profile and name in PROFILED:
+                log.info("%s: profiled run", name)
+                entry["profile"] = profiled_run(stack, loads["uniform"], 4, log_dir / name / "profile")
         except Exception as e:  # noqa: BLE001 - one stack failing must not lose the others' results
             log.exception("%s failed", name)
             entry["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
@@ -296,9 +327,11 @@ def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budge
 
 
 def _summary(runs: list[dict[str, Any]], workload: str, closed: bool) -> dict[str, Any] | None:
+    """The run's summary; None when the run is missing or had failures (percentiles over only the
+    requests that succeeded would flatter the stack that failed)."""
     for r in runs:
         if r["workload"] == workload and r["load"].startswith("closed") == closed:
-            return r["summary"]
+            return r["summary"] if not r["summary"]["failed"] else None
     return None
 
 
@@ -341,7 +374,7 @@ def ratios(side: dict[str, Any] | None, pd: dict[str, Any] | None) -> dict[str, 
 
         def metric(arm: str, workload: str, key: str, group: str | None = None) -> float | None:
             for r in arms.get(arm, {}).get("runs", []):
-                if r["workload"] == workload:
+                if r["workload"] == workload and not r["summary"]["failed"]:
                     return (r["groups"].get(group, {}) if group else r["summary"]).get(key)
             return None
 
@@ -394,7 +427,8 @@ def main(argv: list[str]) -> int:
     side = pd = None
     if names:
         model = ensure_model(args.model, "tiny")
-        side = side_by_side(names, model, plan, settings, log_dir, budget, args.seed, args.start_timeout)
+        side = side_by_side(names, model, plan, settings, log_dir, budget, args.seed, args.start_timeout,
+                            profile=not args.no_profile)
         report["side_by_side"] = side
     if not args.no_study:
         study_model = ensure_model(args.study_model, "bench")

@@ -156,6 +156,15 @@ def _labelled_tree(root: Launched) -> list[tuple[str, psutil.Process]]:
     return out
 
 
+def component_roots(roots: list[Launched]) -> dict[str, int]:
+    """The topmost process of each component (a Serve replica's actor, not its engine child)."""
+    out: dict[str, int] = {}
+    for root in roots:
+        for label, proc in _labelled_tree(root):
+            out.setdefault(label, proc.pid)
+    return out
+
+
 def terminate(launched: list[Launched], sampler: MemorySampler | None, *, grace_s: float = 60.0) -> float:
     """SIGTERM each launched process (it shuts its own children down), wait up to `grace_s`,
     then SIGKILL whatever is left of every process ever seen. Returns the seconds it took."""

@@ -74,17 +74,18 @@ def pd_serving_args(model: str, *, model_id: str, host: str, prefill_core: str |
 
 
 def _wait_ready(url: str, model_id: str, timeout_s: float) -> None:
+    """Until a completion succeeds: the ingress lists the model before the engines are up."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
+    body = {"model": model_id, "prompt": "ready?", "max_tokens": 1}
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{url}/v1/models", timeout=5)
-            if r.status_code == 200 and any(m.get("id") == model_id for m in r.json().get("data", [])):
+            if httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(2)
     raise TimeoutError(f"Ray Serve LLM at {url} not ready after {timeout_s:.0f} s")
 
 

@@ -21,6 +21,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _contention(run: dict[str, Any]) -> str:
+    c = (run.get("contention") or {}).get("before")
+    return f"{c['load_avg_1m']:.0f} / {c['probe_ms']:.0f}" if c else "-"
+
+
 def _stacks(report: dict[str, Any]) -> list[dict[str, Any]]:
     return (report.get("side_by_side") or {}).get("stacks", [])
 
@@ -169,18 +174,22 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
         for w, s in side["workloads"].items():
             lines.append(f"- {w}: {s['requests']} requests, prompts {s['prompt_tokens_min']}-{s['prompt_tokens_max']} "
                          f"tokens ({s['prompt_tokens_total']} in all), {s['output_tokens_total']} output tokens")
-        lines += ["", "| stack | workload | load | TTFT p50/p99 ms | ITL p50/p99 ms | TPOT p50/p99 ms | tok/s | "
-                  "req/s | failed |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Machine contention before each run: 1-minute load average and a fixed pure-Python probe "
+                  "(~20 ms on an idle core).", "",
+                  "| stack | workload | load | TTFT p50/p99 ms | ITL p50/p99 ms | TPOT p50/p99 ms | tok/s | "
+                  "req/s | failed | load avg / probe ms |", "|---|---|---|---|---|---|---|---|---|---|"]
         for s in _stacks(report):
             if not s.get("runs"):
-                lines.append(f"| {s['name']} | - | - | - | - | - | - | - | {s.get('error') or s.get('skipped')} |")
+                why = (s.get("error") or s.get("skipped") or "").replace("\n", " ").replace("|", "/")[:160]
+                lines.append(f"| {s['name']} | - | - | - | - | - | - | - | {why} | |")
                 continue
             for r in s["runs"]:
                 x = r["summary"]
                 lines.append(
                     f"| {s['name']} | {r['workload']} | {r['load']} | {_fmt(x['ttft_p50_ms'])}/{_fmt(x['ttft_p99_ms'])} | "
                     f"{_fmt(x['itl_p50_ms'])}/{_fmt(x['itl_p99_ms'])} | {_fmt(x['tpot_p50_ms'])}/{_fmt(x['tpot_p99_ms'])} | "
-                    f"{_fmt(x['output_tok_s'])} | {_fmt(x['req_s'])} | {x['failed']}/{x['requests']} |")
+                    f"{_fmt(x['output_tok_s'])} | {_fmt(x['req_s'])} | {x['failed']}/{x['requests']} | "
+                    f"{_contention(r)} |")
         lines += ["", "Start-up, shut-down and peak memory (RSS summed per component's process tree; shared pages "
                   "count in every process, so these are upper bounds):", "",
                   "| stack | start s | stop s | peak RSS MiB per component |", "|---|---|---|---|"]
@@ -200,10 +209,11 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
             lines.append(f"- {w}: {s['requests']} requests, prompts {s['prompt_tokens_min']}-{s['prompt_tokens_max']} "
                          "tokens")
         lines += ["", "| arm | workload | load | TTFT p50/p99 ms | ITL p50/p99 ms | TPOT p50/p99 ms | "
-                  "short-prompt ITL p99 ms | tok/s | failed |", "|---|---|---|---|---|---|---|---|---|"]
+                  "short-prompt ITL p99 ms | tok/s | failed | load avg / probe ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for a in _arms(report):
             if not a.get("runs"):
-                lines.append(f"| {a['arm']} | - | - | - | - | - | - | - | {a.get('skipped', '')} |")
+                lines.append(f"| {a['arm']} | - | - | - | - | - | - | - | {a.get('skipped', '')} | |")
                 continue
             for r in a["runs"]:
                 x = r["summary"]
@@ -211,11 +221,26 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
                 lines.append(
                     f"| {a['arm']} | {r['workload']} | {r['load']} | {_fmt(x['ttft_p50_ms'])}/{_fmt(x['ttft_p99_ms'])} | "
                     f"{_fmt(x['itl_p50_ms'])}/{_fmt(x['itl_p99_ms'])} | {_fmt(x['tpot_p50_ms'])}/{_fmt(x['tpot_p99_ms'])} | "
-                    f"{_fmt(short)} | {_fmt(x['output_tok_s'])} | {x['failed']}/{x['requests']} |")
+                    f"{_fmt(short)} | {_fmt(x['output_tok_s'])} | {x['failed']}/{x['requests']} | {_contention(r)} |")
         mem = ", ".join(f"{k} {v:.0f}" for k, v in (pd.get("memory_mib") or {}).items())
         lines += ["", f"Workers started in {_fmt(pd.get('startup_s'))} s; peak RSS MiB: {mem}", ""]
         if pd.get("error"):
             lines += [f"Study error: `{pd['error'][:300]}`", ""]
+
+    profiled = [s for s in _stacks(report) if s.get("profile")]
+    if profiled:
+        lines += ["## Where the time goes (py-spy, an extra closed-loop run of `uniform`, 4 clients)", "",
+                  "Share of each process's samples (50 Hz, idle threads excluded) in the functions on top of "
+                  "the stack (self) and anywhere in it (total).", ""]
+        for s in profiled:
+            for component, prof in s["profile"]["profiles"].items():
+                if not prof.get("samples"):
+                    continue
+                top_self = "; ".join(f"{f} {p}%" for f, p in prof["top_self"][:6])
+                top_total = "; ".join(f"{f} {p}%" for f, p in prof["top_total"][:8])
+                lines += [f"- **{s['name']} / {component}** ({prof['samples']} samples): self: {top_self}",
+                          f"  - total: {top_total}"]
+        lines.append("")
 
     if plot_names:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plot_names] + [""]

@@ -128,6 +128,7 @@ class Stack:
     startup_s: float | None = None
     shutdown_s: float | None = None
     sampler: MemorySampler | None = None
+    start_errors: list[str] = field(default_factory=list)
 
     description = ""
 
@@ -135,15 +136,25 @@ class Stack:
     def model_name(self) -> str:
         return Path(self.model).name
 
-    def start(self, timeout_s: float = 900) -> "Stack":
+    def start(self, timeout_s: float = 900, attempts: int = 2) -> "Stack":
+        """Start and wait until it answers. A start that fails is retried from scratch (on an
+        overloaded machine Ray gives its raylet only 30 s to register)."""
         started = time.monotonic()
-        self.sampler = MemorySampler(self.launched)
-        self.sampler.start()
-        try:
-            self._start(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, attempts + 1):
+            self.launched = []
+            self.sampler = MemorySampler(self.launched)
+            self.sampler.start()
+            try:
+                self._start(timeout_s)
+                break
+            except Exception as e:  # noqa: BLE001 - retried, then raised
+                self.stop()
+                if attempt == attempts:
+                    raise
+                self.start_errors.append(f"{type(e).__name__}: {str(e)[:500]}")
+            except BaseException:
+                self.stop()
+                raise
         self.startup_s = round(time.monotonic() - started, 1)
         return self
 
@@ -164,7 +175,8 @@ class Stack:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "model": self.model_name,
-                "startup_s": self.startup_s, "shutdown_s": self.shutdown_s, "log_dir": str(self.log_dir)}
+                "startup_s": self.startup_s, "shutdown_s": self.shutdown_s, "log_dir": str(self.log_dir),
+                "start_errors": self.start_errors}
 
     def __enter__(self) -> "Stack":
         return self.start()
@@ -196,7 +208,7 @@ class OursRay(Stack):
                "--decode-replicas", str(self.decode_replicas)]
         for item in sets:
             cmd += ["--set", item]
-        self.launched.append(launch("ours", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
+        self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
                                     env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
         self.url = f"http://127.0.0.1:{port}"
 
@@ -228,7 +240,7 @@ class RayServeLLM(Stack):
                "--stream-batching-ms", str(self.stream_batching_ms), "--prefill-core", s.prefill_core,
                "--decode-core", s.decode_core, "--dtype", s.dtype, "--block-size", str(s.block_size),
                "--max-model-len", str(s.max_model_len), "--ray-tmpdir", tmp, "--timeout", str(timeout_s)]
-        self.launched.append(launch(self.name, cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
+        self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
                                     env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
         self.url = f"http://127.0.0.1:{port}"
         _wait(lambda: "READY" in self.launched[0].log_tail(100_000), self.launched, timeout_s, self.name)
