@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 import prometheus_client
+import ray
 from ray.serve.metrics import Gauge
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class MetricsBridge:
         return self._gauges[name]
 
     async def run(self, interval_s: float = 2.0) -> None:
+        if not ray.is_initialized():
+            return  # Serve's local testing mode: no Ray, so no Ray metrics to feed
         while True:
             try:
                 self.push()

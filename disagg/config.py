@@ -76,7 +76,7 @@ class AppConfig(_Strict):
     decode: RoleConfig = Field(default_factory=lambda: RoleConfig(cpu_bind=["1"]))
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
-    kv_connector: KVConnectorName = "nixl"
+    kv_connector: KVConnectorName = "disagg"
     kv_backend: KVBackendName = "auto"
     # Seconds a prefill worker keeps handed-off blocks before reclaiming them.
     kv_lease_s: float = Field(30.0, gt=0)

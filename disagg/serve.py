@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-replicas", type=int)
     p.add_argument("--kv-connector", choices=["disagg", "nixl", "none"])
     p.add_argument("--pd-threshold", type=int, help="routing.pd_threshold_tokens")
-    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--dashboard-port", type=int, default=0,
+                   help="Ray dashboard port (default: 8265, or the next free one when taken)")
     p.add_argument("--gateway", action="store_true", help="also start the EPP and Envoy in front of the workers")
     p.add_argument("--gateway-port", type=int, default=8080)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.prometheus import Prometheus, promtool_problems
-from tests.support.workers import REPO, free_port
+from tests.support.workers import REPO, free_port, metric, start_worker_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +35,11 @@ class Stack:
 def stack(tiny_model, tmp_path_factory):
     # Ray's unix socket paths must stay short: pytest's tmp paths are too long for them.
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    port, dash = free_port(), free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "disagg.cli", "serve", "--model", tiny_model, "--port", str(port),
-           "--dashboard-port", str(dash), "--pd-threshold", "64", "--set", "block_size=32",
+           "--pd-threshold", "64", "--set", "block_size=32",
            "--set", "max_model_len=1024"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -69,8 +69,33 @@ def stack(tiny_model, tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def long_prompt(i: int) -> str:
-    return " ".join(f"item{(i * 31 + k) % 401} dog" for k in range(80))
+@pytest.fixture(scope="module")
+def aggregated(tiny_model, tmp_path_factory):
+    """The aggregated reference: a vLLM worker of its own with no KV connector and no prefill."""
+    worker = start_worker_process(tiny_model, "decode", cpu_bind="0", log_dir=tmp_path_factory.mktemp("agg"),
+                                  settings=["block_size=32", "max_model_len=1024", "kv_connector=none"])
+    try:
+        wait_ready(worker)
+        yield worker
+    finally:
+        worker.stop()
+
+
+def long_prompt(i: int, words: int = 80) -> str:
+    return " ".join(f"item{(i * 31 + k) % 401} dog" for k in range(words))
+
+
+def engine_load(address: str) -> dict:
+    return httpx.get(f"http://{address}/v1/worker", timeout=10).json()["load"]
+
+
+def wait_blocks_free(address: str, timeout_s: float = 20) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = engine_load(address)
+        if (load["running"] == 0 and load["kv_usage"] == 0.0) or time.monotonic() > deadline:
+            return load
+        time.sleep(0.3)
 
 
 def test_chat_completion_returns_text_and_usage(stack):
@@ -96,6 +121,28 @@ def test_long_prompt_is_disaggregated_and_equals_local_output(stack):
     assert r.json()["choices"][0]["text"] == ref.json()["choices"][0]["text"]
     metrics = httpx.get(f"http://{decode}/metrics", timeout=5).text
     assert re.search(r'disagg_prefill_handoffs_total\{result="remote"\} [1-9]', metrics)
+
+
+def test_disaggregated_equals_aggregated_token_for_token_over_8_prompts(stack, aggregated):
+    """Through the Router on a real Ray: each long prompt is prefilled remotely, the decode side
+    computes at most one block of it, and the text equals one vLLM with no connector."""
+    for i, words in enumerate((12, 18, 26, 36, 50, 66, 90, 125)):  # ~80 to ~850 tokens
+        text = long_prompt(100 + i, words)
+        body = {"model": "tiny", "prompt": text, "max_tokens": 16, "temperature": 0}
+        ref = httpx.post(f"{aggregated.url}/v1/completions", json=body, timeout=120)
+        assert ref.status_code == 200, ref.text
+        n_prompt = ref.json()["usage"]["prompt_tokens"]
+        assert 64 < n_prompt < 1000, n_prompt
+        decode = "http://" + next(e["address"] for e in httpx.get(f"{stack.url}/v1/pool").json()
+                                  if e["role"] == "decode")
+        local_before = metric(decode, "vllm:prompt_tokens_by_source_total", source="local_compute")
+        r = stack.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-disagg-pd"] == "remote"
+        local = metric(decode, "vllm:prompt_tokens_by_source_total", source="local_compute") - local_before
+        assert local <= 32, (i, local, n_prompt)
+        assert r.json()["choices"][0]["text"] == ref.json()["choices"][0]["text"], i
+        assert r.json()["usage"] == ref.json()["usage"]
 
 
 def test_streaming_chat_ends_with_usage_and_done(stack):
@@ -233,3 +280,59 @@ def test_prometheus_scrapes_the_stack_and_promtool_finds_no_problems(stack, tmp_
     for address in workers + [router]:
         problems = promtool_problems(httpx.get(f"http://{address}/metrics").text)
         assert problems == [], (address, problems)
+
+
+def _replica_processes(stack: Stack, deployment: str) -> list:
+    """The processes of a Serve replica of `deployment` in this stack, with their children (the
+    vLLM engine core)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(p.pid) == stack.proc.pid and f"ServeReplica:disagg:{deployment}" in " ".join(
+                    p.info["cmdline"] or []):
+                found += [p] + p.children(recursive=True)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+def test_killed_prefill_replica_is_survived_then_replaced(stack, aggregated):
+    """Runs last: a prefill replica and its engine die (SIGKILL, as a lost node). Requests go on
+    with correct answers (the dead endpoint is skipped or prefill falls back to decode), decode
+    frees every block, and Serve's replacement replica takes over remote prefill."""
+    pool = httpx.get(f"{stack.url}/v1/pool").json()
+    old_prefill = next(e for e in pool if e["role"] == "prefill")
+    decode = next(e for e in pool if e["role"] == "decode")["address"]
+    victims = _replica_processes(stack, "PrefillServer")
+    assert victims, "no PrefillServer replica process found"
+    for p in victims:
+        p.kill()
+
+    for i in range(3):  # at once: the Router may still list the dead prefill
+        body = {"model": "tiny", "prompt": long_prompt(700 + i), "max_tokens": 12, "temperature": 0}
+        r = stack.post("/v1/completions", body)
+        assert r.status_code == 200, r.text
+        ref = httpx.post(f"{aggregated.url}/v1/completions", json=body, timeout=120).json()
+        assert r.json()["choices"][0]["text"] == ref["choices"][0]["text"]
+    load = wait_blocks_free(decode)
+    assert load["running"] == 0 and load["kv_usage"] == 0.0, load
+
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        pool = httpx.get(f"{stack.url}/v1/pool").json()
+        if any(e["role"] == "prefill" and e["engine_id"] != old_prefill["engine_id"] for e in pool):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no replacement prefill registered: {pool}")
+    assert old_prefill["engine_id"] not in {e["engine_id"] for e in pool}
+    body = {"model": "tiny", "prompt": long_prompt(800), "max_tokens": 12, "temperature": 0}
+    r = stack.post("/v1/completions", body)
+    assert r.status_code == 200 and r.headers["x-disagg-pd"] == "remote", r.text
+    ref = httpx.post(f"{aggregated.url}/v1/completions", json=body, timeout=120).json()
+    assert r.json()["choices"][0]["text"] == ref["choices"][0]["text"]
+    for address in (decode, next(e["address"] for e in pool if e["role"] == "prefill")):
+        load = wait_blocks_free(address)
+        assert load["kv_usage"] == 0.0 and load["free_blocks"] == load["num_blocks"] - 1, (address, load)

@@ -33,7 +33,9 @@ class Prometheus:
             raise RuntimeError("Debian's prometheus package is not installed (`apt-get install prometheus`)")
         self.port = free_port()
         config = {
-            "global": {"scrape_interval": f"{interval_s}s", "scrape_timeout": f"{interval_s}s"},
+            # Prometheus durations take integer units only ("1.0s" is refused).
+            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms",
+                       "scrape_timeout": f"{round(interval_s * 1000)}ms"},
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))

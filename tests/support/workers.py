@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples on `url`/metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
 @dataclass
 class WorkerProcess:
     role: str
@@ -42,15 +54,7 @@ class WorkerProcess:
         return httpx.get(f"{self.url}/v1/worker", timeout=5).json()
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples on this worker's /metrics whose labels include `labels`."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        total = 0.0
-        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics", timeout=5).text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-        return total
+        return metric(self.url, name, **labels)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
