@@ -20,6 +20,8 @@ from tests.support.workers import start_worker_process, wait_ready
 pytestmark = pytest.mark.integration
 
 BLOCK = 32
+# vLLM's NixlConnector on purpose: it stays selectable, and this is where it runs end to end (our
+# own connector, the default, runs in test_pd_workers.py and test_serve_stack.py).
 SETTINGS = [f"block_size={BLOCK}", "max_model_len=1024", "kv_connector=nixl", "prefill_timeout_s=60"]
 DEST = "x-gateway-destination-endpoint"
 

