@@ -29,7 +29,9 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     if config.decode.replicas < 1:
         raise ValueError("at least one decode replica is needed")
     registry = Registry.bind()
-    prefill = PrefillServer.options(**_replica_options(config.prefill)).bind(config, registry)
+    # No prefill replicas: an aggregated stack, where every decode prefills its own prompts.
+    prefill = (PrefillServer.options(**_replica_options(config.prefill)).bind(config, registry)
+               if config.prefill.replicas else None)
     decode = DecodeServer.options(
         **_replica_options(config.decode),
         request_router_config=RequestRouterConfig(

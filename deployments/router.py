@@ -63,11 +63,11 @@ async def _cancel_on_close(stream: Any) -> AsyncIterator[GenerateOutput]:
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, config: AppConfig, decode: DeploymentHandle, prefill: DeploymentHandle,
+    def __init__(self, config: AppConfig, decode: DeploymentHandle, prefill: DeploymentHandle | None,
                  registry: DeploymentHandle):
         self.config = config
         self.decode = decode
-        # Held so the prefill deployment is part of the application.
+        # Held so the prefill deployment is part of the application (None: no prefill role).
         self.prefill = prefill
         self.preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
         self.scheduler = Scheduler(config.routing, model=config.model_name, block_size=config.block_size)

@@ -34,17 +34,19 @@ def _epp(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: disagg bench {transfer,compare,epp} [options]")
+        print("usage: disagg bench {serve,transfer,compare,epp} [options]")
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
-    if kind == "transfer":
+    if kind == "serve":
+        from disagg.bench.serve import main
+    elif kind == "transfer":
         from disagg.bench.transfer import main
     elif kind == "compare":
         from disagg.bench.compare import main
     elif kind == "epp":
         from disagg.bench.epp import main
     else:
-        print(f"disagg bench: unknown benchmark {kind!r} (transfer, compare, epp)", file=sys.stderr)
+        print(f"disagg bench: unknown benchmark {kind!r} (serve, transfer, compare, epp)", file=sys.stderr)
         return 2
     return main(rest)
 

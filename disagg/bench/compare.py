@@ -42,6 +42,7 @@ from typing import Any
 
 from disagg.bench import driver, workloads
 from disagg.bench.processes import component_roots
+from disagg.bench.progress import Progress, heartbeat
 from disagg.bench.profile import Profile
 from disagg.bench.stacks import (
     EngineSettings,
@@ -119,6 +120,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true",
                    help="skip the extra profiled run (py-spy) on ours and Ray Serve LLM")
     p.add_argument("--out", default="benchmarks", help="directory for JSON, plots and README.md")
+    p.add_argument("--json", type=Path, help="write the report here (default: OUT/compare.json, "
+                                             "OUT/compare-quick.json with --quick)")
+    p.add_argument("--plot", type=Path, help="the side-by-side plot (the P/D study's without stacks) here, "
+                                             "the others beside it as STEM-memory.png, STEM-pd-study.png "
+                                             "(default: OUT/compare-*.png)")
     p.add_argument("--no-readme", action="store_true", help="write JSON and plots, leave README.md alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=128)
@@ -192,8 +198,9 @@ def contention() -> dict[str, float]:
 def _run(url: str, model: str, workload: workloads.Workload, *, rate: float | None = None,
          concurrency: int | None = None, seed: int = 0) -> dict[str, Any]:
     before = contention()
+    label = f"{workload.name} {'closed' if concurrency else 'open'}"
     run = asyncio.run(driver.drive(url, model, workload, rate=rate, concurrency=concurrency, seed=seed,
-                                   timeout_s=300.0))
+                                   timeout_s=300.0, on_result=Progress(label, len(workload))))
     out = run.to_json()
     out["contention"] = {"before": before, "after": contention()}
     for r in out["requests"]:  # per-event gaps stay out of the JSON (summaries keep percentiles)
@@ -246,7 +253,8 @@ def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSetti
         stack = make_stack(name, model, settings, log_dir)
         log.info("starting %s", name)
         try:
-            stack.start(timeout_s=start_timeout)
+            with heartbeat(name, "still starting"):
+                stack.start(timeout_s=start_timeout)
             log.info("%s up in %.0f s", name, stack.startup_s)
             entry["warm_up_errors"] = asyncio.run(driver.warm_up(stack.url, stack.model_name, warm))
             for wname, workload in loads.items():
@@ -306,7 +314,8 @@ def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budge
 
     try:
         log.info("starting the study's workers (%s)", ", ".join(w.label for w in workers))
-        stack.start(timeout_s=start_timeout)
+        with heartbeat("study", "workers still starting"):
+            stack.start(timeout_s=start_timeout)
         results["startup_s"] = stack.startup_s
         arm("aggregated", ["decode0", "decode1"], [], ["mixed", "shared_prefix"])
         arm("round-robin", ["decode0", "decode1"], ROUND_ROBIN, ["shared_prefix"])
@@ -440,11 +449,15 @@ def main(argv: list[str]) -> int:
     from disagg.bench import report as render
 
     name = "compare-quick" if args.quick else "compare"
-    json_path = out_dir / f"{name}.json"
+    json_path = args.json or out_dir / f"{name}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    plots = render.plots(report, out_dir, prefix=name)
+    if args.plot is not None:
+        plots = [os.path.relpath(p, out_dir) for p in render.plots_at(report, args.plot)]
+    else:
+        plots = render.plots(report, out_dir, prefix=name)
     if not args.no_readme:
-        render.write_readme(report, out_dir / "README.md", json_path.name, plots)
+        render.write_readme(report, out_dir / "README.md", os.path.relpath(json_path, out_dir), plots)
     print(json.dumps(report["ratios"], indent=1))
     print(f"wrote {json_path} and {len(plots)} plots in {report['elapsed_s'] / 60:.1f} min")
     return 0

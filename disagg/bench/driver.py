@@ -21,7 +21,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import httpx
 
@@ -188,13 +188,22 @@ def _client(concurrency: int) -> httpx.AsyncClient:
 
 
 async def drive(url: str, model: str, workload: Workload, *, rate: float | None = None,
-                concurrency: int | None = None, timeout_s: float = 180.0, seed: int = 0) -> RunResult:
+                concurrency: int | None = None, timeout_s: float = 180.0, seed: int = 0,
+                on_result: Callable[[RequestResult], None] | None = None) -> RunResult:
     """Send every request of `workload` to `url`: open loop at `rate` requests/s (Poisson), or
-    closed loop with `concurrency` requests in flight. Exactly one of the two."""
+    closed loop with `concurrency` requests in flight. Exactly one of the two. `on_result` is
+    called with each request's result as it finishes (progress reports)."""
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate (open loop) and concurrency (closed loop)")
     url = url.rstrip("/")
     requests = list(workload.requests)
+
+    async def send_one(client: httpx.AsyncClient, req: BenchRequest, started: float) -> RequestResult:
+        result = await send(client, url, model, req, started, timeout_s)
+        if on_result is not None:
+            on_result(result)
+        return result
+
     async with _client(concurrency or len(requests)) as client:
         started = time.perf_counter()
         if rate is not None:
@@ -202,7 +211,7 @@ async def drive(url: str, model: str, workload: Workload, *, rate: float | None 
 
             async def at(delay: float, req: BenchRequest) -> RequestResult:
                 await asyncio.sleep(max(0.0, started + delay - time.perf_counter()))
-                return await send(client, url, model, req, started, timeout_s)
+                return await send_one(client, req, started)
 
             results = await asyncio.gather(*(at(t, r) for t, r in zip(times, requests)))
             load = f"poisson {rate:g}/s"
@@ -214,7 +223,7 @@ async def drive(url: str, model: str, workload: Workload, *, rate: float | None 
 
             async def client_loop() -> None:
                 while not queue.empty():
-                    results.append(await send(client, url, model, queue.get_nowait(), started, timeout_s))
+                    results.append(await send_one(client, queue.get_nowait(), started))
 
             await asyncio.gather(*(client_loop() for _ in range(concurrency)))
             results.sort(key=lambda r: r.index)

@@ -9,7 +9,7 @@ Wall-clock figures on a shared machine measure the machine as much as the code, 
 with a CPU-time one: CPU seconds the picking thread spent per pick, and CPU seconds Envoy and the
 EPP spent per request (from /proc and the process clock), which waiting for a core does not inflate.
 
-Writes JSON (and a PNG plot when matplotlib is installed) to --out.
+Writes JSON (--json) and a PNG plot when matplotlib is installed (--plot); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from disagg.bench.progress import say
 from disagg.config import AppConfig, RoutingConfig
 from disagg.routing import PickRequest, Scheduler, StaticDiscovery
 from disagg.routing.fakes import FakeWorker, make_info
@@ -235,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--picks", type=int, default=5000)
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--hop-requests", type=int, default=500, help="0 skips the Envoy hop measurement")
-    p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png")
+    p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png (when --json and "
+                                                       "--plot are not given)")
+    p.add_argument("--json", type=Path, help="write the report here (default: OUT/epp.json)")
+    p.add_argument("--plot", type=Path, help="PNG plot (default: beside the JSON)")
     args = p.parse_args(argv)
+    json_path = args.json or Path(args.out) / "epp.json"
+    plot_path = args.plot or json_path.with_suffix(".png")
 
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
@@ -244,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         "pick": [],
     }
     for n in (int(x) for x in args.endpoints.split(",")):
+        say("epp", f"pick at {n} endpoints: indexing {args.indexed_blocks} blocks, then {args.picks} picks")
         r = bench_pick(n, indexed_blocks=args.indexed_blocks, picks=args.picks, prompt_tokens=args.prompt_tokens)
         print(f"pick @ {n:4d} endpoints: p50 {r['p50_us']:.1f} µs, p99 {r['p99_us']:.1f} µs, "
               f"{r['picks_per_s']:.0f} picks/s; CPU p50 {r['cpu_p50_us']:.1f} µs, p99 {r['cpu_p99_us']:.1f} µs, "
               f"{r['picks_per_cpu_s']:.0f} picks per CPU second", flush=True)
         result["pick"].append(r)
     if args.hop_requests:
+        say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy, through Envoy + EPP")
         hop = asyncio.run(bench_hop(args.hop_requests))
         print(f"hop: direct p50 {hop['direct']['p50_ms']:.2f} ms, Envoy {hop['envoy']['p50_ms']:.2f} ms, "
               f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50); "
@@ -258,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         result["hop"] = hop
     result["machine"]["load_avg_after"] = os.getloadavg()
     result["machine"]["reference_loop_ms_after"] = reference_loop_ms()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "epp.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'epp.json'}" + (f" and {out / 'epp.png'}" if plot(result, out / "epp.png") else ""))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {json_path}" + (f" and {plot_path}" if plot(result, plot_path) else ""))
     return 0
 
 

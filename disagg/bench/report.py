@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 GOALS = {
     "ttft": "ours/Ray Serve LLM P/D TTFT p50 <= 0.7",
@@ -38,7 +38,19 @@ def _arms(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plots(report: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
-    """PNG files written (names relative to out_dir); none when matplotlib is missing."""
+    """PNG files written as PREFIX-NAME.png (names relative to out_dir); none when matplotlib is
+    missing."""
+    return [p.name for p in _plots(report, lambda name, first: out_dir / f"{prefix}-{name}.png")]
+
+
+def plots_at(report: dict[str, Any], path: Path) -> list[Path]:
+    """The first plot the report has (the side by side, else the P/D study) at `path`, the others
+    beside it as STEM-NAME.png (`--plot FILE`); none when matplotlib is missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _plots(report, lambda name, first: path if first else path.with_name(f"{path.stem}-{name}.png"))
+
+
+def _plots(report: dict[str, Any], path_for: Callable[[str, bool], Path]) -> list[Path]:
     try:
         import matplotlib
 
@@ -46,14 +58,14 @@ def plots(report: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    written: list[str] = []
+    written: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        path = out_dir / f"{prefix}-{name}.png"
+        path = path_for(name, not written)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        written.append(path.name)
+        written.append(path)
 
     stacks = [s for s in _stacks(report) if s.get("runs")]
     if stacks:

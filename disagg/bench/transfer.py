@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from disagg.bench.progress import say
 from kv_transfer.backends import available_backends
 from kv_transfer.peer_process import AgentOps, AgentProcess
 
@@ -185,11 +186,15 @@ class Pair:
 
 def run(backends: list[str], rounds: int, iters: dict[str, int], env: dict[str, str]) -> dict[str, Any]:
     labels = [b for b in backends if b in available_backends() or b == "nixl-raw"]
+    skipped = [b for b in backends if b not in labels]
+    say("transfer", f"starting initiator and target processes for {', '.join(labels)}"
+        + (f" (not installed: {', '.join(skipped)})" if skipped else ""))
     pairs = {label: Pair(label, "nixl" if label == "nixl-raw" else label, env) for label in labels}
     samples: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     try:
-        for _ in range(rounds):
+        for round_ in range(1, rounds + 1):
             for case, op in CASES:
+                say("transfer", f"round {round_}/{rounds}: {case} {op} ({iters[case]} iterations per backend)")
                 ids = _block_ids(case)
                 for label, pair in pairs.items():
                     # Warm up (first-touch, connection setup) outside the timings.

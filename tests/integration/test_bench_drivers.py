@@ -3,14 +3,18 @@
 Fast stand-ins check the client driver and the reference proxy's protocol; the reference stack
 runs for real (two vLLM servers with NixlConnector behind the proxy); Ray Serve LLM's P/D app is
 built (not deployed: that takes minutes) from the arguments our launcher gives it; the report
-renders from a run's JSON. `disagg bench compare --quick` runs every stack for real.
+renders from a run's JSON; `disagg bench serve --mode both` runs our stack both ways for real.
+`disagg bench compare --quick` runs every stack for real.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -161,6 +165,53 @@ def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path
     assert all(not i.alive() for i in stack.launched)
 
 
+def test_bench_serve_measures_a_running_stack_given_by_url(tiny_model: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from disagg.bench.serve import main
+
+    with _Server(fake_vllm("decode", [])) as server:
+        rc = main(["--mode", "aggregated", "--url", f"http://{server.address}", "--model", tiny_model,
+                   "--model-name", "tiny", "--requests", "5", "--rate", "20", "--short-answer", "4,6",
+                   "--long-prompt", "100,200", "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert list(report["modes"]) == ["aggregated"] and "ratios" not in report
+    s = report["modes"]["aggregated"]["run"]["summary"]
+    assert s["requests"] == 5 and s["failed"] == 0 and report["load"] == "poisson 20/s"
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert "5/5 requests done, 0 failed" in capsys.readouterr().err
+
+
+def test_bench_serve_measures_disagg_and_aggregated_and_writes_their_ratios(tiny_model: str, tmp_path: Path) -> None:
+    """The whole command, as a user runs it: two stacks started one after the other on the same
+    two cores (1 prefill + 1 decode, then 2 decodes), 4 requests each, 3 of them long enough to
+    be disaggregated. Seed 5 because the tiny model's greedy answers to its prompts have visible
+    text (others can be byte tokens that never complete a character: no TTFT, no ITL). About
+    5-6 minutes here (6 with a load average of 7-11), almost all of it the two stacks' start-ups."""
+    json_path, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    cmd = [sys.executable, "-m", "disagg.cli", "bench", "serve", "--mode", "both", "--model", tiny_model,
+           "--requests", "4", "--concurrency", "2", "--seed", "5", "--long-prompt", "300,400",
+           "--short-answer", "8,16", "--warm-up", "1", "--json", str(json_path), "--plot", str(png)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the command stops the stack it started
+        out, err = proc.communicate(timeout=180)
+        pytest.fail(f"disagg bench serve did not finish:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-5000:]
+    report = json.loads(json_path.read_text())
+    disagg, aggregated = (report["modes"][m]["run"]["summary"] for m in ("disagg", "aggregated"))
+    for s in (disagg, aggregated):
+        assert s["requests"] == 4 and s["failed"] == 0, s
+        assert s["ttft_p50_ms"] > 0 and s["output_tok_s"] > 0
+    assert disagg["remote_prefill_fraction"] > 0 and aggregated["remote_prefill_fraction"] == 0
+    assert report["ratios"] and all(v is not None for v in report["ratios"].values()), report["ratios"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4/4 requests done, 0 failed" in err and "| disagg / aggregated |" in out
+
+
 def test_ray_serve_llm_pd_app_builds_from_our_arguments(tiny_model: str) -> None:
     pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see disagg/bench/ray_serve_llm.py)")
     from ray.serve.llm import build_pd_openai_app
@@ -211,3 +262,12 @@ def test_report_gives_the_ratios_the_issue_asks_for_and_renders(tmp_path: Path) 
     text = markdown(report, "t.json", names)
     assert "| TTFT p50 ours / ray-serve-llm (geomean of workloads) | 0.50 | <= 0.7 |" in text
     assert "disaggregated t=256" in text
+
+
+def test_report_plots_go_where_plot_names_them(tmp_path: Path) -> None:
+    """`disagg bench compare --plot FILE`: the side by side at FILE, the others beside it."""
+    from disagg.bench.report import plots_at
+
+    written = plots_at(_fake_report(), tmp_path / "out" / "cmp.png")
+    assert [p.name for p in written] == ["cmp.png", "cmp-memory.png", "cmp-pd-study.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
