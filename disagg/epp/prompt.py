@@ -10,7 +10,10 @@ text is read as its UTF-8 bytes: prefix affinity then rests on our own routing d
 from __future__ import annotations
 
 import json
+from itertools import repeat
 from typing import Protocol
+
+import msgspec
 
 from disagg.openai.errors import APIError
 from disagg.routing import PickRequest
@@ -44,8 +47,9 @@ class TokenizingReader:
         if kind is None or not body:
             return PickRequest(model=self.model_name, subset=subset)
         prepared = self.preprocessor.prepare(kind, body)  # type: ignore[arg-type]
-        return PickRequest(model=prepared.request.model, prompt_token_ids=prepared.generate.prompt_token_ids,
-                           subset=subset)
+        # Token ids from our own tokenizer: validating them again would cost more than the pick.
+        return PickRequest.model_construct(model=prepared.request.model,
+                                           prompt_token_ids=prepared.generate.prompt_token_ids, subset=subset)
 
 
 class RawPromptReader:
@@ -59,8 +63,8 @@ class RawPromptReader:
         if kind is None or not body:
             return PickRequest(model=self.model_name, subset=subset)
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object")
@@ -81,8 +85,10 @@ class RawPromptReader:
                 prompt = prompt[0]
             if isinstance(prompt, str) and prompt:
                 tokens = list(prompt.encode())
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            elif isinstance(prompt, list) and prompt and all(map(isinstance, prompt, repeat(int))):
                 tokens = prompt
             else:
                 raise APIError(400, "prompt: a non-empty string or list of token ids is required", param="prompt")
-        return PickRequest(model=model, prompt_token_ids=tokens, subset=subset)
+        # Every token id was checked above: a second (pydantic) validation would cost more than
+        # the pick itself on long prompts.
+        return PickRequest.model_construct(model=model, prompt_token_ids=tokens, subset=subset)

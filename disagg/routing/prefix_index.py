@@ -81,25 +81,20 @@ class PrefixIndex:
         if not hashes:
             return {}
         self._rotate_if_due()
-        exact, new, old = self._exact, self._approx_new, self._approx_old
+        exact, new, old = self._exact.get, self._approx_new.get, self._approx_old.get
         hits: dict[int, int] = {}  # bit -> leading blocks held
-        alive = -1
+        alive = -1  # engines holding every block so far
         for i, h in enumerate(hashes):
-            here = alive & (exact.get(h, 0) | new.get(h, 0) | old.get(h, 0))
-            dropped = alive & ~here if i else 0
-            while dropped:
-                bit = dropped & -dropped
-                hits[bit] = i
-                dropped ^= bit
+            here = alive & (exact(h, 0) | new(h, 0) | old(h, 0))
+            if here == alive:  # nobody dropped out at this block (the usual case)
+                continue
+            if i:
+                _credit(hits, alive & ~here, i)
             alive = here
-            if not alive:
+            if not alive:  # one walk, stopping at the first block nobody holds
                 break
-        else:
-            i = len(hashes)
-            while alive:
-                bit = alive & -alive
-                hits[bit] = i
-                alive ^= bit
+        if alive:
+            _credit(hits, alive, len(hashes))
         engine_of = self._engine_of_bit
         return {engine_of[bit]: n for bit, n in hits.items() if bit in engine_of}
 
@@ -124,12 +119,19 @@ class PrefixIndex:
 
     def record(self, engine_id: str, hashes: Sequence[int]) -> None:
         """We just sent these blocks' prompt to `engine_id`: assume it holds them for a while."""
+        self.record_pick((engine_id,), hashes)
+
+    def record_pick(self, engine_ids: Sequence[str], hashes: Sequence[int]) -> None:
+        """`record` for every engine one pick sent the prompt to (decode, and prefill when
+        disaggregating), in a single pass over the blocks."""
         self._rotate_if_due()
-        bit = self._bit(engine_id)
+        mask = 0
+        for engine_id in engine_ids:
+            mask |= self._bit(engine_id)
         new = self._approx_new
         get = new.get
         for h in hashes:
-            new[h] = get(h, 0) | bit
+            new[h] = get(h, 0) | mask
         if len(new) > self.capacity_blocks:
             self._rotate()
 
@@ -235,3 +237,11 @@ class PrefixIndex:
         self._approx_old = self._approx_new
         self._approx_new = {}
         return dropped
+
+
+def _credit(hits: dict[int, int], bits: int, blocks: int) -> None:
+    """Each engine bit in `bits` held exactly `blocks` leading blocks."""
+    while bits:
+        bit = bits & -bits
+        hits[bit] = blocks
+        bits ^= bit

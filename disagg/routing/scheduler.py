@@ -199,7 +199,8 @@ class Scheduler:
         return result
 
     def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> Candidates:
-        # EndpointPool.freshness, inlined: this runs once per endpoint per pick.
+        # Runs for every endpoint of a role on every pick: one comprehension per signal (faster
+        # than one loop appending to several lists), and EndpointPool.freshness inlined.
         stale = self.pool.stale_after_s
         span = max(self.pool.dead_after_s - stale, 1e-9)
         freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
@@ -209,6 +210,7 @@ class Scheduler:
             prefix_blocks=[hits.get(e.info.engine_id, 0) for e in endpoints] if hits else [0] * len(endpoints),
             freshness=freshness,
             queues=[e.load.waiting + e.load.running + e.pending for e in endpoints],
+            kv_free=[1.0 - e.load.kv_usage for e in endpoints],
         )
 
     def _record(self, result: Pick, hashes: list[int], hits: dict[str, int]) -> None:
@@ -217,8 +219,8 @@ class Scheduler:
         chosen = result.decode[:1] + result.prefill[:1]
         for endpoint in chosen:
             endpoint.pending += 1
-            if self.config.approximate_prefix and hashes:
-                self.index.record(endpoint.engine_id, hashes)
+        if self.config.approximate_prefix and hashes:
+            self.index.record_pick([e.engine_id for e in chosen], hashes)
 
     def _forget(self, endpoint: Endpoint, reason: str) -> None:
         self.index.clear(endpoint.engine_id)

@@ -9,9 +9,10 @@ pick's consequences afterwards.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from itertools import repeat
+from operator import add, mul
+from typing import Iterable, Protocol, Sequence
 
 from disagg.routing.endpoint import Endpoint
 
@@ -19,12 +20,14 @@ from disagg.routing.endpoint import Endpoint
 @dataclass(slots=True)
 class Candidates:
     """The endpoints one pick ranks, as parallel lists (no per-candidate objects: a pick over
-    hundreds of endpoints must stay in the tens of microseconds)."""
+    hundreds of endpoints must stay in the tens of microseconds). Each list is read once from
+    the endpoints when the pick starts, so scorers never walk endpoint attributes themselves."""
 
     endpoints: list[Endpoint]
     prefix_blocks: list[int]  # leading prompt blocks each endpoint already holds
     freshness: list[float]  # 1.0 fresh .. 0.0 about to be declared dead
     queues: list[int]  # waiting + running + pending
+    kv_free: list[float]  # 1 - KV cache usage (0..1), from the last load signal
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -100,7 +103,7 @@ class KVUsageScorer:
     name: str = "kv_usage"
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
-        return [1.0 - e.load.kv_usage for e in candidates.endpoints]  # clamped to [0, 1] by the pool
+        return candidates.kv_free  # usage is clamped to [0, 1] by the pool
 
 
 @dataclass
@@ -112,7 +115,9 @@ class SameNodeScorer:
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         node = ctx.decode.node_id if ctx.decode is not None else ""
-        return [1.0 if node and e.node_id == node else 0.0 for e in candidates.endpoints]
+        if not node:
+            return [0.0] * len(candidates)
+        return [1.0 if e.node_id == node else 0.0 for e in candidates.endpoints]
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -155,14 +160,22 @@ class Ranker:
     def rank(self, candidates: Candidates, ctx: ScoringContext, top: int) -> list[int]:
         """Indices of the best `top` candidates, best first."""
         n = len(candidates)
-        totals = [0.0] * n
+        # total = (w1 x r1 + w2 x r2 + ...) x freshness, summed in scorer order, as one chain of
+        # map()s (C loops, no per-candidate Python frames, one list at the end).
+        weighted: Iterable[float] | None = None
         for scorer in self.scorers:
             if scorer.weight == 0:
                 continue
-            w = scorer.weight
-            totals = [t + w * v for t, v in zip(totals, scorer.score(candidates, ctx))]
-        totals = [t * f for t, f in zip(totals, candidates.freshness)]
-        queues = candidates.queues
+            rated = map(mul, repeat(scorer.weight), scorer.score(candidates, ctx))
+            weighted = rated if weighted is None else map(add, weighted, rated)
+        totals = list(map(mul, weighted, candidates.freshness)) if weighted is not None else [0.0] * n
         self._turn = (self._turn + 1) % n if n else 0
         order = list(range(self._turn, n)) + list(range(self._turn))
-        return heapq.nlargest(top, order, key=lambda i: (totals[i], -queues[i]))
+        if n > top:
+            # Only candidates scoring at least the top-th best total can place; ties among them
+            # are settled below exactly as over the whole list.
+            cut = sorted(totals, reverse=True)[top - 1] if top > 0 else float("inf")
+            order = [i for i in order if totals[i] >= cut]
+        queues = candidates.queues
+        # Best total first, then the shorter queue, then the rotated order (sorted() is stable).
+        return sorted(order, key=lambda i: (totals[i], -queues[i]), reverse=True)[:top]
