@@ -41,7 +41,9 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 test: install model system-deps
-	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=30 tests
+	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=30 tests --ignore=tests/local_mode
+	# Serve's local testing mode runs the whole app inside pytest's process: a process of its own.
+	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=10 tests/local_mode
 
 test-unit: install
 	$(VENV)/bin/python -m pytest -q tests/unit

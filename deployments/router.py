@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from typing import Any, AsyncIterator
 
 import prometheus_client
@@ -96,12 +95,7 @@ class Router:
 
     def workers(self) -> list[dict[str, Any]]:
         """The scheduler's pool: every worker, its load and how fresh that knowledge is."""
-        now = time.monotonic()
-        return [
-            {"role": e.role, "address": e.address, "engine_id": e.engine_id, **e.load.model_dump(),
-             "signal_age_s": round(e.signal_age(now), 3), "silence_s": round(e.silence(now), 3)}
-            for e in self.scheduler.pool.endpoints()
-        ]
+        return self.scheduler.pool.snapshot()
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:

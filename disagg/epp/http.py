@@ -1,5 +1,5 @@
 """The EPP's HTTP side (port 9090): Prometheus `/metrics`, `POST /v1/pick` for gateways without
-ext_proc and for debugging, and `/health`."""
+ext_proc and for debugging, `GET /v1/pool`, and `/health`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def build_http_app(picker: EndpointPicker, ready: Callable[[], bool]) -> FastAPI
     async def health() -> Response:
         ok = ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v1/pool")
+    async def pool() -> list[dict]:
+        """The endpoint pool as the picker sees it (what `disagg status --url` prints)."""
+        return picker.scheduler.pool.snapshot()
 
     @app.post("/v1/pick")
     async def pick(request: Request) -> Response:

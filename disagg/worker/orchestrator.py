@@ -32,11 +32,13 @@ class PrefillOutcome:
 
 
 class PrefillClient:
-    """Calls `POST /internal/prefill` on prefill workers, only those the allowlist knows."""
+    """Calls `POST /internal/prefill` on prefill workers. Candidates are trusted here: the HTTP
+    endpoint checks a gateway's header against the registry (403) before they reach this, and
+    our Router's picks come over a Serve handle (its pool may know a new prefill a heartbeat
+    before this decode does)."""
 
-    def __init__(self, config: AppConfig, is_registered_prefill: Callable[[str], bool], layout_fingerprint: str):
+    def __init__(self, config: AppConfig, layout_fingerprint: str):
         self.config = config
-        self.is_registered_prefill = is_registered_prefill
         self.layout_fingerprint = layout_fingerprint
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(config.prefill_timeout_s, connect=2.0))
 
@@ -46,9 +48,6 @@ class PrefillClient:
         for address in candidates:
             if tried >= self.config.prefill_attempts:
                 break
-            if not self.is_registered_prefill(address):
-                log.warning("skipping %s: not a registered prefill worker", address)
-                continue
             tried += 1
             body = PrefillRequest(
                 request_id=f"{request.request_id}-p{tried}",

@@ -40,7 +40,7 @@ class Worker:
             kv_events_replay_endpoint=kv_events_replay_endpoint,
             num_blocks=getattr(engine, "num_blocks", 0),
         )
-        self._prefill_client = PrefillClient(config, self.is_registered_prefill, engine.layout.fingerprint())
+        self._prefill_client = PrefillClient(config, engine.layout.fingerprint())
 
     def is_registered_prefill(self, address: str) -> bool:
         return address in self.known_prefill

@@ -145,17 +145,38 @@ def test_disaggregated_equals_aggregated_token_for_token_over_8_prompts(stack, a
         assert r.json()["usage"] == ref.json()["usage"]
 
 
-def test_streaming_chat_ends_with_usage_and_done(stack):
+def test_streaming_chat_ends_with_usage_and_done_and_equals_aggregated(stack, aggregated):
     body = {"model": "tiny", "messages": [{"role": "user", "content": long_prompt(2)}], "max_tokens": 10,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
+        assert r.headers["x-disagg-pd"] == "remote"
         lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     events = [json.loads(x) for x in lines[:-1]]
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-1]["usage"]["completion_tokens"] == 10
     assert any(e["choices"] and e["choices"][0]["finish_reason"] == "length" for e in events)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    del body["stream"], body["stream_options"]
+    whole = httpx.post(f"{aggregated.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert streamed == whole["choices"][0]["message"]["content"]
+
+
+def test_seeded_sampling_disaggregated_equals_aggregated(stack, aggregated):
+    body = {"model": "tiny", "prompt": long_prompt(7), "max_tokens": 24, "temperature": 0.9, "seed": 1234}
+    r = stack.post("/v1/completions", body)
+    assert r.status_code == 200 and r.headers["x-disagg-pd"] == "remote", r.text
+    ref = httpx.post(f"{aggregated.url}/v1/completions", json=body, timeout=60).json()
+    assert r.json()["choices"][0]["text"] == ref["choices"][0]["text"]
+
+
+def test_decode_refuses_a_prefill_header_naming_an_unregistered_worker(stack):
+    decode = next(e["address"] for e in httpx.get(f"{stack.url}/v1/pool").json() if e["role"] == "decode")
+    r = httpx.post(f"http://{decode}/v1/completions", json={"model": "tiny", "prompt": long_prompt(1)},
+                   headers={"x-prefiller-host-port": "10.1.2.3:80"}, timeout=30)
+    assert r.status_code == 403
+    assert r.json()["error"]["param"] == "x-prefiller-host-port"
 
 
 @pytest.mark.parametrize(
@@ -280,6 +301,23 @@ def test_prometheus_scrapes_the_stack_and_promtool_finds_no_problems(stack, tmp_
     for address in workers + [router]:
         problems = promtool_problems(httpx.get(f"http://{address}/metrics").text)
         assert problems == [], (address, problems)
+
+
+def test_bench_serve_drives_the_running_stack(stack, tiny_model, tmp_path):
+    """`disagg bench serve --url` against this stack: every request answered, long prompts
+    disaggregated, JSON and PNG written. (Without --url the command starts its own stacks.)"""
+    json_path = tmp_path / "serve.json"
+    out = subprocess.run([sys.executable, "-m", "disagg.cli", "bench", "serve", "--mode", "disagg", "--url",
+                          stack.url, "--model", tiny_model, "--model-name", "tiny", "--requests", "4",
+                          "--concurrency", "2", "--seed", "5", "--long-prompt", "300,400", "--short-answer", "8,16",
+                          "--json", str(json_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(json_path.read_text())["modes"]["disagg"]["run"]["summary"]
+    assert summary["requests"] == 4 and summary["failed"] == 0, summary
+    assert summary["ttft_p50_ms"] > 0 and summary["output_tok_s"] > 0
+    assert summary["remote_prefill_fraction"] > 0, summary
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "4/4 requests done, 0 failed" in out.stderr
 
 
 def _replica_processes(stack: Stack, deployment: str) -> list:

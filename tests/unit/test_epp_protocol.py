@@ -272,6 +272,21 @@ async def test_http_pick_returns_the_same_headers(epp) -> None:
         assert r.status_code == 503
 
 
+async def test_http_pool_lists_the_endpoints_for_disagg_status(epp) -> None:
+    running, scheduler, _, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+    add(scheduler, "prefill", "10.0.0.9:8000")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.metrics_port}") as client:
+        pool = (await client.get("/v1/pool")).json()
+    assert sorted((w["role"], w["address"]) for w in pool) == [("decode", "10.0.0.1:8000"),
+                                                               ("prefill", "10.0.0.9:8000")]
+    assert all({"engine_id", "waiting", "running", "kv_usage", "signal_age_s"} <= set(w) for w in pool)
+    from disagg.status import render
+
+    table = render(pool, {w["address"]: "ok" for w in pool})
+    assert "10.0.0.1:8000" in table and "10.0.0.9:8000" in table
+
+
 async def test_metrics_endpoint_exports_routing_metrics(epp) -> None:
     running, scheduler, stub, _ = epp
     add(scheduler, "decode", "10.0.0.1:8000")
