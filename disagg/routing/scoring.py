@@ -1,8 +1,10 @@
 """Filters, then weighted scorers, then the picker: how candidates for one role are ranked.
 
 A `Filter` removes endpoints that must not serve the request. A `Scorer` rates each remaining
-candidate in [0, 1]; the picker sums weight x rating, multiplies by the candidate's freshness
-(a stale load signal costs score) and orders candidates best first. Neither modifies endpoints
+candidate in [0, 1]; the picker sums weight x rating and orders candidates best first. Ratings
+drawn from the load signal are multiplied by its freshness (a stale signal counts for less);
+prefix and placement ratings are not: a busy machine that answers scrapes late must not lose the
+requests whose KV it holds. Neither modifies endpoints
 or the index: picking is a pure function of the pool's state, and the scheduler records the
 pick's consequences afterwards.
 """
@@ -49,6 +51,8 @@ class Scorer(Protocol):
 
     name: str
     weight: float
+    # True when the rating comes from the load signal (so its freshness discounts it).
+    uses_load_signal: bool
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]: ...
 
@@ -70,6 +74,7 @@ class PrefixScorer:
 
     weight: float
     name: str = "prefix"
+    uses_load_signal: bool = False
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         if ctx.num_blocks == 0:
@@ -85,6 +90,7 @@ class QueueScorer:
 
     weight: float
     name: str = "queue"
+    uses_load_signal: bool = True
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         queues = candidates.queues
@@ -101,6 +107,7 @@ class KVUsageScorer:
 
     weight: float
     name: str = "kv_usage"
+    uses_load_signal: bool = True
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         return candidates.kv_free  # usage is clamped to [0, 1] by the pool
@@ -112,6 +119,7 @@ class SameNodeScorer:
 
     weight: float
     name: str = "same_node"
+    uses_load_signal: bool = False
 
     def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
         node = ctx.decode.node_id if ctx.decode is not None else ""
@@ -149,9 +157,9 @@ class SaturationFilter:
 
 
 class Ranker:
-    """Orders candidates best first by freshness x sum(weight x rating). Ties go to the shorter
-    queue, then to whichever comes first from a start that rotates with every pick, so equal
-    endpoints share the load."""
+    """Orders candidates best first by sum(weight x rating), load-signal ratings times the
+    signal's freshness. Ties go to the shorter queue, then to whichever comes first from a start
+    that rotates with every pick, so equal endpoints share the load."""
 
     def __init__(self, scorers: Sequence[Scorer]) -> None:
         self.scorers = list(scorers)
@@ -160,15 +168,22 @@ class Ranker:
     def rank(self, candidates: Candidates, ctx: ScoringContext, top: int) -> list[int]:
         """Indices of the best `top` candidates, best first."""
         n = len(candidates)
-        # total = (w1 x r1 + w2 x r2 + ...) x freshness, summed in scorer order, as one chain of
-        # map()s (C loops, no per-candidate Python frames, one list at the end).
-        weighted: Iterable[float] | None = None
+        # total = sum(w x r) + freshness x sum(w_load x r_load), each sum one chain of map()s
+        # (C loops, no per-candidate Python frames, one list at the end).
+        sums: dict[bool, Iterable[float] | None] = {False: None, True: None}
         for scorer in self.scorers:
             if scorer.weight == 0:
                 continue
             rated = map(mul, repeat(scorer.weight), scorer.score(candidates, ctx))
-            weighted = rated if weighted is None else map(add, weighted, rated)
-        totals = list(map(mul, weighted, candidates.freshness)) if weighted is not None else [0.0] * n
+            prior = sums[scorer.uses_load_signal]
+            sums[scorer.uses_load_signal] = rated if prior is None else map(add, prior, rated)
+        steady, load = sums[False], sums[True]
+        if load is not None:
+            load = map(mul, load, candidates.freshness)
+        if steady is not None and load is not None:
+            totals = list(map(add, steady, load))
+        else:
+            totals = list(steady or load or repeat(0.0, n))
         self._turn = (self._turn + 1) % n if n else 0
         order = list(range(self._turn, n)) + list(range(self._turn))
         if n > top:

@@ -107,6 +107,23 @@ def test_shared_prefix_follows_the_decode_that_holds_it() -> None:
         assert pick.decode[0].address == first
 
 
+def test_a_late_load_signal_does_not_take_the_prefix_away() -> None:
+    """A decode busy enough to answer scrapes late (its load signal 1.5 s old, freshness ~0.3)
+    still gets the requests whose KV it holds; only its load ratings count for less."""
+    clock = Clock()
+    s = make_scheduler(clock)
+    holder = add(s, "decode", "holder:1")
+    other = add(s, "decode", "other:1")
+    prefix = list(range(2000))
+    s.pick(PickRequest(model="tiny", prompt_token_ids=prefix + [1], subset=["holder:1"]))
+    clock.now += 1.5
+    s.pool.update_load(other.engine_id, EngineLoad())
+    s.pool.touch(holder.engine_id)
+    for i in range(5):
+        pick = s.pick(PickRequest(model="tiny", prompt_token_ids=prefix + [5000 + i] * 40))
+        assert pick.decode[0].address == "holder:1"
+
+
 def test_unrelated_prompts_spread_by_load() -> None:
     s = make_scheduler()
     add(s, "decode", "d1:1")
