@@ -13,7 +13,8 @@ GOALS = {
 }
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+    """A number for a markdown table: 3 significant-ish digits, "-" for missing."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -156,9 +157,9 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
         for peer in ("ray-serve-llm", "ray-serve-llm-sb0", "reference"):
             r = ratios.get(f"ours_vs_{peer}")
             if r:
-                lines.append(f"| TTFT p50 ours / {peer} (geomean of workloads) | {_fmt(r['ttft_p50_geomean'])} | "
+                lines.append(f"| TTFT p50 ours / {peer} (geomean of workloads) | {fmt(r['ttft_p50_geomean'])} | "
                              f"{'<= 0.7' if peer.startswith('ray') else ''} |")
-                lines.append(f"| output tok/s ours / {peer}, closed loop (geomean) | {_fmt(r['throughput_geomean'])} | "
+                lines.append(f"| output tok/s ours / {peer}, closed loop (geomean) | {fmt(r['throughput_geomean'])} | "
                              f"{'>= 1.3' if peer.startswith('ray') else ''} |")
         for key, label, goal in (
             ("itl_p99_disagg_over_agg_mixed", "decode ITL p99 disaggregated / aggregated, (ii) mixed", "<= 0.33"),
@@ -168,7 +169,7 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
             ("ttft_p99_prefix_over_round_robin_shared_prefix", "TTFT p99 prefix-aware / round robin, (i)", ""),
         ):
             if key in ratios:
-                lines.append(f"| {label} | {_fmt(ratios[key])} | {goal} |")
+                lines.append(f"| {label} | {fmt(ratios[key])} | {goal} |")
         lines.append("")
         per = {k: v for k, v in ratios.items() if k.startswith("ours_vs_")}
         if per:
@@ -176,8 +177,8 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
                       "(closed loop).", "", "| peer | workload | TTFT p50 | TPOT p50 | tok/s |", "|---|---|---|---|---|"]
             for key, r in per.items():
                 for w, v in r["per_workload"].items():
-                    lines.append(f"| {key.removeprefix('ours_vs_')} | {w} | {_fmt(v['ttft_p50'])} | "
-                                 f"{_fmt(v['tpot_p50'])} | {_fmt(v['throughput_closed'])} |")
+                    lines.append(f"| {key.removeprefix('ours_vs_')} | {w} | {fmt(v['ttft_p50'])} | "
+                                 f"{fmt(v['tpot_p50'])} | {fmt(v['throughput_closed'])} |")
             lines.append("")
 
     side = report.get("side_by_side")
@@ -198,16 +199,16 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
             for r in s["runs"]:
                 x = r["summary"]
                 lines.append(
-                    f"| {s['name']} | {r['workload']} | {r['load']} | {_fmt(x['ttft_p50_ms'])}/{_fmt(x['ttft_p99_ms'])} | "
-                    f"{_fmt(x['itl_p50_ms'])}/{_fmt(x['itl_p99_ms'])} | {_fmt(x['tpot_p50_ms'])}/{_fmt(x['tpot_p99_ms'])} | "
-                    f"{_fmt(x['output_tok_s'])} | {_fmt(x['req_s'])} | {x['failed']}/{x['requests']} | "
+                    f"| {s['name']} | {r['workload']} | {r['load']} | {fmt(x['ttft_p50_ms'])}/{fmt(x['ttft_p99_ms'])} | "
+                    f"{fmt(x['itl_p50_ms'])}/{fmt(x['itl_p99_ms'])} | {fmt(x['tpot_p50_ms'])}/{fmt(x['tpot_p99_ms'])} | "
+                    f"{fmt(x['output_tok_s'])} | {fmt(x['req_s'])} | {x['failed']}/{x['requests']} | "
                     f"{_contention(r)} |")
         lines += ["", "Start-up, shut-down and peak memory (RSS summed per component's process tree; shared pages "
                   "count in every process, so these are upper bounds):", "",
                   "| stack | start s | stop s | peak RSS MiB per component |", "|---|---|---|---|"]
         for s in _stacks(report):
             mem = ", ".join(f"{k} {v:.0f}" for k, v in (s.get("memory_mib") or {}).items())
-            lines.append(f"| {s['name']} | {_fmt(s.get('startup_s'))} | {_fmt(s.get('shutdown_s'))} | {mem} |")
+            lines.append(f"| {s['name']} | {fmt(s.get('startup_s'))} | {fmt(s.get('shutdown_s'))} | {mem} |")
         lines.append("")
 
     pd = report.get("pd_study")
@@ -231,11 +232,11 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
                 x = r["summary"]
                 short = r["groups"].get("short_prompt", {}).get("itl_p99_ms")
                 lines.append(
-                    f"| {a['arm']} | {r['workload']} | {r['load']} | {_fmt(x['ttft_p50_ms'])}/{_fmt(x['ttft_p99_ms'])} | "
-                    f"{_fmt(x['itl_p50_ms'])}/{_fmt(x['itl_p99_ms'])} | {_fmt(x['tpot_p50_ms'])}/{_fmt(x['tpot_p99_ms'])} | "
-                    f"{_fmt(short)} | {_fmt(x['output_tok_s'])} | {x['failed']}/{x['requests']} | {_contention(r)} |")
+                    f"| {a['arm']} | {r['workload']} | {r['load']} | {fmt(x['ttft_p50_ms'])}/{fmt(x['ttft_p99_ms'])} | "
+                    f"{fmt(x['itl_p50_ms'])}/{fmt(x['itl_p99_ms'])} | {fmt(x['tpot_p50_ms'])}/{fmt(x['tpot_p99_ms'])} | "
+                    f"{fmt(short)} | {fmt(x['output_tok_s'])} | {x['failed']}/{x['requests']} | {_contention(r)} |")
         mem = ", ".join(f"{k} {v:.0f}" for k, v in (pd.get("memory_mib") or {}).items())
-        lines += ["", f"Workers started in {_fmt(pd.get('startup_s'))} s; peak RSS MiB: {mem}", ""]
+        lines += ["", f"Workers started in {fmt(pd.get('startup_s'))} s; peak RSS MiB: {mem}", ""]
         if pd.get("error"):
             lines += [f"Study error: `{pd['error'][:300]}`", ""]
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from disagg.bench import driver, workloads
 from disagg.bench.progress import Progress, heartbeat, say
+from disagg.bench.report import fmt as _fmt
 from disagg.bench.stacks import EngineSettings, OursRay, native_dtype
 from disagg.config import AppConfig, RoutingConfig
 
@@ -226,14 +227,6 @@ def add_ratios(report: dict[str, Any]) -> None:
 def summary_of(report: dict[str, Any], mode: str) -> dict[str, Any] | None:
     run = report["modes"].get(mode, {}).get("run")
     return run["summary"] if run else None
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return str(v)
 
 
 def table(report: dict[str, Any]) -> str:
