@@ -46,6 +46,10 @@ class RoutingConfig(_Strict):
     prefix_weight: float = Field(2.0, ge=0)
     load_weight: float = Field(1.0, ge=0)
     kv_usage_weight: float = Field(1.0, ge=0)
+    # Prefill ranking: a prefill on the decode's node moves KV without crossing the network.
+    same_node_weight: float = Field(0.5, ge=0)
+    # Ordered fallbacks returned besides the pick, per role (Envoy tries them in order).
+    fallbacks: int = Field(2, ge=0)
     # A signal older than this loses score; a worker silent for dead_after_s leaves the pool.
     stale_after_s: float = Field(0.5, gt=0)
     dead_after_s: float = Field(2.0, gt=0)

@@ -80,14 +80,12 @@ class Scheduler:
         *,
         model: str,
         block_size: int,
-        fallbacks: int = 2,
-        same_node_weight: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.model = model
         self.block_size = block_size
-        self.fallbacks = fallbacks
+        self.fallbacks = config.fallbacks
         self.pool = EndpointPool(
             model=model,
             block_size=block_size,
@@ -106,7 +104,7 @@ class Scheduler:
             PrefixScorer(config.prefix_weight),
             QueueScorer(config.load_weight),
             KVUsageScorer(config.kv_usage_weight),
-            SameNodeScorer(same_node_weight),
+            SameNodeScorer(config.same_node_weight),
         ])
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
         self._background: Background | None = None
