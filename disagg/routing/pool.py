@@ -189,7 +189,7 @@ class EndpointPool:
 
     def snapshot(self, now: float | None = None) -> list[dict]:
         """Every live endpoint with its load and how fresh that knowledge is (`GET /v1/pool`)."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         return [
             {"role": e.role, "address": e.address, "engine_id": e.engine_id, **e.load.model_dump(),
              "signal_age_s": round(e.signal_age(now), 3), "silence_s": round(e.silence(now), 3)}

@@ -220,12 +220,7 @@ def test_client_disconnect_aborts_both_workers(stack):
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break
-    deadline = time.monotonic() + 20
-    while True:
-        loads = [httpx.get(f"http://{e['address']}/v1/worker").json()["load"] for e in pool]
-        if all(l["running"] == 0 and l["kv_usage"] == 0.0 for l in loads) or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    loads = [wait_blocks_free(e["address"]) for e in pool]
     assert all(l["running"] == 0 and l["kv_usage"] == 0.0 for l in loads), loads
 
 
