@@ -14,8 +14,9 @@ removed as dead and listed again by discovery comes back dead until a scrape hea
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from disagg.routing.endpoint import Endpoint
 from disagg.routing.errors import IncompatibleWorkerError
@@ -49,6 +50,11 @@ class EndpointPool:
         self._by_address: dict[str, str] = {}
         # Per-role lists, rebuilt on membership changes only: picks read them every time.
         self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
+        # Per role, lower bounds of the members' oldest seen_at and load_at. Both times only move
+        # forward, so while a bound is recent enough every member is alive (fresh) and a pick
+        # skips the walk; a bound too old is recomputed, at most once per dead_after_s (stale_after_s).
+        self._seen_floor: dict[str, float] = {"prefill": math.inf, "decode": math.inf}
+        self._signal_floor: dict[str, float] = {"prefill": math.inf, "decode": math.inf}
         self._listeners: list[RemovalListener] = []
         # engine ids removed as dead (bounded), so rediscovery is no revival.
         self._tombstones: dict[str, float] = {}
@@ -70,7 +76,7 @@ class EndpointPool:
             # An engine forgotten as dead comes back dead (not pickable) but not due for another
             # sweep before its scrapes have had forget_after_s - dead_after_s to revive it.
             seen = now - self.dead_after_s - 1e-3 if self._tombstones.pop(info.engine_id, None) is not None else now
-            known = Endpoint(info=info, load=EngineLoad(num_blocks=info.num_blocks), load_at=seen, seen_at=seen)
+            known = Endpoint(info, EngineLoad(num_blocks=info.num_blocks), load_at=seen, seen_at=seen)
             self._by_engine[info.engine_id] = known
             if self.layout_fingerprint is None:
                 self.layout_fingerprint = known.fingerprint
@@ -131,10 +137,10 @@ class EndpointPool:
         now = self.clock() if at is None else at
         if not 0.0 <= load.kv_usage <= 1.0:
             load = load.model_copy(update={"kv_usage": min(max(load.kv_usage, 0.0), 1.0)})
-        endpoint.load = load
-        endpoint.load_at = now
-        endpoint.seen_at = max(endpoint.seen_at, now)
-        endpoint.pending = 0
+        endpoint.signal(load, now)
+        role = endpoint.role
+        if now < self._signal_floor[role]:  # a signal stamped in the past (`at`)
+            self._signal_floor[role] = now
 
     def touch(self, engine_id: str) -> None:
         """The worker answered something (a KV event, a health check) without a load signal."""
@@ -153,11 +159,33 @@ class EndpointPool:
     # -- queries ----------------------------------------------------------------------------
 
     def endpoints(self, role: Role | None = None, *, include_dead: bool = False) -> list[Endpoint]:
+        if role is not None and not include_dead:
+            return list(self.live(role))
         members = list(self._by_engine.values()) if role is None else self._by_role[role]
         if include_dead:
             return list(members)
         oldest = self.clock() - self.dead_after_s
         return [e for e in members if e.seen_at >= oldest]
+
+    def live(self, role: Role, now: float | None = None) -> Sequence[Endpoint]:
+        """The live endpoints of one role, for a pick: when all are alive (the usual case) the
+        pool's own list, which the caller must not modify."""
+        members = self._by_role[role]
+        oldest = (self.clock() if now is None else now) - self.dead_after_s
+        if self._seen_floor[role] >= oldest:
+            return members
+        floor = self._seen_floor[role] = min((e.seen_at for e in members), default=math.inf)
+        if floor >= oldest:
+            return members
+        return [e for e in members if e.seen_at >= oldest]
+
+    def all_fresh(self, role: Role, now: float) -> bool:
+        """Whether every endpoint of `role` has a load signal younger than `stale_after_s`."""
+        newest_stale = now - self.stale_after_s
+        if self._signal_floor[role] >= newest_stale:
+            return True
+        floor = self._signal_floor[role] = min((e.load_at for e in self._by_role[role]), default=math.inf)
+        return floor >= newest_stale
 
     def dead_endpoints(self, role: Role) -> list[Endpoint]:
         """Endpoints silent past `dead_after_s` but not yet forgotten, most recently seen first."""
@@ -168,6 +196,9 @@ class EndpointPool:
         self._by_role = {"prefill": [], "decode": []}
         for e in self._by_engine.values():
             self._by_role.setdefault(e.role, []).append(e)
+        for role, members in self._by_role.items():
+            self._seen_floor[role] = min((e.seen_at for e in members), default=math.inf)
+            self._signal_floor[role] = min((e.load_at for e in members), default=math.inf)
 
     def get(self, engine_id: str) -> Endpoint | None:
         return self._by_engine.get(engine_id)

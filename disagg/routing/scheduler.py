@@ -142,7 +142,7 @@ class Scheduler:
         keep = self.fallbacks + 1
 
         subset = SubsetFilter(frozenset(req.subset)) if req.subset is not None else None
-        decodes = self.pool.endpoints("decode")
+        decodes = self.pool.live("decode", now)
         if subset is not None:
             decodes = subset.keep(decodes)
         if not decodes:
@@ -152,7 +152,7 @@ class Scheduler:
             raise OverloadedError(
                 f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests"
             )
-        candidates = self._candidates(open_decodes, hits, now)
+        candidates = self._candidates(open_decodes, hits, now, "decode")
         best = self.decode_ranker.rank(candidates, ctx, keep)
         decode = candidates.endpoints[best[0]]
         cached = min(candidates.prefix_blocks[best[0]] * self.block_size, len(tokens))
@@ -160,10 +160,10 @@ class Scheduler:
 
         prefill: list[Endpoint] = []
         if uncached > self.config.pd_threshold_tokens:
-            prefills = self.saturation.keep(self.pool.endpoints("prefill"))
+            prefills = self.saturation.keep(self.pool.live("prefill", now))
             if prefills:
                 ctx.decode = decode
-                prefill_candidates = self._candidates(prefills, hits, now)
+                prefill_candidates = self._candidates(prefills, hits, now, "prefill")
                 prefill = [prefill_candidates.endpoints[i]
                            for i in self.prefill_ranker.rank(prefill_candidates, ctx, keep)]
 
@@ -196,19 +196,22 @@ class Scheduler:
         self._record(result, hashes, {})
         return result
 
-    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float) -> Candidates:
-        # Runs for every endpoint of a role on every pick: one comprehension per signal (faster
-        # than one loop appending to several lists), and EndpointPool.freshness inlined.
-        stale = self.pool.stale_after_s
-        span = max(self.pool.dead_after_s - stale, 1e-9)
-        freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
-                     for e in endpoints]
+    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float, role: str) -> Candidates:
+        # Runs for every endpoint of a role on every pick: one comprehension per signal over
+        # attributes the endpoint keeps ready (faster than one loop appending to several lists);
+        # freshness only when some signal is stale (EndpointPool.freshness inlined).
+        freshness = None
+        if not self.pool.all_fresh(role, now):  # type: ignore[arg-type]
+            stale = self.pool.stale_after_s
+            span = max(self.pool.dead_after_s - stale, 1e-9)
+            freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
+                         for e in endpoints]
         return Candidates(
             endpoints=endpoints,
-            prefix_blocks=[hits.get(e.info.engine_id, 0) for e in endpoints] if hits else [0] * len(endpoints),
+            prefix_blocks=[hits.get(e.engine_id, 0) for e in endpoints] if hits else [0] * len(endpoints),
             freshness=freshness,
-            queues=[e.load.waiting + e.load.running + e.pending for e in endpoints],
-            kv_free=[1.0 - e.load.kv_usage for e in endpoints],
+            queues=[e.queue for e in endpoints],
+            kv_free=[e.kv_free for e in endpoints],
         )
 
     def _record(self, result: Pick, hashes: list[int], hits: dict[str, int]) -> None:

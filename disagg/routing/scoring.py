@@ -27,7 +27,7 @@ class Candidates:
 
     endpoints: list[Endpoint]
     prefix_blocks: list[int]  # leading prompt blocks each endpoint already holds
-    freshness: list[float]  # 1.0 fresh .. 0.0 about to be declared dead
+    freshness: list[float] | None  # 1.0 fresh .. 0.0 about to be declared dead; None: all 1.0
     queues: list[int]  # waiting + running + pending
     kv_free: list[float]  # 1 - KV cache usage (0..1), from the last load signal
 
@@ -150,7 +150,8 @@ class SaturationFilter:
     name: str = "saturation"
 
     def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]:
-        return [e for e in endpoints if e.load.waiting + e.pending < self.max_waiting]
+        limit = self.max_waiting
+        return [e for e in endpoints if e.backlog < limit]
 
 
 # -- picker ---------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class Ranker:
             prior = sums[scorer.uses_load_signal]
             sums[scorer.uses_load_signal] = rated if prior is None else map(add, prior, rated)
         steady, load = sums[False], sums[True]
-        if load is not None:
+        if load is not None and candidates.freshness is not None:
             load = map(mul, load, candidates.freshness)
         if steady is not None and load is not None:
             totals = list(map(add, steady, load))
