@@ -16,8 +16,10 @@ import concurrent.futures
 import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -51,6 +53,20 @@ async def follow_decode_endpoints(scheduler: Scheduler, eds_dir: Path, interval_
             log.info("gateway upstreams: %s", sorted(current))
             last = current
         await asyncio.sleep(interval_s)
+
+
+# How long each step of a stop may take before it is logged and left behind: a stop must end.
+STOP_STEP_S = 10.0
+
+
+async def _settle(tasks: list[asyncio.Task], timeout_s: float, what: str) -> None:
+    """Wait for `tasks` to end, at most `timeout_s`; log (with where they wait) those that did not."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        log.warning("%s: %s still running after %.0f s, left behind; waits in %s", what, task.get_name(),
+                    timeout_s, " <- ".join(reversed(_await_chain(task.get_coro()))))
 
 
 class Gateway:
@@ -129,10 +145,10 @@ class Gateway:
     async def _stop_epp(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _settle(self._tasks, STOP_STEP_S, "scheduler tasks")
         self._tasks = []
         if self.epp is not None:
-            await self.epp.stop()
+            await _settle([asyncio.ensure_future(self.epp.stop())], STOP_STEP_S, "EPP servers")
             self.epp = None
 
     async def restart_epp(self) -> None:
@@ -166,8 +182,25 @@ class GatewayThread:
         self._thread.start()
 
     def run(self, coro: Any, timeout: float | None = None) -> Any:
-        """Run a coroutine on the gateway's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run a coroutine on the gateway's loop and wait for its result. On timeout the error
+        says where the loop's thread is (a blocked loop stalls every pick)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            where = self._whereabouts(coro)
+            future.cancel()
+            raise concurrent.futures.TimeoutError(f"the gateway loop did not answer in {timeout} s\n{where}") from None
+
+    def _whereabouts(self, coro: Any) -> str:
+        """Where the loop's thread is, and where the awaited coroutine is suspended (read from
+        another thread: a best-effort snapshot for the error message)."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        lines = ["loop thread at:", "".join(traceback.format_stack(frame)) if frame else "(thread gone)",
+                 "the coroutine waits in:", *_await_chain(coro), "other tasks wait in:"]
+        for task in list(asyncio.all_tasks(self.loop))[:30]:
+            lines.append(f" {task.get_name()}: {' <- '.join(reversed(_await_chain(task.get_coro())))}")
+        return "\n".join(lines)
 
     def call(self, fn: Callable[[], T], timeout: float | None = 10) -> T:
         """Run `fn()` on the gateway's loop (where the scheduler's state lives)."""
@@ -193,6 +226,18 @@ class GatewayThread:
             log.warning("gateway stop: %s", exc)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine and those it awaits stand, outermost first."""
+    out = []
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        frame = coro.cr_frame
+        out.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = coro.cr_await
+    if coro is not None:
+        out.append(repr(coro)[:200])
+    return out
 
 
 def start_gateway_thread(config: AppConfig, discovery: Discovery, *, gateway_port: int | None = 0,

@@ -5,6 +5,7 @@ prompts spread; a hung worker leaves the pool within ~2 s; a restarted EPP rebui
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
@@ -61,12 +62,19 @@ def cluster(tiny_model, tmp_path_factory):
 
 
 def wait_until(cond, timeout: float) -> float:
+    """Seconds until `cond()` holds. A gateway loop slow to answer (a starved machine) counts as
+    not yet; its diagnostics end up in the error if time runs out."""
     start = time.monotonic()
-    while not cond():
+    slow = None
+    while True:
+        try:
+            if cond():
+                return time.monotonic() - start
+        except concurrent.futures.TimeoutError as exc:
+            slow = exc
         if time.monotonic() - start > timeout:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"condition not met in {timeout} s" + (f"; last: {slow}" if slow else ""))
         time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def direct(worker, text: str, *, prefill: str | None = None, max_tokens: int = 8) -> httpx.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import msgspec
@@ -95,6 +96,28 @@ async def test_a_lost_message_is_recovered_by_replay(publisher: FakeKVPublisher)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_replay_peer_that_never_speaks_zmq_times_out_and_live_events_still_arrive(
+        publisher: FakeKVPublisher) -> None:
+    """A hung worker's replay socket accepts TCP but never answers: the replay gives up after
+    replay_timeout_s and the subscriber follows live events."""
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()
+    tokens = list(range(BS))
+    index = PrefixIndex(BS)
+    sub = KVEventSubscriber(publisher.endpoint, lambda b: apply_batch(index, "e1", b),
+                            replay_endpoint=f"tcp://127.0.0.1:{mute.getsockname()[1]}", replay_timeout_s=0.3)
+    task = asyncio.create_task(sub.run())
+    try:
+        await asyncio.sleep(1.0)  # replay given up, subscription settled
+        publisher.publish([block_stored([1], tokens, BS)])
+        await wait_for(lambda: index.match(block_hashes(tokens, BS)) == {"e1": 1})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        mute.close()
 
 
 async def test_scheduler_routes_to_the_decode_whose_events_hold_the_prefix(publisher: FakeKVPublisher) -> None:
