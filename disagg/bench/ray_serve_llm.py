@@ -74,18 +74,23 @@ def pd_serving_args(model: str, *, model_id: str, host: str, prefill_core: str |
 
 
 def _wait_ready(url: str, model_id: str, timeout_s: float) -> None:
-    """Until a completion succeeds: the ingress lists the model before the engines are up."""
+    """Until two completions in a row succeed, each prefilled on the prefill engine and decoded
+    with its KV on the decode one: the ingress lists the model before the engines are up."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
-    body = {"model": model_id, "prompt": "ready?", "max_tokens": 1}
-    while time.monotonic() < deadline:
+    body = {"model": model_id, "prompt": "are the engines ready? " * 60, "max_tokens": 4}
+    passed = 0
+    while time.monotonic() < deadline and passed < 2:
         try:
-            if httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200:
-                return
+            ok = httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(2)
+            ok = False
+        passed = passed + 1 if ok else 0
+        if not ok:
+            time.sleep(2)
+    if passed >= 2:
+        return
     raise TimeoutError(f"Ray Serve LLM at {url} not ready after {timeout_s:.0f} s")
 
 
