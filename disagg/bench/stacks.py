@@ -16,6 +16,7 @@ is started with `start()` (blocks until it answers), measured through `url`, and
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -109,6 +110,15 @@ def _wait(check: Any, launched: list[Launched], timeout_s: float, what: str) -> 
         time.sleep(1.0)
     tails = "\n".join(f"--- {i.label}\n{i.log_tail(1500)}" for i in launched)
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s\n{tails}")
+
+
+_READY_LINE = re.compile(r"^READY ", re.MULTILINE)
+
+
+def said_ready(log: str) -> bool:
+    """Whether a process printed its `READY ...` line (a line of its own: the engines' config
+    dumps name VLLM_ENGINE_READY_TIMEOUT_S long before anything is ready)."""
+    return _READY_LINE.search(log) is not None
 
 
 def _get_ok(url: str) -> bool:
@@ -243,7 +253,7 @@ class RayServeLLM(Stack):
         self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
                                     env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
         self.url = f"http://127.0.0.1:{port}"
-        _wait(lambda: "READY" in self.launched[0].log_tail(100_000), self.launched, timeout_s, self.name)
+        _wait(lambda: said_ready(self.launched[0].log_tail(100_000)), self.launched, timeout_s, self.name)
 
 
 def vllm_server_cmd(model: str, port: int, settings: EngineSettings, kv_transfer: dict | None) -> list[str]:
@@ -350,7 +360,7 @@ class OursGateway(Stack):
         metrics_url = f"http://127.0.0.1:{cmd[cmd.index('--metrics-port') + 1]}/metrics"
 
         def ready() -> bool:
-            return "READY" in router.log_tail(20_000) and _live_endpoints(metrics_url) >= expected
+            return said_ready(router.log_tail(20_000)) and _live_endpoints(metrics_url) >= expected
 
         _wait(ready, [router], timeout_s, f"{self.name} router")
         return round(time.monotonic() - started, 1)
