@@ -1,22 +1,23 @@
-"""`disagg bench compare`: our stack side by side with Ray Serve LLM's P/D and vLLM's reference
-proxy, then the P/D study on our stack; JSON, plots and a table in benchmarks/README.md.
+"""`disagg bench compare`: the P/D study on our stack, then our stack side by side with Ray Serve
+LLM's P/D and vLLM's reference proxy; JSON (written after every stack and arm), plots and a table
+in benchmarks/README.md.
 
-1. Side by side, on the same model (`--model`, the tiny one by default), the same core pinning
+1. The P/D study on our stack (`--study-model`, the ~100M-parameter one), gateway path: three
+   standalone workers (prefill on core 0, decode on core 0, decode on core 1) that stay up while
+   the router (EPP + Envoy) restarts with each routing setting:
+       aggregated     decode0 + decode1 (two engines, one core each, each prefills locally)
+       round robin    decode0 + decode1 with every scorer weight 0 (no prefix affinity)
+       disaggregated  prefill0 + decode1 (the same two cores), `pd_threshold_tokens` swept
+   Workload (ii) gives decode ITL p99 disaggregated vs aggregated; workload (i) gives TTFT
+   prefix-aware vs round robin.
+2. Side by side, on the same model (`--model`, the tiny one by default), the same core pinning
    (prefill core 0, decode core 1) and the same requests, one stack at a time:
        ours                 `disagg serve` (Ray Serve; router, prefill, decode)
        ray-serve-llm        Ray Serve LLM `build_pd_openai_app`, NixlConnector, default 50 ms
                             stream batching
-       ray-serve-llm-sb0    the same with stream batching off
        reference            two vLLM OpenAI servers behind `disagg.bench.reference_proxy`
+       ray-serve-llm-sb0    Ray Serve LLM with stream batching off (uniform workload only)
    Each runs every workload open loop (Poisson) for latency and closed loop for throughput.
-2. The P/D study on our stack (`--study-model`, the ~100M-parameter one), gateway path: three
-   standalone workers (prefill on core 0, decode on core 0, decode on core 1) that stay up while
-   the router (EPP + Envoy) restarts with each routing setting:
-       aggregated     decode0 + decode1 (two engines, one core each, each prefills locally)
-       disaggregated  prefill0 + decode1 (the same two cores), `pd_threshold_tokens` swept
-       round robin    decode0 + decode1 with every scorer weight 0 (no prefix affinity)
-   Workload (ii) gives decode ITL p99 disaggregated vs aggregated; workload (i) gives TTFT
-   prefix-aware vs round robin.
 
     disagg bench compare                 # everything (~30 min on 2 cores)
     disagg bench compare --quick         # fewer requests, fewer runs (~12 min)
@@ -56,7 +57,8 @@ from disagg.bench.stacks import (
 )
 
 log = logging.getLogger("disagg.bench.compare")
-STACKS = ("ours", "ray-serve-llm", "ray-serve-llm-sb0", "reference")
+# In the order they run: if the time budget runs out, what is skipped is the variant, not a peer.
+STACKS = ("ours", "ray-serve-llm", "reference", "ray-serve-llm-sb0")
 # Scorer weights all 0: the ranker falls back to the shortest queue with a rotating tie-break,
 # i.e. load-balanced round robin without prefix affinity.
 ROUND_ROBIN = ["routing.prefix_weight=0", "routing.load_weight=0", "routing.kv_usage_weight=0"]
@@ -78,14 +80,16 @@ class Plan:
     @staticmethod
     def full() -> "Plan":
         return Plan(
-            shapes={"shared_prefix": {"conversations": 4, "turns": 4}, "mixed": {"requests": 16},
-                    "uniform": {"requests": 16}},
-            rates={"shared_prefix": 1.0, "mixed": 1.0, "uniform": 1.0},
+            shapes={"shared_prefix": {"conversations": 3, "turns": 4}, "mixed": {"requests": 12},
+                    "uniform": {"requests": 12}},
+            # Below what the slower stacks sustain (~35 output tokens/s): TTFT, not a growing queue.
+            rates={"shared_prefix": 0.5, "mixed": 0.5, "uniform": 0.5},
             closed={"shared_prefix": 4, "mixed": 4, "uniform": 4},
-            study_shapes={"shared_prefix": {"conversations": 3, "turns": 4, **STUDY_SHARED_PREFIX},
-                          "mixed": {"requests": 12, **STUDY_MIXED}},
+            study_shapes={"shared_prefix": {"conversations": 3, "turns": 3, **STUDY_SHARED_PREFIX},
+                          "mixed": {"requests": 10, **STUDY_MIXED}},
             study_rates={"mixed": 0.25, "shared_prefix": 0.3},
-            thresholds=(256, 0, 100_000))
+            # With the aggregated arm (never disaggregate) a sweep of three points.
+            thresholds=(256, 0))
 
     @staticmethod
     def quick() -> "Plan":
@@ -100,6 +104,8 @@ class Plan:
             thresholds=(256,))
 
 
+# Three engines of the study's model start in 2-4 minutes here; one stuck longer is retried once.
+STUDY_START_TIMEOUT_S = 420.0
 # The study's model takes ~1 s per 300 prompt tokens on one (AVX2, fp32) core here. Workload (ii):
 # a long prompt's prefill stalls every decode on its engine for a second or more (the
 # interference), short prompts get answers long enough to show decode's inter-token gaps.
@@ -117,8 +123,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--study-model", default="models/bench", help="model for the P/D study (built if missing)")
     p.add_argument("--stacks", default=",".join(STACKS), help=f"comma list of {', '.join(STACKS)} ('' for none)")
     p.add_argument("--no-study", action="store_true", help="skip the P/D study")
-    p.add_argument("--no-profile", action="store_true",
-                   help="skip the extra profiled run (py-spy) on ours and Ray Serve LLM")
+    p.add_argument("--profile", action="store_true",
+                   help="one more run of ours under py-spy: where its router, prefill and decode spend time")
     p.add_argument("--out", default="benchmarks", help="directory for JSON, plots and README.md")
     p.add_argument("--json", type=Path, help="write the report here (default: OUT/compare.json, "
                                              "OUT/compare-quick.json with --quick)")
@@ -460,15 +466,17 @@ def main(argv: list[str]) -> int:
         report["elapsed_s"] = round(budget.elapsed(), 1)
         json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
+    # The study first: its arms are few and each needed; the side by side's last stack is a variant.
+    if not args.no_study:
+        study_model = ensure_model(args.study_model, "bench")
+        save("pd_study", study(study_model, plan, settings, log_dir, budget, args.seed,
+                               min(args.start_timeout, STUDY_START_TIMEOUT_S),
+                               checkpoint=lambda part: save("pd_study", part)))
     if names:
         model = ensure_model(args.model, "tiny")
         save("side_by_side", side_by_side(names, model, plan, settings, log_dir, budget, args.seed,
-                                          args.start_timeout, profile=not args.no_profile,
+                                          args.start_timeout, profile=args.profile,
                                           checkpoint=lambda part: save("side_by_side", part)))
-    if not args.no_study:
-        study_model = ensure_model(args.study_model, "bench")
-        save("pd_study", study(study_model, plan, settings, log_dir, budget, args.seed, args.start_timeout,
-                               checkpoint=lambda part: save("pd_study", part)))
     save()
 
     from disagg.bench import report as render

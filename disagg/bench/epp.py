@@ -2,8 +2,9 @@
 
 1. Pick latency and picks per second at 8, 64 and 256 endpoints (half prefill, half decode), with
    100k blocks in the prefix index; prompts of 1024 tokens, half of them sharing an indexed prefix.
-2. The latency the ext_proc hop adds: the same small request through Envoy alone, then through
-   Envoy + EPP, to a stand-in worker that answers at once.
+2. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
+   once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process),
+   in alternating rounds.
 
 Wall-clock figures on a shared machine measure the machine as much as the code, so each is paired
 with a CPU-time one: CPU seconds the picking thread spent per pick, and CPU seconds Envoy and the
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from disagg.bench.progress import say
-from disagg.config import AppConfig, RoutingConfig
-from disagg.routing import PickRequest, Scheduler, StaticDiscovery
-from disagg.routing.fakes import FakeWorker, make_info
+from disagg.config import RoutingConfig
+from disagg.routing import PickRequest, Scheduler
+from disagg.routing.fakes import make_info
 from disagg.routing.prefix_index import block_hashes
 from disagg.worker.protocol import EngineLoad
 
@@ -123,71 +124,107 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _time_requests(url: str, n: int, body: dict[str, Any], envoy_pid: int | None = None) -> dict[str, Any]:
-    """Sequential requests: wall latencies, and CPU seconds this process and Envoy spent."""
+# The stand-in decode worker, in its own process: it answers every request at once.
+_STAND_IN = (
+    "import time\n"
+    "from disagg.routing.fakes import FakeWorker\n"
+    "w = FakeWorker('decode', model='bench').start()\n"
+    "print('READY', w.address, flush=True)\n"
+    "time.sleep(1e9)\n"
+)
+
+
+def _ready_line(item: Any, timeout_s: float = 60.0) -> str:
+    """The READY line a launched process printed (its addresses), waiting for it."""
+    from disagg.bench.stacks import said_ready
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = item.log_tail(50_000)
+        if said_ready(text):
+            return next(line for line in text.splitlines() if line.startswith("READY "))
+        if not item.alive():
+            raise RuntimeError(f"{item.label} exited:\n{item.log_tail()}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{item.label} not ready in {timeout_s:.0f} s:\n{item.log_tail()}")
+
+
+async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:
+    """The same small request sent directly to a stand-in worker, through Envoy alone, and through
+    Envoy + EPP, in alternating rounds (so a change in the machine's load hits all three alike).
+    The EPP runs as in production: its own process (`disagg epp --gateway-port`), apart from the
+    client and the worker."""
     import httpx
+    import psutil
 
-    out = []
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        for _ in range(20):  # warm-up: connections, Envoy's first ext_proc stream
-            (await client.post("/v1/completions", json=body)).raise_for_status()
-        own0 = time.process_time()
-        envoy0 = _cpu_seconds(envoy_pid) if envoy_pid else 0.0
-        for _ in range(n):
-            t0 = time.perf_counter()
-            r = await client.post("/v1/completions", json=body)
-            out.append(time.perf_counter() - t0)
-            r.raise_for_status()
-        own = time.process_time() - own0
-        envoy = (_cpu_seconds(envoy_pid) - envoy0) if envoy_pid else 0.0
-    out.sort()
-    return {"latencies": out, "own_cpu_s": own, "envoy_cpu_s": envoy}
-
-
-async def bench_hop(requests: int) -> dict[str, Any]:
+    from disagg.bench.processes import launch, terminate
     from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
-    from disagg.epp.gateway import start_gateway
-    from disagg.epp.prompt import RawPromptReader
 
-    worker = FakeWorker("decode", model="bench").start()
+    log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-hop-"))
+    launched = [launch("stand-in", [sys.executable, "-c", _STAND_IN], log_dir=log_dir)]
+    alone: EnvoyProcess | None = None
     body = {"model": "bench", "prompt": list(range(200)), "max_tokens": 1}
     try:
-        eds = Path(tempfile.mkdtemp(prefix="disagg-bench-envoy-"))
-        write_endpoints(eds, [worker.address])
+        worker = _ready_line(launched[0]).split()[1]
+        write_endpoints(log_dir, [worker])
         port = free_port()
-        alone = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", 1, free_port(), eds, ext_proc=False))
+        alone = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", 1, free_port(), log_dir, ext_proc=False))
         await alone.start()
-        try:
-            await asyncio.sleep(0.3)
-            envoy_only = await _time_requests(f"http://127.0.0.1:{port}", requests, body, alone.process.pid)
-        finally:
-            await alone.stop()
-        direct = await _time_requests(f"http://{worker.address}", requests, body)
-        config = AppConfig(model="bench", block_size=BLOCK)
-        gateway = await start_gateway(config, StaticDiscovery([worker.address], interval_s=1.0), gateway_port=0,
-                                      host="127.0.0.1", reader=RawPromptReader("bench"))
-        try:
-            while not gateway.scheduler.pool.endpoints("decode"):
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
-            with_epp = await _time_requests(gateway.url, requests, body, gateway.envoy.process.pid)
-        finally:
-            await gateway.stop()
+        epp = launch("epp", [sys.executable, "-m", "disagg.cli", "epp", "--model", "bench", "--set",
+                             f"block_size={BLOCK}", "--endpoints", worker, "--host", "127.0.0.1",
+                             "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0",
+                             "--gateway-port", "0", "--gateway-host", "127.0.0.1", "--log-level", "WARNING"],
+                     log_dir=log_dir)
+        launched.append(epp)
+        gateway = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
+        gateway_envoy = next(c.pid for c in psutil.Process(epp.pid).children(recursive=True) if "envoy" in c.name())
+        targets = {"direct": f"http://{worker}", "envoy": f"http://127.0.0.1:{port}", "envoy_epp": gateway}
+        watched = {"envoy": alone.process.pid, "envoy_epp": gateway_envoy}
+        latencies: dict[str, list[float]] = {name: [] for name in targets}
+        cpu = {name: 0.0 for name in watched}
+        epp_cpu = 0.0
+        async with httpx.AsyncClient(timeout=10) as client:
+            for name, url in targets.items():  # warm-up: connections, the EPP learning the worker
+                ok, deadline = 0, time.monotonic() + 30
+                while ok < 20:
+                    r = await client.post(f"{url}/v1/completions", json=body)
+                    ok = ok + 1 if r.status_code == 200 else 0
+                    if time.monotonic() > deadline:
+                        r.raise_for_status()
+                    await asyncio.sleep(0 if ok else 0.1)
+            per_round = max(1, requests // rounds)
+            for i in range(rounds):
+                order = list(targets) if i % 2 == 0 else list(reversed(targets))
+                for name in order:
+                    cpu0 = _cpu_seconds(watched[name]) if name in watched else 0.0
+                    epp0 = _cpu_seconds(epp.pid) if name == "envoy_epp" else 0.0
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        r = await client.post(f"{targets[name]}/v1/completions", json=body)
+                        latencies[name].append(time.perf_counter() - t0)
+                        r.raise_for_status()
+                    if name in watched:
+                        cpu[name] += _cpu_seconds(watched[name]) - cpu0
+                    if name == "envoy_epp":
+                        epp_cpu += _cpu_seconds(epp.pid) - epp0
     finally:
-        worker.stop()
+        if alone is not None:
+            await alone.stop()
+        terminate(launched, None, grace_s=10)
 
-    def summary(run: dict[str, Any]) -> dict[str, float]:
-        values = run["latencies"]
-        return {"p50_ms": _percentile(values, 0.5) * 1e3, "p90_ms": _percentile(values, 0.9) * 1e3,
-                "p99_ms": _percentile(values, 0.99) * 1e3,
-                "envoy_cpu_ms_per_request": run["envoy_cpu_s"] / requests * 1e3}
+    def summary(name: str) -> dict[str, float]:
+        values = sorted(latencies[name])
+        out = {"p50_ms": _percentile(values, 0.5) * 1e3, "p90_ms": _percentile(values, 0.9) * 1e3,
+               "p99_ms": _percentile(values, 0.99) * 1e3}
+        if name in cpu:
+            out["envoy_cpu_ms_per_request"] = cpu[name] / len(values) * 1e3
+        return out
 
-    result = {"requests": requests, "direct": summary(direct), "envoy": summary(envoy_only),
-              "envoy_epp": summary(with_epp)}
+    n = len(latencies["envoy_epp"])
+    result: dict[str, Any] = {"requests": n, "rounds": rounds, **{name: summary(name) for name in targets}}
     result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
     result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
-    # This process ran the client and the stand-in worker in both runs, and the EPP in the second.
-    result["epp_cpu_ms_per_request"] = (with_epp["own_cpu_s"] - envoy_only["own_cpu_s"]) / requests * 1e3
+    result["epp_cpu_ms_per_request"] = epp_cpu / n * 1e3
     result["envoy_ext_proc_cpu_ms_per_request"] = (
         result["envoy_epp"]["envoy_cpu_ms_per_request"] - result["envoy"]["envoy_cpu_ms_per_request"])
     return result

@@ -238,3 +238,21 @@ def test_report_plots_go_where_plot_names_them(tmp_path: Path) -> None:
     written = plots_at(_fake_report(), tmp_path / "out" / "cmp.png")
     assert [p.name for p in written] == ["cmp.png", "cmp-memory.png", "cmp-pd-study.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
+    """`disagg bench epp` on a tiny run: picks at two pool sizes, and the hop through a real Envoy
+    alone and with a real `disagg epp` process in front of a stand-in worker."""
+    from disagg.bench.epp import main
+
+    out = tmp_path / "epp.json"
+    assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--hop-requests", "20",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [p["endpoints"] for p in report["pick"]] == [4, 8]
+    assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
+    hop = report["hop"]
+    assert hop["requests"] == 20
+    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_epp"))
+    assert hop["epp_cpu_ms_per_request"] > 0  # the EPP process did work for every request
+    assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
