@@ -21,9 +21,10 @@ from tests.support.workers import start_worker_process, wait_ready
 pytestmark = pytest.mark.integration
 
 BLOCK = 32
-# vLLM's NixlConnector on purpose: it stays selectable, and this is where it runs end to end (our
-# own connector, the default, runs in test_pd_workers.py and test_serve_stack.py).
-SETTINGS = [f"block_size={BLOCK}", "max_model_len=1024", "kv_connector=nixl", "prefill_timeout_s=60"]
+# Our connector (the default). Not vLLM's NixlConnector: vLLM 0.32 starts its NIXL agent with the
+# progress thread on, which spins a core per engine even when idle; three such engines on a 2-core
+# machine starved this test's own process (the gateway loop missed 10 s deadlines in CI).
+SETTINGS = [f"block_size={BLOCK}", "max_model_len=1024", "prefill_timeout_s=60"]
 DEST = "x-gateway-destination-endpoint"
 
 
@@ -47,7 +48,7 @@ def cluster(tiny_model, tmp_path_factory):
                                        gateway_port=0, host="127.0.0.1")
         wait_until(lambda: gateway.call(lambda: len(gateway.scheduler.pool.endpoints())) == 3, 30)
         client = httpx.Client(base_url=gateway.url, timeout=120)
-        # Warm the engines and the NIXL handshakes of both decodes.
+        # Warm the engines and the KV hand-off of both decodes.
         for d in decodes:
             direct(d, prompt(999), prefill=prefill.address)
         yield gateway, client, prefill, decodes
