@@ -303,7 +303,9 @@ def study(model: str, plan: Plan, settings: EngineSettings, log_dir: Path, budge
                GatewayWorker("decode1", "decode", settings.decode_core)]
     stack = OursGateway("ours-gateway", model, settings, log_dir=log_dir / "study", workers=workers,
                         # A slow prefill must not fall back to a local one: that would be another arm.
-                        worker_settings=["kv_connector=nixl", "prefill_timeout_s=600"])
+                        # Our connector (the default): vLLM's NixlConnector spins a core per engine
+                        # here (NIXL's progress thread), which would load the cores the arms compare.
+                        worker_settings=["prefill_timeout_s=600"])
     results: dict[str, Any] = {"model": Path(model).name, "arms": [], "workloads": {}}
     salt = iter(range(1, 1000))
 
