@@ -136,17 +136,10 @@ _STAND_IN = (
 
 def _ready_line(item: Any, timeout_s: float = 60.0) -> str:
     """The READY line a launched process printed (its addresses), waiting for it."""
-    from disagg.bench.stacks import said_ready
+    from disagg.bench.stacks import ready_line, said_ready, wait_ready
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = item.log_tail(50_000)
-        if said_ready(text):
-            return next(line for line in text.splitlines() if line.startswith("READY "))
-        if not item.alive():
-            raise RuntimeError(f"{item.label} exited:\n{item.log_tail()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{item.label} not ready in {timeout_s:.0f} s:\n{item.log_tail()}")
+    wait_ready(lambda: said_ready(item.log_tail(50_000)), [item], timeout_s, item.label)
+    return ready_line(item.log_tail(50_000)) or ""
 
 
 async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:

@@ -96,7 +96,8 @@ def _engine_env(core: str, settings: EngineSettings, nixl_port: int | None = Non
     return env
 
 
-def _wait(check: Any, launched: list[Launched], timeout_s: float, what: str) -> None:
+def wait_ready(check: Any, launched: list[Launched], timeout_s: float, what: str) -> None:
+    """Poll `check()` every second until it holds; fail at once if a launched process exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for item in launched:
@@ -112,13 +113,18 @@ def _wait(check: Any, launched: list[Launched], timeout_s: float, what: str) -> 
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s\n{tails}")
 
 
-_READY_LINE = re.compile(r"^READY ", re.MULTILINE)
+_READY_LINE = re.compile(r"^READY .*$", re.MULTILINE)
+
+
+def ready_line(log: str) -> str | None:
+    """The `READY ...` line a process printed, on a line of its own (the engines' config dumps
+    name VLLM_ENGINE_READY_TIMEOUT_S long before anything is ready), or None."""
+    found = _READY_LINE.search(log)
+    return found.group(0) if found else None
 
 
 def said_ready(log: str) -> bool:
-    """Whether a process printed its `READY ...` line (a line of its own: the engines' config
-    dumps name VLLM_ENGINE_READY_TIMEOUT_S long before anything is ready)."""
-    return _READY_LINE.search(log) is not None
+    return ready_line(log) is not None
 
 
 def _get_ok(url: str) -> bool:
@@ -229,7 +235,7 @@ class OursRay(Stack):
             body = r.json()
             return body.get("decode", 0) >= self.decode_replicas and body.get("prefill", 0) >= self.prefill_replicas
 
-        _wait(ready, self.launched, timeout_s, self.name)
+        wait_ready(ready, self.launched, timeout_s, self.name)
 
 
 @dataclass
@@ -253,7 +259,7 @@ class RayServeLLM(Stack):
         self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
                                     env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
         self.url = f"http://127.0.0.1:{port}"
-        _wait(lambda: said_ready(self.launched[0].log_tail(100_000)), self.launched, timeout_s, self.name)
+        wait_ready(lambda: said_ready(self.launched[0].log_tail(100_000)), self.launched, timeout_s, self.name)
 
 
 def vllm_server_cmd(model: str, port: int, settings: EngineSettings, kv_transfer: dict | None) -> list[str]:
@@ -285,7 +291,7 @@ class ReferenceProxy(Stack):
                                                "--prefill", f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}"],
                                     log_dir=self.log_dir, cwd=REPO))
         self.url = f"http://127.0.0.1:{proxy_port}"
-        _wait(lambda: all(_get_ok(f"http://127.0.0.1:{p}/health") for p in (p_port, d_port, proxy_port)),
+        wait_ready(lambda: all(_get_ok(f"http://127.0.0.1:{p}/health") for p in (p_port, d_port, proxy_port)),
               self.launched, timeout_s, self.name)
 
 
@@ -328,7 +334,7 @@ class OursGateway(Stack):
             for item in base:
                 cmd += ["--set", item]
             self.launched.append(launch(w.label, cmd, log_dir=self.log_dir, cwd=REPO))
-        _wait(lambda: all(_get_ok(f"http://{w.address}/health") for w in self.workers), self.launched, timeout_s,
+        wait_ready(lambda: all(_get_ok(f"http://{w.address}/health") for w in self.workers), self.launched, timeout_s,
               f"{self.name} workers")
         if self.initial_route:
             self.route(self.initial_route, self.router_settings)
@@ -362,7 +368,7 @@ class OursGateway(Stack):
         def ready() -> bool:
             return said_ready(router.log_tail(20_000)) and _live_endpoints(metrics_url) >= expected
 
-        _wait(ready, [router], timeout_s, f"{self.name} router")
+        wait_ready(ready, [router], timeout_s, f"{self.name} router")
         return round(time.monotonic() - started, 1)
 
 

@@ -66,7 +66,7 @@ async def _settle(tasks: list[asyncio.Task], timeout_s: float, what: str) -> Non
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in pending:
         log.warning("%s: %s still running after %.0f s, left behind; waits in %s", what, task.get_name(),
-                    timeout_s, " <- ".join(reversed(_await_chain(task.get_coro()))))
+                    timeout_s, _waits_in(task.get_coro()))
 
 
 class Gateway:
@@ -197,9 +197,9 @@ class GatewayThread:
         another thread: a best-effort snapshot for the error message)."""
         frame = sys._current_frames().get(self._thread.ident or -1)
         lines = ["loop thread at:", "".join(traceback.format_stack(frame)) if frame else "(thread gone)",
-                 "the coroutine waits in:", *_await_chain(coro), "other tasks wait in:"]
+                 f"the coroutine waits in: {_waits_in(coro)}", "other tasks wait in:"]
         for task in list(asyncio.all_tasks(self.loop))[:30]:
-            lines.append(f" {task.get_name()}: {' <- '.join(reversed(_await_chain(task.get_coro())))}")
+            lines.append(f" {task.get_name()}: {_waits_in(task.get_coro())}")
         return "\n".join(lines)
 
     def call(self, fn: Callable[[], T], timeout: float | None = 10) -> T:
@@ -228,16 +228,16 @@ class GatewayThread:
         self._thread.join(10)
 
 
-def _await_chain(coro: Any) -> list[str]:
-    """Where a suspended coroutine and those it awaits stand, outermost first."""
-    out = []
+def _waits_in(coro: Any) -> str:
+    """Where a suspended coroutine and those it awaits stand, innermost first ("a <- b <- c")."""
+    chain = []
     while coro is not None and getattr(coro, "cr_frame", None) is not None:
         frame = coro.cr_frame
-        out.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        chain.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
         coro = coro.cr_await
     if coro is not None:
-        out.append(repr(coro)[:200])
-    return out
+        chain.append(repr(coro)[:200])
+    return " <- ".join(reversed(chain))
 
 
 def start_gateway_thread(config: AppConfig, discovery: Discovery, *, gateway_port: int | None = 0,

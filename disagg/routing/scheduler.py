@@ -32,6 +32,7 @@ from disagg.routing.endpoint import Endpoint
 from disagg.routing.errors import NoEndpointError, OverloadedError
 from disagg.routing.pool import EndpointPool
 from disagg.routing.prefix_index import PrefixIndex, block_hashes
+from disagg.worker.protocol import Role
 from disagg.routing.scoring import (
     Candidates,
     KVUsageScorer,
@@ -196,12 +197,12 @@ class Scheduler:
         self._record(result, hashes, {})
         return result
 
-    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float, role: str) -> Candidates:
+    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float, role: Role) -> Candidates:
         # Runs for every endpoint of a role on every pick: one comprehension per signal over
         # attributes the endpoint keeps ready (faster than one loop appending to several lists);
         # freshness only when some signal is stale (EndpointPool.freshness inlined).
         freshness = None
-        if not self.pool.all_fresh(role, now):  # type: ignore[arg-type]
+        if not self.pool.all_fresh(role, now):
             stale = self.pool.stale_after_s
             span = max(self.pool.dead_after_s - stale, 1e-9)
             freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
