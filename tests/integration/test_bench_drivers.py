@@ -150,14 +150,31 @@ async def test_reference_proxy_prefills_one_token_then_decodes_with_the_returned
         assert b["kv_transfer_params"]["remote_block_ids"] == [1, 2] and b["stream"] is True
 
 
+def _prompt_tokens_by_source(engine_url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sources: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{engine_url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "vllm:prompt_tokens_by_source_total":
+                sources[sample.labels["source"]] = sources.get(sample.labels["source"], 0.0) + sample.value
+    return sources
+
+
 def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
-    """Two real vLLM servers (prefill core 0, decode core 1, NixlConnector) behind the proxy."""
+    """Two real vLLM servers (prefill core 0, decode core 1, NixlConnector with NIXL's progress
+    thread waiting instead of spinning, as the benchmark runs them) behind the proxy: the decode
+    engine gets most of each prompt's KV by transfer."""
     stack = ReferenceProxy("reference", tiny_model, EngineSettings(), log_dir=tmp_path)
     w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
     with stack:
         run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
         memory = stack.memory_mib()
+        sources = _prompt_tokens_by_source(stack.engine_urls["decode"])
+        logs = "".join(item.log_tail(200_000) for item in stack.launched)
     assert run.summary()["failed"] == 0, run.summary()
+    assert "progress threads poll with a 1000 us timeout" in logs
+    assert sources.get("external_kv_transfer", 0) > 2 * sources.get("local_compute", 0), sources
     assert set(memory) == {"prefill", "decode", "router"} and all(v > 50 for v in memory.values())
     assert all(not i.alive() for i in stack.launched)
 
