@@ -139,7 +139,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=29.0,
                    help="skip what is left (and say so) once this many minutes have passed")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a stack may take to start")
-    p.add_argument("--nixl-threads", action="store_true",
+    p.add_argument("--nixl-spin", action="store_true",
                    help="let NIXL's progress thread spin in the peers' NixlConnector, as vLLM leaves it (a core per "
                         "engine; by default it waits for UCX events instead, see disagg/bench/nixl_quiet)")
     return p.parse_args(argv)
@@ -221,17 +221,17 @@ def _run(url: str, model: str, workload: workloads.Workload, *, rate: float | No
     return out
 
 
-def make_stack(name: str, model: str, settings: EngineSettings, log_dir: Path, nixl_threads: bool = False) -> Stack:
+def make_stack(name: str, model: str, settings: EngineSettings, log_dir: Path, nixl_spin: bool = False) -> Stack:
     if name == "ours":
         return OursRay("ours", model, settings, log_dir=log_dir / name)
     if name == "ray-serve-llm":
         return RayServeLLM(name, model, settings, log_dir=log_dir / name, stream_batching_ms=50.0,
-                           nixl_threads=nixl_threads)
+                           nixl_spin=nixl_spin)
     if name == "ray-serve-llm-sb0":
         return RayServeLLM(name, model, settings, log_dir=log_dir / name, stream_batching_ms=0.0,
-                           nixl_threads=nixl_threads)
+                           nixl_spin=nixl_spin)
     if name == "reference":
-        return ReferenceProxy(name, model, settings, log_dir=log_dir / name, nixl_threads=nixl_threads)
+        return ReferenceProxy(name, model, settings, log_dir=log_dir / name, nixl_spin=nixl_spin)
     raise ValueError(f"unknown stack {name!r}; choose from {', '.join(STACKS)}")
 
 
@@ -256,7 +256,7 @@ def profiled_run(stack: Stack, workload: workloads.Workload, concurrency: int, o
 
 
 def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSettings, log_dir: Path,
-                 budget: Budget, seed: int, start_timeout: float, profile: bool = True, nixl_threads: bool = False,
+                 budget: Budget, seed: int, start_timeout: float, profile: bool = True, nixl_spin: bool = False,
                  checkpoint: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
     """Each stack in turn; `checkpoint(results)` after each, so a run cut short keeps what it measured."""
     loads = {name: workloads.build(name, model, seed=seed, **plan.shapes[name]) for name in workloads.WORKLOADS}
@@ -271,7 +271,7 @@ def side_by_side(names: list[str], model: str, plan: Plan, settings: EngineSetti
             entry["skipped"] = f"time budget spent ({budget.elapsed() / 60:.1f} min)"
             log.warning("skipping %s: %s", name, entry["skipped"])
             continue
-        stack = make_stack(name, model, settings, log_dir, nixl_threads)
+        stack = make_stack(name, model, settings, log_dir, nixl_spin)
         log.info("starting %s", name)
         try:
             with heartbeat(name, "still starting"):
@@ -482,7 +482,7 @@ def main(argv: list[str]) -> int:
     if names:
         model = ensure_model(args.model, "tiny")
         save("side_by_side", side_by_side(names, model, plan, settings, log_dir, budget, args.seed,
-                                          args.start_timeout, profile=args.profile, nixl_threads=args.nixl_threads,
+                                          args.start_timeout, profile=args.profile, nixl_spin=args.nixl_spin,
                                           checkpoint=lambda part: save("side_by_side", part)))
     save()
 

@@ -38,11 +38,11 @@ PATIENT_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600", "VLLM_ENGINE_READY_
 NIXL_QUIET_DIR = Path(__file__).resolve().parent / "nixl_quiet"
 
 
-def nixl_env(threads: bool) -> dict[str, str]:
-    """Env of a stack that runs vLLM's NixlConnector. Without `threads`, NIXL's progress thread
+def nixl_env(spin: bool) -> dict[str, str]:
+    """Env of a stack that runs vLLM's NixlConnector. Without `spin`, NIXL's progress thread
     waits for UCX events instead of spinning (see `nixl_quiet/sitecustomize.py`): vLLM's default
     keeps a spinning thread per engine, a core each, which a 2-core machine cannot spare."""
-    return {} if threads else {"PYTHONPATH": str(NIXL_QUIET_DIR)}
+    return {} if spin else {"PYTHONPATH": str(NIXL_QUIET_DIR)}
 
 
 def native_dtype() -> str:
@@ -251,12 +251,12 @@ class RayServeLLM(Stack):
     """Ray Serve LLM's P/D app (see `disagg.bench.ray_serve_llm`)."""
 
     stream_batching_ms: float = 50.0
-    nixl_threads: bool = False  # keep NIXL's spinning progress thread (vLLM's default)
+    nixl_spin: bool = False  # keep NIXL's spinning progress thread (vLLM's default)
 
     @property
     def description(self) -> str:  # type: ignore[override]
-        threads = "" if self.nixl_threads else " (NIXL progress thread not spinning)"
-        return f"Ray Serve LLM build_pd_openai_app, NixlConnector{threads}, stream batching {self.stream_batching_ms:g} ms"
+        polling = "" if self.nixl_spin else " (NIXL progress thread not spinning)"
+        return f"Ray Serve LLM build_pd_openai_app, NixlConnector{polling}, stream batching {self.stream_batching_ms:g} ms"
 
     def _start(self, timeout_s: float) -> None:
         s = self.settings
@@ -268,7 +268,7 @@ class RayServeLLM(Stack):
                "--max-model-len", str(s.max_model_len), "--ray-tmpdir", tmp, "--timeout", str(timeout_s)]
         self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
                                     env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled",
-                                         **nixl_env(self.nixl_threads)}))
+                                         **nixl_env(self.nixl_spin)}))
         self.url = f"http://127.0.0.1:{port}"
         wait_ready(lambda: said_ready(self.launched[0].log_tail(100_000)), self.launched, timeout_s, self.name)
 
@@ -289,13 +289,13 @@ def vllm_server_cmd(model: str, port: int, settings: EngineSettings, kv_transfer
 class ReferenceProxy(Stack):
     """Two vLLM OpenAI servers (prefill, decode) behind `disagg.bench.reference_proxy`."""
 
-    nixl_threads: bool = False  # keep NIXL's spinning progress thread (vLLM's default)
+    nixl_spin: bool = False  # keep NIXL's spinning progress thread (vLLM's default)
     engine_urls: dict[str, str] = field(default_factory=dict)  # role -> the vLLM server's own URL
 
     @property
     def description(self) -> str:  # type: ignore[override]
-        threads = "" if self.nixl_threads else " (NIXL progress thread not spinning)"
-        return f"vLLM OpenAI servers x2 + reference P/D proxy (round robin, NixlConnector{threads})"
+        polling = "" if self.nixl_spin else " (NIXL progress thread not spinning)"
+        return f"vLLM OpenAI servers x2 + reference P/D proxy (round robin, NixlConnector{polling})"
 
     def _start(self, timeout_s: float) -> None:
         s = self.settings
@@ -303,10 +303,10 @@ class ReferenceProxy(Stack):
         self.engine_urls = {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}"}
         self.launched.append(launch("prefill", vllm_server_cmd(self.model, p_port, s, NIXL), log_dir=self.log_dir,
                                     cwd=REPO, env={**_engine_env(s.prefill_core, s, free_port()),
-                                                          **nixl_env(self.nixl_threads)}))
+                                                          **nixl_env(self.nixl_spin)}))
         self.launched.append(launch("decode", vllm_server_cmd(self.model, d_port, s, NIXL), log_dir=self.log_dir,
                                     cwd=REPO, env={**_engine_env(s.decode_core, s, free_port()),
-                                                          **nixl_env(self.nixl_threads)}))
+                                                          **nixl_env(self.nixl_spin)}))
         self.launched.append(launch("router", [PY, "-m", "disagg.bench.reference_proxy", "--port", str(proxy_port),
                                                "--prefill", f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}"],
                                     log_dir=self.log_dir, cwd=REPO))
