@@ -100,11 +100,12 @@ class FakeWorker:
                 if worker.hung.is_set():
                     time.sleep(30)
                     return
-                if self.path == "/v1/worker":
+                path = self.path.split("?", 1)[0]  # the scraper asks for its series by `name[]`
+                if path == "/v1/worker":
                     self._reply(200, worker.info.model_dump_json().encode())
-                elif self.path == "/metrics":
+                elif path == "/metrics":
                     self._reply(200, metrics_text(worker.load, worker.info.layout.block_size).encode(), "text/plain")
-                elif self.path == "/health":
+                elif path == "/health":
                     self._reply(200, b"{}")
                 else:
                     self._reply(404, b"{}")

@@ -74,8 +74,14 @@ def parse_metrics(text: str) -> EngineLoad:
     )
 
 
+# Only these series (`name[]`, honoured by prometheus_client's exposition: our workers and vLLM's
+# own server); an exporter that ignores it sends everything, which parses the same.
+_QUERY = [("name[]", name) for name in _WANTED]
+
+
 async def scrape(client: httpx.AsyncClient, address: str) -> EngineLoad:
-    """GET http://{address}/metrics and parse it. Raises httpx errors or ScrapeError."""
-    response = await client.get(f"http://{address}/metrics")
+    """GET http://{address}/metrics (the load series only) and parse it. Raises httpx errors or
+    ScrapeError."""
+    response = await client.get(f"http://{address}/metrics", params=_QUERY)
     response.raise_for_status()
     return parse_metrics(response.text)
