@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics_bridge import MetricsBridge
 from disagg.config import AppConfig
+from disagg.heap import freeze_startup_heap
 from disagg.engine.base import GenerateOutput
 from disagg.openai.errors import APIError
 from disagg.openai.http import install_error_handlers, respond
@@ -73,6 +74,7 @@ class Router:
         loop = asyncio.get_event_loop()
         self._discovery = loop.create_task(self.scheduler.run(RegistryDiscovery(registry)))
         self._metrics = loop.create_task(MetricsBridge().run())
+        freeze_startup_heap()  # a full GC pass over the start-up heap stalled every stream
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from disagg.config import AppConfig
 from disagg.engine.base import GenerateOutput, GenerateRequest
+from disagg.engine.coalesce import coalesce
 from disagg.worker.launch import RunningWorker, start_worker
 from deployments.metrics_bridge import MetricsBridge
 from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
@@ -94,6 +95,8 @@ class DecodeServer(_WorkerReplica):
 
     async def generate(self, request: GenerateRequest, prefill: list[str], pin: str | None = None
                        ) -> AsyncIterator[GenerateOutput]:
-        """Stream one request; `pin` is read by the request router, not here."""
-        async for out in self._running.worker.generate(request, prefill):
+        """Stream one request; `pin` is read by the request router, not here. Deltas close
+        together leave as one item: each item costs a Ray object and two process hops."""
+        window_s = self._running.worker.config.stream_batching_ms / 1000
+        async for out in coalesce(self._running.worker.generate(request, prefill), window_s):
             yield out

@@ -76,6 +76,9 @@ class AppConfig(_Strict):
     seed: int = 0
     # CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); None leaves vLLM's default.
     kv_cache_gib: int | None = Field(1, ge=1)
+    # Ray-native path: a decode replica merges a request's tokens that come within this many ms
+    # of its previous stream item (0: one item per engine step); see disagg.engine.coalesce.
+    stream_batching_ms: float = Field(20.0, ge=0)
 
     prefill: RoleConfig = Field(default_factory=lambda: RoleConfig(cpu_bind=["0"]))
     decode: RoleConfig = Field(default_factory=lambda: RoleConfig(cpu_bind=["1"]))

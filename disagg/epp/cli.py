@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from disagg.config import AppConfig
+from disagg.heap import freeze_startup_heap
 from disagg.epp.protocol import DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT
 from disagg.routing import Discovery, StaticDiscovery
 
@@ -65,6 +66,7 @@ async def run_epp(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port, eds_dir=Path(args.eds_dir) if args.eds_dir else None,
     )
     epp = gateway.epp
+    freeze_startup_heap()
     line = f"READY epp grpc={epp.host}:{epp.grpc_port} health={epp.health_port} metrics={epp.metrics_port}"
     if gateway.url:
         line += f" gateway={gateway.url}"

@@ -12,6 +12,7 @@ import uvicorn
 
 from disagg.config import AppConfig
 from disagg.engine.vllm_engine import VllmEngine
+from disagg.heap import freeze_startup_heap
 from disagg.openai.serving import Preprocessor
 from disagg.worker.protocol import Role
 from disagg.worker.server import build_worker_app
@@ -82,4 +83,5 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
             raise RuntimeError(f"worker HTTP server on {host}:{port} exited")
         await asyncio.sleep(0.02)
     log.info("%s worker %s serving on %s", role, engine.engine_id, worker.address)
+    freeze_startup_heap()
     return RunningWorker(worker, server, task)
