@@ -111,8 +111,10 @@ STUDY_START_TIMEOUT_S = 420.0
 # interference), short prompts get answers long enough to show decode's inter-token gaps.
 STUDY_MIXED = {"long_prompt": (384, 512), "long_answer": (4, 8), "short_prompt": (16, 32),
                "short_answer": (32, 48)}
-# Workload (i): a cache miss prefills the whole conversation, a hit only the newest turn.
-STUDY_SHARED_PREFIX = {"system_tokens": 256, "user_tokens": 48, "answer_tokens": 16}
+# Workload (i): a cache miss prefills the whole conversation, a hit only the newest turn. Each
+# turn adds more than a 128-token KV block, so a conversation's history, not only the system
+# prompt every engine soon holds, is what a pick can find cached or not.
+STUDY_SHARED_PREFIX = {"system_tokens": 192, "user_tokens": 128, "answer_tokens": 32}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

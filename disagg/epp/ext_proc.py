@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import grpc
 import msgspec
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -107,47 +108,57 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self.picker = picker
         self.default_body_mode = default_body_mode
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> AsyncIterator[pb.ProcessingResponse]:  # noqa: N802
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> None:  # noqa: N802
+        # context.read()/write() rather than iterating and yielding: grpc.aio's async-generator
+        # streaming costs more per message, and this hop sits in front of every request.
         ex: _Exchange | None = None
-        async for message in request_iterator:
-            phase = message.WhichOneof("request")
-            if phase == "request_headers":
-                mode = (message.protocol_config.request_body_mode
-                        if message.HasField("protocol_config") else self.default_body_mode)
-                ex = _Exchange(mode=mode, subset=read_subset(message.metadata_context))
-                for h in message.request_headers.headers.headers:
-                    if h.key == ":path":
-                        ex.path = header_value(h)
-                if message.request_headers.end_of_stream:
-                    for response in self._route(ex, phase="headers"):
-                        yield response
-                elif ex.mode != FULL_DUPLEX_STREAMED:
-                    yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-            elif phase == "request_body":
-                if ex is None:
-                    continue
-                ex.body.extend(message.request_body.body)
-                if message.request_body.end_of_stream:
-                    for response in self._route(ex, phase="body"):
-                        yield response
-                elif ex.mode not in (FULL_DUPLEX_STREAMED, BUFFERED):
-                    # STREAMED: each chunk needs an answer; the pick happens at the end of stream.
-                    yield pb.ProcessingResponse(request_body=pb.BodyResponse())
-            elif phase == "request_trailers":
-                if ex is not None and not ex.routed:
-                    for response in self._route(ex, phase="body"):
-                        yield response
-                yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-            elif phase == "response_headers":
-                yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-            elif phase == "response_body":
-                body = message.response_body
-                if ex is not None and ex.mode == FULL_DUPLEX_STREAMED:
-                    yield _streamed("response_body", body.body, body.end_of_stream)
-                else:
-                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
-            elif phase == "response_trailers":
-                yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            ex, responses = self.answer(ex, message)
+            for response in responses:
+                await context.write(response)
+
+    def answer(self, ex: _Exchange | None, message: pb.ProcessingRequest
+               ) -> tuple[_Exchange | None, list[pb.ProcessingResponse]]:
+        """What to send back for one message of a stream, and the stream's state after it."""
+        phase = message.WhichOneof("request")
+        if phase == "request_headers":
+            mode = (message.protocol_config.request_body_mode
+                    if message.HasField("protocol_config") else self.default_body_mode)
+            ex = _Exchange(mode=mode, subset=read_subset(message.metadata_context))
+            for h in message.request_headers.headers.headers:
+                if h.key == ":path":
+                    ex.path = header_value(h)
+            if message.request_headers.end_of_stream:
+                return ex, self._route(ex, phase="headers")
+            if ex.mode != FULL_DUPLEX_STREAMED:
+                return ex, [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+            return ex, []
+        if phase == "request_body":
+            if ex is None:
+                return ex, []
+            ex.body.extend(message.request_body.body)
+            if message.request_body.end_of_stream:
+                return ex, self._route(ex, phase="body")
+            if ex.mode not in (FULL_DUPLEX_STREAMED, BUFFERED):
+                # STREAMED: each chunk needs an answer; the pick happens at the end of stream.
+                return ex, [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+            return ex, []
+        if phase == "request_trailers":
+            out = self._route(ex, phase="body") if ex is not None and not ex.routed else []
+            return ex, [*out, pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
+        if phase == "response_headers":
+            return ex, [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        if phase == "response_body":
+            body = message.response_body
+            if ex is not None and ex.mode == FULL_DUPLEX_STREAMED:
+                return ex, [_streamed("response_body", body.body, body.end_of_stream)]
+            return ex, [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+        if phase == "response_trailers":
+            return ex, [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        return ex, []
 
     def _route(self, ex: _Exchange, *, phase: str) -> list[pb.ProcessingResponse]:
         ex.routed = True
