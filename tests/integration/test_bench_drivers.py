@@ -27,7 +27,7 @@ from disagg.bench import driver, workloads
 from disagg.bench.compare import ratios
 from disagg.bench.reference_proxy import build_app as build_proxy
 from disagg.bench.report import markdown, plots
-from disagg.bench.stacks import EngineSettings, ReferenceProxy
+from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, OursRay, RayServeLLM, ReferenceProxy, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -177,6 +177,47 @@ def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path
     assert sources.get("external_kv_transfer", 0) > 2 * sources.get("local_compute", 0), sources
     assert set(memory) == {"prefill", "decode", "router"} and all(v > 50 for v in memory.values())
     assert all(not i.alive() for i in stack.launched)
+
+
+def _serves_a_small_workload(stack: Stack, tiny_model: str, components: set[str]) -> None:
+    w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
+    with stack:
+        run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
+        memory = stack.memory_mib()
+    summary = run.summary()
+    assert summary["failed"] == 0 and summary["requests"] == 4, summary
+    assert summary["output_tokens"] > 0
+    assert components <= set(memory), memory
+    assert all(not i.alive() for i in stack.launched)
+
+
+def test_our_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
+    """`disagg serve` as the benchmark starts it (router, prefill and decode on a local Ray)."""
+    _serves_a_small_workload(OursRay("ours", tiny_model, EngineSettings(), log_dir=tmp_path), tiny_model,
+                             {"prefill", "decode", "router"})
+
+
+def test_ray_serve_llm_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
+    """Ray Serve LLM's P/D app as the benchmark starts it (its NixlConnector not spinning)."""
+    pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see disagg/bench/ray_serve_llm.py)")
+    stack = RayServeLLM("ray-serve-llm", tiny_model, EngineSettings(), log_dir=tmp_path, stream_batching_ms=0.0)
+    _serves_a_small_workload(stack, tiny_model, {"prefill", "decode"})
+
+
+def test_study_stack_serves_each_kind_of_arm(tiny_model: str, tmp_path: Path) -> None:
+    """The P/D study's gateway stack: workers start once, the router restarts per arm (here
+    aggregated on one decode, then disaggregated through the prefill)."""
+    stack = OursGateway("study", tiny_model, EngineSettings(), log_dir=tmp_path,
+                        workers=[GatewayWorker("prefill0", "prefill", "0"), GatewayWorker("decode0", "decode", "1")])
+    w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
+    with stack:
+        for labels, routing in ((["decode0"], []), (["prefill0", "decode0"], ["routing.pd_threshold_tokens=0"])):
+            stack.route(labels, routing)
+            run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
+            assert run.summary()["failed"] == 0, (labels, run.summary())
+        handoffs = httpx.get(f"http://{stack.workers[1].address}/metrics", timeout=10).text
+    assert any(line.startswith("disagg_prefill_handoffs_total") and 'result="remote"' in line
+               and float(line.split()[-1]) >= 4 for line in handoffs.splitlines()), handoffs[:2000]
 
 
 def test_bench_serve_measures_a_running_stack_given_by_url(tiny_model: str, tmp_path: Path,
