@@ -27,7 +27,7 @@ from disagg.bench import driver, workloads
 from disagg.bench.compare import ratios
 from disagg.bench.reference_proxy import build_app as build_proxy
 from disagg.bench.report import markdown, plots
-from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, OursRay, RayServeLLM, ReferenceProxy, Stack
+from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, RayServeLLM, ReferenceProxy, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -189,12 +189,6 @@ def _serves_a_small_workload(stack: Stack, tiny_model: str, components: set[str]
     assert summary["output_tokens"] > 0
     assert components <= set(memory), memory
     assert all(not i.alive() for i in stack.launched)
-
-
-def test_our_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
-    """`disagg serve` as the benchmark starts it (router, prefill and decode on a local Ray)."""
-    _serves_a_small_workload(OursRay("ours", tiny_model, EngineSettings(), log_dir=tmp_path), tiny_model,
-                             {"prefill", "decode", "router"})
 
 
 def test_ray_serve_llm_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
