@@ -76,12 +76,12 @@ def parse_metrics(text: str) -> EngineLoad:
 
 # Only these series (`name[]`, honoured by prometheus_client's exposition: our workers and vLLM's
 # own server); an exporter that ignores it sends everything, which parses the same.
-_QUERY = [("name[]", name) for name in _WANTED]
+LOAD_QUERY = [("name[]", name) for name in _WANTED]
 
 
 async def scrape(client: httpx.AsyncClient, address: str) -> EngineLoad:
     """GET http://{address}/metrics (the load series only) and parse it. Raises httpx errors or
     ScrapeError."""
-    response = await client.get(f"http://{address}/metrics", params=_QUERY)
+    response = await client.get(f"http://{address}/metrics", params=LOAD_QUERY)
     response.raise_for_status()
     return parse_metrics(response.text)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -28,6 +28,7 @@ from disagg.bench.compare import ratios
 from disagg.bench.reference_proxy import build_app as build_proxy
 from disagg.bench.report import markdown, plots
 from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, RayServeLLM, ReferenceProxy, Stack
+from tests.support.workers import metric
 
 pytestmark = pytest.mark.integration
 
@@ -150,15 +151,21 @@ async def test_reference_proxy_prefills_one_token_then_decodes_with_the_returned
         assert b["kv_transfer_params"]["remote_block_ids"] == [1, 2] and b["stream"] is True
 
 
-def _prompt_tokens_by_source(engine_url: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    sources: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{engine_url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == "vllm:prompt_tokens_by_source_total":
-                sources[sample.labels["source"]] = sources.get(sample.labels["source"], 0.0) + sample.value
-    return sources
+def _serves_a_small_workload(stack: Stack, tiny_model: str, components: set[str],
+                             inside: Callable[[Stack], Any] = lambda _: None) -> Any:
+    """4 mixed requests through `stack`, none failing; every component measured, every process
+    gone after. Returns what `inside(stack)` read while the stack was up."""
+    w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
+    with stack:
+        run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
+        memory = stack.memory_mib()
+        seen = inside(stack)
+    summary = run.summary()
+    assert summary["failed"] == 0 and summary["requests"] == 4, summary
+    assert summary["output_tokens"] > 0
+    assert components <= set(memory) and all(memory[c] > 50 for c in components), memory
+    assert all(not i.alive() for i in stack.launched)
+    return seen
 
 
 def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
@@ -166,29 +173,18 @@ def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path
     thread waiting instead of spinning, as the benchmark runs them) behind the proxy: the decode
     engine gets most of each prompt's KV by transfer."""
     stack = ReferenceProxy("reference", tiny_model, EngineSettings(), log_dir=tmp_path)
-    w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
-    with stack:
-        run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
-        memory = stack.memory_mib()
-        sources = _prompt_tokens_by_source(stack.engine_urls["decode"])
-        logs = "".join(item.log_tail(200_000) for item in stack.launched)
-    assert run.summary()["failed"] == 0, run.summary()
+
+    def inside(s: Stack) -> tuple[float, float, str, set[str]]:
+        decode = stack.engine_urls["decode"]
+        return (metric(decode, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
+                metric(decode, "vllm:prompt_tokens_by_source_total", source="local_compute"),
+                "".join(item.log_tail(200_000) for item in s.launched), set(s.memory_mib()))
+
+    components = {"prefill", "decode", "router"}
+    transferred, computed, logs, measured = _serves_a_small_workload(stack, tiny_model, components, inside)
+    assert measured == components
     assert "progress threads poll with a 1000 us timeout" in logs
-    assert sources.get("external_kv_transfer", 0) > 2 * sources.get("local_compute", 0), sources
-    assert set(memory) == {"prefill", "decode", "router"} and all(v > 50 for v in memory.values())
-    assert all(not i.alive() for i in stack.launched)
-
-
-def _serves_a_small_workload(stack: Stack, tiny_model: str, components: set[str]) -> None:
-    w = workloads.build("mixed", tiny_model, requests=4, long_prompt=(300, 400), short_answer=(8, 12))
-    with stack:
-        run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
-        memory = stack.memory_mib()
-    summary = run.summary()
-    assert summary["failed"] == 0 and summary["requests"] == 4, summary
-    assert summary["output_tokens"] > 0
-    assert components <= set(memory), memory
-    assert all(not i.alive() for i in stack.launched)
+    assert transferred > 2 * computed, (transferred, computed)
 
 
 def test_ray_serve_llm_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
@@ -209,9 +205,8 @@ def test_study_stack_serves_each_kind_of_arm(tiny_model: str, tmp_path: Path) ->
             stack.route(labels, routing)
             run = asyncio.run(driver.drive(stack.url, stack.model_name, w, concurrency=2))
             assert run.summary()["failed"] == 0, (labels, run.summary())
-        handoffs = httpx.get(f"http://{stack.workers[1].address}/metrics", timeout=10).text
-    assert any(line.startswith("disagg_prefill_handoffs_total") and 'result="remote"' in line
-               and float(line.split()[-1]) >= 4 for line in handoffs.splitlines()), handoffs[:2000]
+        remote = metric(f"http://{stack.workers[1].address}", "disagg_prefill_handoffs_total", result="remote")
+    assert remote >= 4, remote
 
 
 def test_bench_serve_measures_a_running_stack_given_by_url(tiny_model: str, tmp_path: Path,

@@ -207,9 +207,9 @@ def test_bad_input_gets_openai_error(stack, path, body, status, param):
 def test_worker_metrics_restricted_to_the_load_series_the_router_scrapes(aggregated):
     """The router asks for its few series by `name[]`; the worker renders only those (a full
     /metrics, vLLM's histograms included, ten times a second cost ~10% of a core per worker)."""
-    from disagg.routing.scraper import _QUERY, parse_metrics
+    from disagg.routing.scraper import LOAD_QUERY, parse_metrics
 
-    restricted = httpx.get(f"{aggregated.url}/metrics", params=_QUERY, timeout=10).text
+    restricted = httpx.get(f"{aggregated.url}/metrics", params=LOAD_QUERY, timeout=10).text
     names = {line.split("{")[0].split(" ")[0] for line in restricted.splitlines() if line and line[0] != "#"}
     assert names == {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                      "vllm:cache_config_info"}, names
