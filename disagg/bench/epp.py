@@ -142,11 +142,11 @@ def _ready_line(item: Any, timeout_s: float = 60.0) -> str:
     return ready_line(item.log_tail(50_000)) or ""
 
 
-async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:
+async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = ("h2", "grpcio")) -> dict[str, Any]:
     """The same small request sent directly to a stand-in worker, through Envoy alone, and through
-    Envoy + EPP, in alternating rounds (so a change in the machine's load hits all three alike).
-    The EPP runs as in production: its own process (`disagg epp --gateway-port`), apart from the
-    client and the worker."""
+    Envoy + EPP (one EPP per ext_proc server: ours, h2, and grpcio's), in alternating rounds, so
+    a change in the machine's load hits all alike. Each EPP runs as in production: its own
+    process (`disagg epp --gateway-port`), apart from the client and the worker."""
     import httpx
     import psutil
 
@@ -163,19 +163,24 @@ async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:
         port = free_port()
         alone = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", 1, free_port(), log_dir, ext_proc=False))
         await alone.start()
-        epp = launch("epp", [sys.executable, "-m", "disagg.cli", "epp", "--model", "bench", "--set",
-                             f"block_size={BLOCK}", "--endpoints", worker, "--host", "127.0.0.1",
-                             "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0",
-                             "--gateway-port", "0", "--gateway-host", "127.0.0.1", "--log-level", "WARNING"],
-                     log_dir=log_dir)
-        launched.append(epp)
-        gateway = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
-        gateway_envoy = next(c.pid for c in psutil.Process(epp.pid).children(recursive=True) if "envoy" in c.name())
-        targets = {"direct": f"http://{worker}", "envoy": f"http://127.0.0.1:{port}", "envoy_epp": gateway}
-        watched = {"envoy": alone.process.pid, "envoy_epp": gateway_envoy}
+        targets = {"direct": f"http://{worker}", "envoy": f"http://127.0.0.1:{port}"}
+        watched = {"envoy": alone.process.pid}
+        epp_pids: dict[str, int] = {}
+        for server in servers:
+            name = "envoy_epp" if server == "h2" else f"envoy_epp_{server}"
+            epp = launch(f"epp-{server}", [
+                sys.executable, "-m", "disagg.cli", "epp", "--model", "bench", "--set", f"block_size={BLOCK}",
+                "--endpoints", worker, "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
+                "--metrics-port", "0", "--gateway-port", "0", "--gateway-host", "127.0.0.1",
+                "--ext-proc-server", server, "--log-level", "WARNING"], log_dir=log_dir)
+            launched.append(epp)
+            targets[name] = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
+            watched[name] = next(c.pid for c in psutil.Process(epp.pid).children(recursive=True)
+                                 if "envoy" in c.name())
+            epp_pids[name] = epp.pid
         latencies: dict[str, list[float]] = {name: [] for name in targets}
         cpu = {name: 0.0 for name in watched}
-        epp_cpu = 0.0
+        epp_cpu = {name: 0.0 for name in epp_pids}
         async with httpx.AsyncClient(timeout=10) as client:
             for name, url in targets.items():  # warm-up: connections, the EPP learning the worker
                 ok, deadline = 0, time.monotonic() + 30
@@ -190,7 +195,7 @@ async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:
                 order = list(targets) if i % 2 == 0 else list(reversed(targets))
                 for name in order:
                     cpu0 = _cpu_seconds(watched[name]) if name in watched else 0.0
-                    epp0 = _cpu_seconds(epp.pid) if name == "envoy_epp" else 0.0
+                    epp0 = _cpu_seconds(epp_pids[name]) if name in epp_pids else 0.0
                     for _ in range(per_round):
                         t0 = time.perf_counter()
                         r = await client.post(f"{targets[name]}/v1/completions", json=body)
@@ -198,8 +203,8 @@ async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:
                         r.raise_for_status()
                     if name in watched:
                         cpu[name] += _cpu_seconds(watched[name]) - cpu0
-                    if name == "envoy_epp":
-                        epp_cpu += _cpu_seconds(epp.pid) - epp0
+                    if name in epp_pids:
+                        epp_cpu[name] += _cpu_seconds(epp_pids[name]) - epp0
     finally:
         if alone is not None:
             await alone.stop()
@@ -213,13 +218,17 @@ async def bench_hop(requests: int, rounds: int = 10) -> dict[str, Any]:
             out["envoy_cpu_ms_per_request"] = cpu[name] / len(values) * 1e3
         return out
 
-    n = len(latencies["envoy_epp"])
-    result: dict[str, Any] = {"requests": n, "rounds": rounds, **{name: summary(name) for name in targets}}
-    result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
-    result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
-    result["epp_cpu_ms_per_request"] = epp_cpu / n * 1e3
-    result["envoy_ext_proc_cpu_ms_per_request"] = (
-        result["envoy_epp"]["envoy_cpu_ms_per_request"] - result["envoy"]["envoy_cpu_ms_per_request"])
+    n = len(latencies["envoy"])
+    result: dict[str, Any] = {"requests": n, "rounds": rounds, "ext_proc_servers": list(servers),
+                              **{name: summary(name) for name in targets}}
+    for name in epp_pids:
+        # Keys of the default server (h2) carry no suffix; the others are named after theirs.
+        suffix = name.removeprefix("envoy_epp")
+        result[f"epp_hop_added_p50_ms{suffix}"] = result[name]["p50_ms"] - result["envoy"]["p50_ms"]
+        result[f"epp_hop_added_p99_ms{suffix}"] = result[name]["p99_ms"] - result["envoy"]["p99_ms"]
+        result[f"epp_cpu_ms_per_request{suffix}"] = epp_cpu[name] / n * 1e3
+        result[f"envoy_ext_proc_cpu_ms_per_request{suffix}"] = (
+            result[name]["envoy_cpu_ms_per_request"] - result["envoy"]["envoy_cpu_ms_per_request"])
     return result
 
 
@@ -246,12 +255,15 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     left.legend()
     hop = result.get("hop")
     if hop:
-        names = ["direct", "envoy", "envoy_epp"]
+        names = [n for n in ("direct", "envoy", "envoy_epp", "envoy_epp_grpcio") if n in hop]
         right.bar([n.replace("_", "+") for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
         right.scatter([n.replace("_", "+") for n in names], [hop[n]["p99_ms"] for n in names], color="black",
                       marker="_", s=400, label="p99")
         right.set_ylabel("request latency (ms)")
-        right.set_title(f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50")
+        title = f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50"
+        if "envoy_epp_grpcio" in hop:
+            title += f" (on grpcio: {hop['epp_hop_added_p50_ms_grpcio']:.2f})"
+        right.set_title(title)
         right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -293,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
               f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50); "
               f"CPU per request: EPP {hop['epp_cpu_ms_per_request']:.2f} ms, Envoy's ext_proc work "
               f"{hop['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
+        if "envoy_epp_grpcio" in hop:
+            print(f"hop with the EPP on grpcio: Envoy+EPP {hop['envoy_epp_grpcio']['p50_ms']:.2f} ms (adds "
+                  f"{hop['epp_hop_added_p50_ms_grpcio']:.2f} ms p50); EPP CPU "
+                  f"{hop['epp_cpu_ms_per_request_grpcio']:.2f} ms per request", flush=True)
         result["hop"] = hop
     result["machine"]["load_avg_after"] = os.getloadavg()
     result["machine"]["reference_loop_ms_after"] = reference_loop_ms()

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-host", default=None, help="Envoy's listen address (default: the config's host)")
     p.add_argument("--eds-dir", default=None,
                    help="keep an Envoy EDS file of the decode endpoints in this directory (for an external Envoy)")
+    p.add_argument("--ext-proc-server", choices=["h2", "grpcio"], default="h2",
+                   help="what serves ext_proc: our HTTP/2 server on the event loop (h2, the fast one) or grpcio")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -64,6 +66,7 @@ async def run_epp(args: argparse.Namespace) -> None:
         config, make_discovery(args), gateway_port=args.gateway_port, host=args.gateway_host,
         epp_host=args.host, grpc_port=args.grpc_port, health_port=args.health_port,
         metrics_port=args.metrics_port, eds_dir=Path(args.eds_dir) if args.eds_dir else None,
+        ext_proc_server=args.ext_proc_server,
     )
     epp = gateway.epp
     freeze_startup_heap()

@@ -104,9 +104,12 @@ def immediate(refused: Refused) -> pb.ProcessingResponse:
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """The protocol (`answer`), served by grpcio (`Process`) or by `disagg.epp.h2grpc` (`stream`)."""
+
     def __init__(self, picker: EndpointPicker, *, default_body_mode: BodyMode = FULL_DUPLEX_STREAMED) -> None:
         self.picker = picker
         self.default_body_mode = default_body_mode
+        self._responses: dict[tuple, pb.ProcessingResponse] = {}
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> None:  # noqa: N802
         # context.read()/write() rather than iterating and yielding: grpc.aio's async-generator
@@ -119,6 +122,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             ex, responses = self.answer(ex, message)
             for response in responses:
                 await context.write(response)
+
+    def stream(self) -> ExtProcStream:
+        """A handler for one stream of `disagg.epp.h2grpc.GrpcServer`."""
+        return ExtProcStream(self)
 
     def answer(self, ex: _Exchange | None, message: pb.ProcessingRequest
                ) -> tuple[_Exchange | None, list[pb.ProcessingResponse]]:
@@ -165,19 +172,47 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         decision = self.picker.route(ex.path, bytes(ex.body), ex.subset)
         if isinstance(decision, Refused):
             return [immediate(decision)]
-        common = pb.CommonResponse(header_mutation=header_mutation(decision), clear_route_cache=True)
-        metadata = destination_metadata(decision)
         if phase == "headers":
-            return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata)]
+            return [self._routed("request_headers", decision)]
         if ex.mode == FULL_DUPLEX_STREAMED:
-            out = [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata)]
+            out = [self._routed("request_headers", decision)]
             body = bytes(ex.body)
             chunks = [body[i:i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)] or [b""]
             for i, chunk in enumerate(chunks):
                 out.append(_streamed("request_body", chunk, i == len(chunks) - 1))
             return out
         # BUFFERED (and STREAMED): the headers are still held, so the body answer may mutate them.
-        return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata)]
+        return [self._routed("request_body", decision)]
+
+    def _routed(self, phase: str, routed: Routed) -> pb.ProcessingResponse:
+        """The response that sets the picked endpoints' headers and metadata. The same few
+        endpoint lists come back pick after pick, so each response is built once and kept
+        (never modified afterwards): building one costs more than the pick."""
+        key = (phase, tuple(routed.headers.items()), tuple(routed.remove))
+        response = self._responses.get(key)
+        if response is None:
+            common = pb.CommonResponse(header_mutation=header_mutation(routed), clear_route_cache=True)
+            answer = pb.HeadersResponse(response=common) if phase == "request_headers" else pb.BodyResponse(response=common)
+            response = pb.ProcessingResponse(**{phase: answer}, dynamic_metadata=destination_metadata(routed))
+            if len(self._responses) >= 4096:
+                self._responses.clear()
+            self._responses[key] = response
+        return response
+
+
+class ExtProcStream:
+    """One ext_proc stream on `disagg.epp.h2grpc`: serialized messages in and out."""
+
+    def __init__(self, processor: ExternalProcessor) -> None:
+        self.processor = processor
+        self.ex: _Exchange | None = None
+
+    def message(self, payload: bytes) -> list[bytes]:
+        self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload))
+        return [r.SerializeToString() for r in responses]
+
+    def end(self) -> list[bytes]:
+        return []
 
 
 def _streamed(phase: str, chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:

@@ -26,7 +26,7 @@ from typing import Any, Callable, TypeVar
 from disagg.config import AppConfig
 from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
 from disagg.epp.prompt import PromptReader, RawPromptReader, TokenizingReader
-from disagg.epp.server import RunningEPP, start_epp
+from disagg.epp.server import ExtProcServer, RunningEPP, start_epp
 from disagg.routing import Discovery, Scheduler
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Gateway:
         eds_dir: Path | None = None,
         reader: PromptReader | None = None,
         envoy_log_level: str = "warning",
+        ext_proc_server: ExtProcServer = "h2",
     ) -> None:
         self.config = config
         self.discovery = discovery
@@ -95,6 +96,7 @@ class Gateway:
         self.eds_dir = Path(eds_dir) if eds_dir is not None else Path(tempfile.mkdtemp(prefix="disagg-gateway-"))
         self.reader = reader
         self.envoy_log_level = envoy_log_level
+        self.ext_proc_server: ExtProcServer = ext_proc_server
         self.scheduler: Scheduler | None = None
         self.epp: RunningEPP | None = None
         self.envoy: EnvoyProcess | None = None
@@ -133,7 +135,8 @@ class Gateway:
         scheduler = Scheduler(self.config.routing, model=self.config.model_name, block_size=self.config.block_size)
         grpc_port, health_port, metrics_port = self._ports
         self.epp = await start_epp(scheduler, self.reader, host=self.epp_host, grpc_port=grpc_port,
-                                   health_port=health_port, metrics_port=metrics_port)
+                                   health_port=health_port, metrics_port=metrics_port,
+                                   ext_proc_server=self.ext_proc_server)
         # A restarted EPP comes back on the same ports: Envoy's cluster points there.
         self._ports = (self.epp.grpc_port, self.epp.health_port, self.epp.metrics_port)
         self.scheduler = scheduler

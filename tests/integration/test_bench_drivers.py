@@ -300,6 +300,7 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
     hop = report["hop"]
     assert hop["requests"] == 20
-    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_epp"))
-    assert hop["epp_cpu_ms_per_request"] > 0  # the EPP process did work for every request
+    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_epp", "envoy_epp_grpcio"))
+    # Each EPP process (ours on h2, and on grpcio) did work for every request.
+    assert hop["epp_cpu_ms_per_request"] > 0 and hop["epp_cpu_ms_per_request_grpcio"] > 0
     assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
