@@ -424,9 +424,8 @@ class _Connection(asyncio.Protocol):
             self.peer_window -= size
         if stream.closing is not None:
             self.out += frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.closing)
-            if not stream.remote_closed:
-                # The client may still send (it has not half-closed): tell it to stop.
-                self.out += frame(RST_STREAM, 0, stream.id, NO_ERROR.to_bytes(4, "big"))
+            # What the client still sends on this stream is dropped (its window refilled). No
+            # RST_STREAM: grpcio's client reports a reset racing its own send as INTERNAL.
             self.streams.pop(stream.id, None)
             if self.peer_gone or self.goaway_sent:
                 self._close_when_idle()
