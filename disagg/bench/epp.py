@@ -256,8 +256,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     hop = result.get("hop")
     if hop:
         names = [n for n in ("direct", "envoy", "envoy_epp", "envoy_epp_grpcio") if n in hop]
-        right.bar([n.replace("_", "+") for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
-        right.scatter([n.replace("_", "+") for n in names], [hop[n]["p99_ms"] for n in names], color="black",
+        labels = {"direct": "direct", "envoy": "Envoy", "envoy_epp": "Envoy+EPP\n(h2)",
+                  "envoy_epp_grpcio": "Envoy+EPP\n(grpcio)"}
+        right.bar([labels[n] for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
+        right.scatter([labels[n] for n in names], [hop[n]["p99_ms"] for n in names], color="black",
                       marker="_", s=400, label="p99")
         right.set_ylabel("request latency (ms)")
         title = f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50"
@@ -268,6 +270,36 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    """The report as a short Markdown table (written beside the JSON)."""
+    m = result["machine"]
+    lines = [
+        "# `disagg bench epp`", "",
+        f"- command: `{command}`",
+        f"- machine: {m['cpus']} cores, load average {m['load_avg'][0]:.2f} at start; reference loop "
+        f"{m['reference_loop_ms']:.1f} ms at start, {m['reference_loop_ms_after']:.1f} ms at the end "
+        "(about 2.7 ms on an idle core: higher means a busier machine)", "",
+        "| endpoints | pick p50 (µs) | p99 (µs) | CPU p50 (µs) | picks/s |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {p['endpoints']} | {p['p50_us']:.0f} | {p['p99_us']:.0f} | {p['cpu_p50_us']:.0f} | "
+              f"{p['picks_per_s']:.0f} |" for p in result["pick"]]
+    hop = result.get("hop")
+    if hop:
+        lines += ["", f"The hop, {hop['requests']} requests per path in {hop['rounds']} alternating rounds:", "",
+                  "| path | p50 (ms) | p99 (ms) | added over Envoy, p50 (ms) | EPP CPU per request (ms) |",
+                  "|---|---|---|---|---|"]
+        for name, label in (("direct", "direct to the worker"), ("envoy", "Envoy"),
+                            ("envoy_epp", "Envoy + EPP (ext_proc on h2, ours)"),
+                            ("envoy_epp_grpcio", "Envoy + EPP (ext_proc on grpcio)")):
+            if name not in hop:
+                continue
+            suffix = name.removeprefix("envoy_epp") if name.startswith("envoy_epp") else None
+            added = f"{hop['epp_hop_added_p50_ms' + suffix]:.2f}" if suffix is not None else ""
+            epp_cpu = f"{hop['epp_cpu_ms_per_request' + suffix]:.2f}" if suffix is not None else ""
+            lines.append(f"| {label} | {hop[name]['p50_ms']:.2f} | {hop[name]['p99_ms']:.2f} | {added} | {epp_cpu} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"]["reference_loop_ms_after"] = reference_loop_ms()
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2))
+    json_path.with_suffix(".md").write_text(markdown(result, "disagg bench epp " + " ".join(
+        sys.argv[1:] if argv is None else argv)))
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {json_path}" + (f" and {plot_path}" if plot(result, plot_path) else ""))
     return 0

@@ -304,3 +304,5 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     # Each EPP process (ours on h2, and on grpcio) did work for every request.
     assert hop["epp_cpu_ms_per_request"] > 0 and hop["epp_cpu_ms_per_request_grpcio"] > 0
     assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "epp.md").read_text()
+    assert "| 8 |" in table and "Envoy + EPP (ext_proc on grpcio)" in table
