@@ -74,7 +74,7 @@ class EndpointPicker:
             headers[PREFILLER_HEADER] = ",".join(pick.prefill_addresses)
         else:
             remove.append(PREFILLER_HEADER)
-        metrics.EPP_REQUESTS.labels("200").inc()
+        metrics.EPP_ROUTED.inc()
         return Routed(pick, headers, remove)
 
     @staticmethod

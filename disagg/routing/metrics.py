@@ -50,6 +50,7 @@ KV_EVENT_GAPS = Counter(
     "disagg_kv_event_gaps", "Sequence gaps in KV event streams (events lost; a replay was asked)."
 )
 EPP_REQUESTS = Counter("disagg_epp_requests", "Requests the EPP answered, by HTTP status it chose.", ["code"])
+EPP_ROUTED = EPP_REQUESTS.labels("200")  # the child every routed request counts on (labels() costs a lookup)
 
 
 class _PoolCollector(Collector):
