@@ -76,6 +76,17 @@ async def test_long_prompt_carries_the_prefill_endpoint(stack) -> None:
     assert r.json()["prefiller"] is None
 
 
+async def test_large_body_reaches_the_worker_byte_for_byte(stack) -> None:
+    # ~600 KB: many HTTP/2 frames each way between Envoy and the EPP's h2 server, and the body
+    # echoed back to Envoy in several streamed chunks.
+    gateway, decodes, prefill, client = stack
+    body = json.dumps(completion(list(range(100_000, 200_000)))).encode()
+    r = await client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    received = next(req[3] for w in decodes for req in w.requests if req[3] and req[3][:200] == body[:200])
+    assert received == body
+
+
 async def test_client_cannot_choose_the_prefill_worker(stack) -> None:
     gateway, decodes, prefill, client = stack
     r = await client.post("/v1/completions", json=completion([1, 2, 3]), headers={"x-prefiller-host-port": "evil:1"})
