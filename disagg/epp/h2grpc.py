@@ -172,9 +172,13 @@ class _Connection(asyncio.Protocol):
             data = bytes(self.inbox)
         try:
             used = self._read_frames(data)
-        except _ConnectionError as exc:
-            log.warning("gRPC connection error %d: %s", exc.code, exc)
-            self._goaway(exc.code, str(exc))
+        except Exception as exc:  # the peer broke the protocol, or we have a bug: end this connection only
+            code = exc.code if isinstance(exc, _ConnectionError) else INTERNAL_ERROR
+            if isinstance(exc, _ConnectionError):
+                log.warning("gRPC connection error %d: %s", code, exc)
+            else:
+                log.exception("gRPC connection failed")
+            self._goaway(code, str(exc))
             self._flush_out()
             if self.transport is not None:
                 self.transport.close()
