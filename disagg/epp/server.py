@@ -20,7 +20,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from disagg.epp.ext_proc import FULL_DUPLEX_STREAMED, BodyMode, ExternalProcessor
-from disagg.epp.h2grpc import NOT_FOUND, GrpcError, GrpcServer
+from disagg.epp.h2grpc import GrpcError, GrpcServer
+from disagg.epp.h2wire import NOT_FOUND
 from disagg.epp.http import build_http_app
 from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import PromptReader

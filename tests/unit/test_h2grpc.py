@@ -12,8 +12,9 @@ import hpack
 import pytest
 import pytest_asyncio
 
-from disagg.epp import h2grpc
-from disagg.epp.h2grpc import GrpcError, GrpcServer, keeps_table
+from disagg.epp import h2grpc, h2wire
+from disagg.epp.h2grpc import GrpcError, GrpcServer
+from disagg.epp.h2wire import keeps_table
 
 ECHO = "/test.Echo/Stream"
 FAIL = "/test.Echo/Fail"
@@ -104,9 +105,9 @@ async def test_unknown_method_is_unimplemented(server) -> None:
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "/test.Echo/Nope" in err.value.details()
     client = await RawClient.connect(server.port)  # and a stream still open: trailers-only at once
-    client.send(h2grpc.HEADERS, h2grpc.END_HEADERS, 1, client.headers_block("/test.Echo/Nope"))
+    client.send(h2wire.HEADERS, h2wire.END_HEADERS, 1, client.headers_block("/test.Echo/Nope"))
     messages, fields = await client.response(1)
-    assert messages == [] and fields["grpc-status"] == str(h2grpc.UNIMPLEMENTED)
+    assert messages == [] and fields["grpc-status"] == str(h2wire.UNIMPLEMENTED)
     await client.close()
 
 
@@ -186,13 +187,13 @@ class RawClient:
         self.decoder = hpack.Decoder()
 
     @classmethod
-    async def connect(cls, port: int, preface: bytes = h2grpc.PREFACE) -> "RawClient":
+    async def connect(cls, port: int, preface: bytes = h2wire.PREFACE) -> "RawClient":
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(preface + h2grpc.frame(h2grpc.SETTINGS, 0, 0))
+        writer.write(preface + h2wire.frame(h2wire.SETTINGS, 0, 0))
         return cls(reader, writer)
 
     def send(self, kind: int, flags: int, stream: int, payload: bytes = b"") -> None:
-        self.writer.write(h2grpc.frame(kind, flags, stream, payload))
+        self.writer.write(h2wire.frame(kind, flags, stream, payload))
 
     def headers_block(self, path: str) -> bytes:
         return self.encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", path),
@@ -219,11 +220,11 @@ class RawClient:
             k, flags, s, payload = await self.frame()
             if s != stream:
                 continue
-            if k == h2grpc.DATA:
+            if k == h2wire.DATA:
                 data += payload
-            elif k == h2grpc.HEADERS:
+            elif k == h2wire.HEADERS:
                 fields.update({n: v for n, v in self.decoder.decode(payload)})
-                if flags & h2grpc.END_STREAM:
+                if flags & h2wire.END_STREAM:
                     break
         messages = []
         while data:
@@ -239,13 +240,13 @@ class RawClient:
 
 async def test_settings_are_acknowledged_and_ping_is_echoed(server) -> None:
     client = await RawClient.connect(server.port)
-    flags, _, _ = await client.until(h2grpc.SETTINGS)  # the server's own settings come first
-    assert not flags & h2grpc.ACK
-    flags, _, _ = await client.until(h2grpc.SETTINGS)
-    assert flags & h2grpc.ACK
-    client.send(h2grpc.PING, 0, 0, b"12345678")
-    flags, payload, _ = await client.until(h2grpc.PING)
-    assert flags & h2grpc.ACK and payload == b"12345678"
+    flags, _, _ = await client.until(h2wire.SETTINGS)  # the server's own settings come first
+    assert not flags & h2wire.ACK
+    flags, _, _ = await client.until(h2wire.SETTINGS)
+    assert flags & h2wire.ACK
+    client.send(h2wire.PING, 0, 0, b"12345678")
+    flags, payload, _ = await client.until(h2wire.PING)
+    assert flags & h2wire.ACK and payload == b"12345678"
     await client.close()
 
 
@@ -254,13 +255,13 @@ async def test_padding_priority_continuation_and_split_or_packed_messages(server
     block = client.headers_block(ECHO)
     # HEADERS padded and with a priority section, the block split over two CONTINUATIONs.
     head = bytes([3]) + struct.pack(">IB", 0, 16) + block[:5] + b"\0\0\0"
-    client.send(h2grpc.HEADERS, h2grpc.PADDED | h2grpc.PRIORITY_FLAG, 1, head)
-    client.send(h2grpc.CONTINUATION, 0, 1, block[5:9])
-    client.send(h2grpc.CONTINUATION, h2grpc.END_HEADERS, 1, block[9:])
-    one, two, three = (h2grpc.grpc_frame(m) for m in (b"one", b"two" * 10, b"three"))
-    client.send(h2grpc.DATA, 0, 1, one[:3])  # a message split over frames...
-    client.send(h2grpc.DATA, h2grpc.PADDED, 1, bytes([4]) + one[3:] + b"\0" * 4)  # ...one padded
-    client.send(h2grpc.DATA, h2grpc.END_STREAM, 1, two + three)  # two messages in one frame
+    client.send(h2wire.HEADERS, h2wire.PADDED | h2wire.PRIORITY_FLAG, 1, head)
+    client.send(h2wire.CONTINUATION, 0, 1, block[5:9])
+    client.send(h2wire.CONTINUATION, h2wire.END_HEADERS, 1, block[9:])
+    one, two, three = (h2wire.grpc_frame(m) for m in (b"one", b"two" * 10, b"three"))
+    client.send(h2wire.DATA, 0, 1, one[:3])  # a message split over frames...
+    client.send(h2wire.DATA, h2wire.PADDED, 1, bytes([4]) + one[3:] + b"\0" * 4)  # ...one padded
+    client.send(h2wire.DATA, h2wire.END_STREAM, 1, two + three)  # two messages in one frame
     messages, fields = await client.response(1)
     assert messages == [b"one", b"two" * 10, b"three", b"3"]
     assert fields[":status"] == "200" and fields["grpc-status"] == "0"
@@ -269,26 +270,26 @@ async def test_padding_priority_continuation_and_split_or_packed_messages(server
 
 async def test_compressed_message_is_unimplemented(server) -> None:
     client = await RawClient.connect(server.port)
-    client.send(h2grpc.HEADERS, h2grpc.END_HEADERS, 1, client.headers_block(ECHO))
-    client.send(h2grpc.DATA, h2grpc.END_STREAM, 1, b"\x01" + (3).to_bytes(4, "big") + b"abc")
+    client.send(h2wire.HEADERS, h2wire.END_HEADERS, 1, client.headers_block(ECHO))
+    client.send(h2wire.DATA, h2wire.END_STREAM, 1, b"\x01" + (3).to_bytes(4, "big") + b"abc")
     messages, fields = await client.response(1)
-    assert messages == [] and fields["grpc-status"] == str(h2grpc.UNIMPLEMENTED)
+    assert messages == [] and fields["grpc-status"] == str(h2wire.UNIMPLEMENTED)
     await client.close()
 
 
 async def test_bad_preface_gets_goaway_and_the_connection_closes(server) -> None:
     client = await RawClient.connect(server.port, preface=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    _, payload, _ = await client.until(h2grpc.GOAWAY)
-    assert struct.unpack(">II", payload[:8])[1] == h2grpc.PROTOCOL_ERROR
+    _, payload, _ = await client.until(h2wire.GOAWAY)
+    assert struct.unpack(">II", payload[:8])[1] == h2wire.PROTOCOL_ERROR
     assert await asyncio.wait_for(client.reader.read(), 5) == b""  # closed by the server
     await client.close()
 
 
 async def test_oversized_frame_is_a_connection_error(server) -> None:
     client = await RawClient.connect(server.port)
-    client.writer.write(struct.pack(">HBBBI", (20_000 >> 8), 20_000 & 0xFF, h2grpc.DATA, 0, 1) + b"\0" * 20_000)
-    _, payload, _ = await client.until(h2grpc.GOAWAY)
-    assert struct.unpack(">II", payload[:8])[1] == h2grpc.FRAME_SIZE_ERROR
+    client.writer.write(struct.pack(">HBBBI", (20_000 >> 8), 20_000 & 0xFF, h2wire.DATA, 0, 1) + b"\0" * 20_000)
+    _, payload, _ = await client.until(h2wire.GOAWAY)
+    assert struct.unpack(">II", payload[:8])[1] == h2wire.FRAME_SIZE_ERROR
     await client.close()
 
 
@@ -300,7 +301,7 @@ def test_keeps_table_tells_apart_blocks_that_change_the_dynamic_table() -> None:
     assert keeps_table(again)
     unindexed = encoder.encode([("x-secret", "s")], huffman=True)
     assert not keeps_table(unindexed)  # hpack's encoder indexes new fields by default
-    assert keeps_table(h2grpc.RESPONSE_HEADERS + h2grpc.trailers(3, "bad % thing"))  # our literals
+    assert keeps_table(h2wire.RESPONSE_HEADERS + h2wire.trailers(3, "bad % thing"))  # our literals
     assert not keeps_table(b"\xff")  # truncated integer
 
 
@@ -315,8 +316,8 @@ async def test_a_repeated_header_block_is_decoded_once(server, monkeypatch) -> N
     monkeypatch.setattr(hpack.Decoder, "decode", counting)
     client = await RawClient.connect(server.port)
     for stream in (1, 3, 5, 7):
-        client.send(h2grpc.HEADERS, h2grpc.END_HEADERS, stream, client.headers_block(ECHO))
-        client.send(h2grpc.DATA, h2grpc.END_STREAM, stream, h2grpc.grpc_frame(b"hi"))
+        client.send(h2wire.HEADERS, h2wire.END_HEADERS, stream, client.headers_block(ECHO))
+        client.send(h2wire.DATA, h2wire.END_STREAM, stream, h2wire.grpc_frame(b"hi"))
         assert await client.response(stream) == ([b"hi", b"1"], {":status": "200", "content-type": "application/grpc",
                                                                  "grpc-status": "0"})
     # The first block indexes its fields; the second is all references; the rest are the same bytes.
