@@ -136,18 +136,23 @@ async def test_oversized_message_is_resource_exhausted(server, monkeypatch) -> N
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+async def open_echo(channel: grpc.aio.Channel, first: bytes):
+    """An echo stream that stays open after its first message (echoed back before returning)."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def requests():
+        while (item := await queue.get()) is not None:
+            yield item
+
+    rpc = channel.stream_stream(ECHO, request_serializer=_identity, response_deserializer=_identity)(requests())
+    await queue.put(first)
+    assert await rpc.read() == first
+    return rpc
+
+
 async def test_cancelled_stream_leaves_no_state_behind(server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stream = channel.stream_stream(ECHO, request_serializer=_identity, response_deserializer=_identity)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        async def requests():
-            while (item := await queue.get()) is not None:
-                yield item
-
-        rpc = stream(requests())
-        await queue.put(b"first")
-        assert await rpc.read() == b"first"
+        rpc = await open_echo(channel, b"first")
         assert sum(len(c.streams) for c in server.connections) == 1
         rpc.cancel()
         for _ in range(100):
@@ -159,16 +164,7 @@ async def test_cancelled_stream_leaves_no_state_behind(server) -> None:
 
 async def test_stop_ends_open_streams_and_closes_connections(server) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stream = channel.stream_stream(ECHO, request_serializer=_identity, response_deserializer=_identity)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        async def requests():
-            while (item := await queue.get()) is not None:
-                yield item
-
-        rpc = stream(requests())
-        await queue.put(b"a")
-        assert await rpc.read() == b"a"
+        rpc = await open_echo(channel, b"a")
         await asyncio.wait_for(server.stop(grace_s=0.2), 5)
         assert not server.connections
         with pytest.raises(grpc.aio.AioRpcError):
