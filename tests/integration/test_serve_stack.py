@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 class Stack:
     def __init__(self, proc: subprocess.Popen, url: str, dashboard: str, log: Path):
         self.proc, self.url, self.dashboard, self.log = proc, url, dashboard, log
+        self.gateway = ""  # `disagg serve --gateway`: Envoy + EPP in front of the same workers
 
     def post(self, path: str, body: object, **kw) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=120, **kw)
@@ -40,16 +41,18 @@ def stack(tiny_model, tmp_path_factory):
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "disagg.cli", "serve", "--model", tiny_model, "--port", str(port),
            "--pd-threshold", "64", "--set", "block_size=32",
-           "--set", "max_model_len=1024"]
+           "--set", "max_model_len=1024", "--gateway", "--gateway-port", str(free_port())]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 600
-    url = dashboard = None
+    url = dashboard = gateway = None
     while time.monotonic() < deadline and proc.poll() is None:
-        m = re.search(r"ready: (http://\S+)/v1 .*Ray dashboard (http://[^\s;]+); Ray metrics (http://\S+)",
-                      log.read_text(errors="replace"))
-        if m:
+        text = log.read_text(errors="replace")
+        m = re.search(r"ready: (http://\S+)/v1 .*Ray dashboard (http://[^\s;]+); Ray metrics (http://\S+)", text)
+        g = re.search(r"gateway: (http://\S+)", text)
+        if m and g:
             url, dashboard, ray_metrics = m.groups()
+            gateway = g.group(1)
             break
         time.sleep(1)
     if url is None:
@@ -58,6 +61,7 @@ def stack(tiny_model, tmp_path_factory):
         pytest.fail(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")
     s = Stack(proc, url, dashboard, log)
     s.ray_metrics = ray_metrics
+    s.gateway = gateway
     yield s
     proc.send_signal(signal.SIGINT)
     try:
@@ -121,6 +125,36 @@ def test_long_prompt_is_disaggregated_and_equals_local_output(stack):
     assert r.json()["choices"][0]["text"] == ref.json()["choices"][0]["text"]
     metrics = httpx.get(f"http://{decode}/metrics", timeout=5).text
     assert re.search(r'disagg_prefill_handoffs_total\{result="remote"\} [1-9]', metrics)
+
+
+def test_gateway_routes_to_the_picked_decode_and_disaggregates_like_the_router(stack):
+    """`disagg serve --gateway`: Envoy asks the EPP, which learned the pool from the router, and
+    routes to the decode worker's own endpoint; a long prompt carries the prefill worker in
+    `x-prefiller-host-port`, and the text equals the Router path's. (First through the gateway:
+    once a decode holds the prompt's blocks, either path prefills it locally.)"""
+    pool = httpx.get(f"{stack.url}/v1/pool", timeout=10).json()
+    decodes = {w["address"] for w in pool if w["role"] == "decode"}
+    prefills = {w["address"] for w in pool if w["role"] == "prefill"}
+    body = {"model": "tiny", "prompt": long_prompt(900), "max_tokens": 16, "temperature": 0}
+
+    def remote_handoffs() -> dict[str, float]:
+        return {d: metric(f"http://{d}", "disagg_prefill_handoffs_total", result="remote") for d in decodes}
+
+    before = remote_handoffs()
+    deadline = time.monotonic() + 30  # the EPP polls the router's pool every 0.5 s
+    while True:
+        r = httpx.post(f"{stack.gateway}/v1/completions", json=body, timeout=120)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200, r.text
+    served = r.headers["x-disagg-upstream"]
+    assert served == r.headers["x-gateway-destination-endpoint"].split(",")[0] and served in decodes
+    assert r.headers["x-disagg-prefill"].split(",")[0] in prefills
+    assert remote_handoffs()[served] == before[served] + 1
+    # The Router path now finds the prompt cached (a decode holds it): the text must not change.
+    routed = stack.post("/v1/completions", body)
+    assert r.json()["choices"][0]["text"] == routed.json()["choices"][0]["text"]
 
 
 def test_disaggregated_equals_aggregated_token_for_token_over_8_prompts(stack, aggregated):
