@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 ROOT_HASH = 0
 
@@ -38,6 +38,17 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_H
         h = hash((h, tokens[start:start + block_size]))
         hashes.append(h)
     return hashes
+
+
+def iter_block_hashes(token_ids: Sequence[int], block_size: int, into: list[int]) -> Iterator[int]:
+    """`block_hashes`, one block at a time, each also appended to `into`: a walk that stops early
+    hashes only the blocks it reached."""
+    h = ROOT_HASH
+    tokens = tuple(token_ids)
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        h = hash((h, tokens[start:start + block_size]))
+        into.append(h)
+        yield h
 
 
 @dataclass
@@ -75,16 +86,17 @@ class PrefixIndex:
 
     # -- queries ----------------------------------------------------------------------------
 
-    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+    def match(self, hashes: Iterable[int]) -> dict[str, int]:
         """For each engine holding the first block, how many leading blocks of `hashes` it holds.
-        Does not change what the index holds."""
-        if not hashes:
-            return {}
+        Reads `hashes` only up to the first block nobody holds (it may be lazy: see
+        `iter_block_hashes`). Does not change what the index holds."""
         self._rotate_if_due()
         exact, new, old = self._exact.get, self._approx_new.get, self._approx_old.get
         hits: dict[int, int] = {}  # bit -> leading blocks held
         alive = -1  # engines holding every block so far
+        walked = 0
         for i, h in enumerate(hashes):
+            walked = i + 1
             here = alive & (exact(h, 0) | new(h, 0) | old(h, 0))
             if here == alive:  # nobody dropped out at this block (the usual case)
                 continue
@@ -93,8 +105,8 @@ class PrefixIndex:
             alive = here
             if not alive:  # one walk, stopping at the first block nobody holds
                 break
-        if alive:
-            _credit(hits, alive, len(hashes))
+        if alive and walked:
+            _credit(hits, alive, walked)
         engine_of = self._engine_of_bit
         return {engine_of[bit]: n for bit, n in hits.items() if bit in engine_of}
 

@@ -6,11 +6,17 @@ prefill endpoint (design rule 4 of ARCHITECTURE.md).
     2. decision: the prompt's tokens not cached on the chosen decode; disaggregate only when
        they exceed `pd_threshold_tokens` and some prefill endpoint has room;
     3. prefill: rank by its own prefix hits, queue, KV usage, freshness and same-node;
-    4. record: both chosen endpoints are assumed to hold the prompt's blocks (approximate
-       index entries, until KV events say otherwise) and get one more pending request.
+    4. record: both chosen endpoints get one more pending request at once, and are assumed to
+       hold the prompt's blocks (approximate index entries, until KV events say otherwise).
 
-`pick()` is synchronous and touches only in-memory state. `run()` keeps that state current:
-discovery snapshots, one scrape loop per endpoint, KV event subscribers and the dead sweep.
+`pick()` is synchronous and touches only in-memory state. It hashes the prompt's blocks only as
+far as the prefix walk goes (a prompt nobody has seen costs one block), and leaves the rest of
+step 4, hashing every block and indexing them, to `flush()`: on the event loop's next turn, once
+the pick's answer is out, or at the start of the next pick, whichever comes first. The request
+does not wait for that bookkeeping, and every pick still sees every earlier one.
+
+`run()` keeps the state current: discovery snapshots, one scrape loop per endpoint, KV event
+subscribers and the dead sweep.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from disagg.routing.discovery import Discovery
 from disagg.routing.endpoint import Endpoint
 from disagg.routing.errors import NoEndpointError, OverloadedError
 from disagg.routing.pool import EndpointPool
-from disagg.routing.prefix_index import PrefixIndex, block_hashes
+from disagg.routing.prefix_index import ROOT_HASH, PrefixIndex, block_hashes, iter_block_hashes
 from disagg.worker.protocol import Role
 from disagg.routing.scoring import (
     Candidates,
@@ -108,6 +114,9 @@ class Scheduler:
             SameNodeScorer(config.same_node_weight),
         ])
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
+        # Picks whose blocks are not indexed yet: (engine ids, prompt tokens, hashes computed).
+        self._unrecorded: list[tuple[list[str], list[int], list[int]]] = []
+        self._flush_scheduled = False
         self._background: Background | None = None
         self._panic_logged_at = -1e9
         metrics.watch_scheduler(self)
@@ -118,6 +127,8 @@ class Scheduler:
         """Choose decode (and maybe prefill) endpoints for one request. Raises NoEndpointError
         (nothing can serve it: 503) or OverloadedError (all saturated: 429)."""
         started = time.perf_counter()
+        if self._unrecorded:
+            self.flush()
         try:
             result = self._pick(req)
         except NoEndpointError:
@@ -136,9 +147,9 @@ class Scheduler:
         if req.model != self.model:
             raise NoEndpointError(f"model {req.model!r} is not served here (this pool serves {self.model!r})")
         tokens = req.prompt_token_ids
-        hashes = block_hashes(tokens, self.block_size)
-        hits = self.index.match(hashes)
-        ctx = ScoringContext(num_blocks=len(hashes), num_tokens=len(tokens))
+        hashes: list[int] = []  # as far as the prefix walk went
+        hits = self.index.match(iter_block_hashes(tokens, self.block_size, hashes))
+        ctx = ScoringContext(num_blocks=len(tokens) // self.block_size, num_tokens=len(tokens))
         now = self.pool.clock()
         keep = self.fallbacks + 1
 
@@ -147,7 +158,7 @@ class Scheduler:
         if subset is not None:
             decodes = subset.keep(decodes)
         if not decodes:
-            return self._panic_pick(req, subset, len(tokens), hashes)
+            return self._panic_pick(req, subset, tokens, hashes)
         open_decodes = self.saturation.keep(decodes)
         if not open_decodes:
             raise OverloadedError(
@@ -175,10 +186,10 @@ class Scheduler:
             decision="remote" if prefill else "local",
             cached_tokens=cached,
         )
-        self._record(result, hashes, hits)
+        self._record(result, tokens, hashes)
         return result
 
-    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, num_tokens: int, hashes: list[int]) -> Pick:
+    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, tokens: list[int], hashes: list[int]) -> Pick:
         """No live decode: route to the most recently seen of those not yet forgotten (they may
         only look dead because this process or the machine stalled), or refuse with 503."""
         recent = self.pool.dead_endpoints("decode")
@@ -193,8 +204,8 @@ class Scheduler:
             self._panic_logged_at = now
             log.warning("no live decode endpoint: routing to the most recently seen, %s (silent %.1f s)",
                         recent[0].address, recent[0].silence(now))
-        result = Pick(decode=recent[: self.fallbacks + 1], prefill=[], uncached_tokens=num_tokens, decision="local")
-        self._record(result, hashes, {})
+        result = Pick(decode=recent[: self.fallbacks + 1], prefill=[], uncached_tokens=len(tokens), decision="local")
+        self._record(result, tokens, hashes)
         return result
 
     def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float, role: Role) -> Candidates:
@@ -215,14 +226,37 @@ class Scheduler:
             kv_free=[e.kv_free for e in endpoints],
         )
 
-    def _record(self, result: Pick, hashes: list[int], hits: dict[str, int]) -> None:
-        """What the pick implies: one more request on each chosen endpoint, and (approximate
-        mode) the prompt's blocks cached on both."""
+    def _record(self, result: Pick, tokens: list[int], hashes: list[int]) -> None:
+        """What the pick implies: one more request on each chosen endpoint now, and (approximate
+        mode) the prompt's blocks cached on both, at the next `flush()`."""
         chosen = result.decode[:1] + result.prefill[:1]
         for endpoint in chosen:
             endpoint.pending += 1
-        if self.config.approximate_prefix and hashes:
-            self.index.record_pick([e.engine_id for e in chosen], hashes)
+        if self.config.approximate_prefix and len(tokens) >= self.block_size:
+            self._unrecorded.append(([e.engine_id for e in chosen], tokens, hashes))
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a benchmark, a synchronous caller): the next pick flushes
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Index the blocks of the picks made so far (approximate entries): hash each prompt's
+        blocks past where its pick's walk stopped, and record them on the endpoints still here."""
+        unrecorded, self._unrecorded = self._unrecorded, []
+        self._flush_scheduled = False
+        bs = self.block_size
+        for engine_ids, tokens, hashes in unrecorded:
+            present = [e for e in engine_ids if e in self.pool]
+            if present:
+                rest = block_hashes(tokens[len(hashes) * bs:], bs, hashes[-1] if hashes else ROOT_HASH)
+                self.index.record_pick(present, hashes + rest)
 
     def _forget(self, endpoint: Endpoint, reason: str) -> None:
         self.index.clear(endpoint.engine_id)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from disagg.config import RoutingConfig
-from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
+from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler, block_hashes
 from disagg.routing.fakes import make_info
 from disagg.worker.protocol import EngineLoad
 
@@ -219,9 +221,47 @@ def test_removed_endpoint_leaves_the_prefix_index() -> None:
     s = make_scheduler()
     d = add(s, "decode", "d1:1")
     s.pick(req(500))
+    s.flush()
     assert s.index.num_blocks(d.engine_id) > 0
     s.pool.remove(d.engine_id)
     assert s.index.num_blocks(d.engine_id) == 0
+
+
+def test_a_picks_blocks_are_indexed_by_flush_or_before_the_next_pick() -> None:
+    s = make_scheduler(pd_threshold_tokens=10_000)
+    d = add(s, "decode", "d1:1")
+    s.pick(req(10 * BS + 5))
+    assert d.pending == 1  # counted at once
+    assert s.index.num_blocks(d.engine_id) == 0  # indexed after the answer, not before
+    s.flush()
+    assert s.index.num_blocks(d.engine_id) == 10  # every full block, past the walk's first miss
+    assert s.index.match(block_hashes(list(range(10 * BS)), BS)) == {d.engine_id: 10}
+    # No flush between two picks: the second still finds the first's blocks (pick flushes first).
+    s.pick(req(6 * BS, start=50_000))
+    assert s.pick(req(8 * BS, start=50_000)).cached_tokens == 6 * BS
+
+
+def test_a_pick_inside_an_event_loop_is_indexed_on_the_loops_next_turn() -> None:
+    s = make_scheduler()
+    d = add(s, "decode", "d1:1")
+
+    async def pick_then_yield() -> tuple[int, int]:
+        s.pick(req(4 * BS))
+        before = s.index.num_blocks(d.engine_id)
+        await asyncio.sleep(0)
+        return before, s.index.num_blocks(d.engine_id)
+
+    assert asyncio.run(pick_then_yield()) == (0, 4)
+
+
+def test_an_endpoint_removed_before_the_flush_is_not_indexed() -> None:
+    s = make_scheduler(pd_threshold_tokens=0)
+    d, p = add(s, "decode", "d1:1"), add(s, "prefill", "p1:1")
+    pick = s.pick(req(4 * BS))
+    assert pick.prefill == [p]
+    s.pool.remove(p.engine_id)
+    s.flush()
+    assert s.index.engines() == [d.engine_id] and s.index.num_blocks(d.engine_id) == 4
 
 
 def test_empty_prompt_still_picks_a_decode() -> None:
