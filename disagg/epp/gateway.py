@@ -44,11 +44,13 @@ def make_reader(config: AppConfig) -> PromptReader:
 
 
 async def follow_decode_endpoints(scheduler: Scheduler, eds_dir: Path, interval_s: float = 0.05) -> None:
-    """Keep Envoy's `workers` cluster equal to the pool's decode endpoints."""
+    """Keep Envoy's `workers` cluster equal to the pool's decode endpoints. A restarted EPP starts
+    with an empty pool: until it has found a decode, Envoy keeps the upstreams it has (emptying
+    them would answer every request in that window with Envoy's own 503)."""
     last: set[str] | None = None
     while True:
         current = {e.address for e in scheduler.pool.endpoints("decode", include_dead=True)}
-        if current != last:
+        if current != last and (current or last is not None):
             await asyncio.to_thread(write_endpoints, eds_dir, current)
             log.info("gateway upstreams: %s", sorted(current))
             last = current

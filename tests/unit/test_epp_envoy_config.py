@@ -56,3 +56,35 @@ def test_envoy_accepts_the_generated_configuration(settings, tmp_path) -> None:
     done = subprocess.run([str(binary), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+async def test_a_restarted_epp_leaves_envoys_upstreams_until_it_finds_a_decode(tmp_path) -> None:
+    """The EDS file a restarted EPP's scheduler takes over still lists the old decodes: an empty
+    pool must not empty Envoy's cluster (every request would get Envoy's own 503)."""
+    import asyncio
+
+    from disagg.config import RoutingConfig
+    from disagg.epp.gateway import follow_decode_endpoints
+    from disagg.routing import Scheduler
+    from disagg.routing.fakes import make_info
+
+    def listed() -> list[str]:
+        doc = json.loads((tmp_path / EDS_FILE).read_text())
+        eps = doc["resources"][0]["endpoints"]
+        return [f"{e['endpoint']['address']['socket_address']['address']}:"
+                f"{e['endpoint']['address']['socket_address']['port_value']}" for e in (eps[0]["lb_endpoints"] if eps else [])]
+
+    write_endpoints(tmp_path, ["127.0.0.1:8001", "127.0.0.1:8002"])
+    scheduler = Scheduler(RoutingConfig(), model="tiny", block_size=32)
+    task = asyncio.create_task(follow_decode_endpoints(scheduler, tmp_path, interval_s=0.01))
+    try:
+        await asyncio.sleep(0.1)
+        assert listed() == ["127.0.0.1:8001", "127.0.0.1:8002"]  # empty pool: left alone
+        decode = scheduler.pool.upsert(make_info("decode", "127.0.0.1:8001"))
+        await asyncio.sleep(0.1)
+        assert listed() == ["127.0.0.1:8001"]  # the pool's decodes from then on
+        scheduler.pool.remove(decode.engine_id)
+        await asyncio.sleep(0.1)
+        assert listed() == []  # and all gone when they are
+    finally:
+        task.cancel()
