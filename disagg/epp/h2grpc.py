@@ -10,7 +10,8 @@ What it implements (RFC 9113 and gRPC over HTTP/2): the connection preface and S
 GOAWAY, RST_STREAM, WINDOW_UPDATE, HEADERS with CONTINUATION, padding and priority, DATA, flow
 control both ways, trailers with `grpc-status`/`grpc-message`, and length-prefixed messages split
 over or packed into DATA frames. Request headers are decoded with `hpack` (the dynamic table must
-follow the peer's encoder); the wire formats are in `disagg.epp.h2wire`. Not implemented: TLS, compressed messages (answered with UNIMPLEMENTED), server push.
+follow the peer's encoder); the wire formats are in `disagg.epp.h2wire`. Not implemented: TLS,
+compressed messages (answered with UNIMPLEMENTED), server push.
 
 A method is a factory of `StreamHandler`s, keyed by its path ("/package.Service/Method").
 """
@@ -38,6 +39,7 @@ from disagg.epp.h2wire import (
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a larger request message ends its stream with RESOURCE_EXHAUSTED
+
 
 class GrpcError(Exception):
     """Ends the stream with this gRPC status."""
@@ -247,8 +249,8 @@ class _Connection(asyncio.Protocol):
         return headers
 
     def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
-        self._refill(len(payload), self.streams.get(stream_id), stream_id)
         stream = self.streams.get(stream_id)
+        self._refill(len(payload), stream, stream_id)
         if stream is None or stream.remote_closed:
             return  # closed or reset here: the bytes still count against the windows (refilled)
         data = _unpad(flags, payload)

@@ -31,23 +31,19 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_H
     Python hashes tuples of ints the same way in every process (only str and bytes hashing is
     seeded), so this is stable across restarts of the same interpreter version.
     """
-    hashes: list[int] = []
+    return list(iter_block_hashes(token_ids, block_size, parent=parent))
+
+
+def iter_block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_HASH,
+                      into: list[int] | None = None) -> Iterator[int]:
+    """`block_hashes` one block at a time, each also appended to `into` when given: a walk that
+    stops early hashes only the blocks it reached, and can be resumed later for the rest."""
     h = parent
     tokens = tuple(token_ids)  # one copy; tuple slices are cheap
     for start in range(0, len(tokens) - block_size + 1, block_size):
         h = hash((h, tokens[start:start + block_size]))
-        hashes.append(h)
-    return hashes
-
-
-def iter_block_hashes(token_ids: Sequence[int], block_size: int, into: list[int]) -> Iterator[int]:
-    """`block_hashes`, one block at a time, each also appended to `into`: a walk that stops early
-    hashes only the blocks it reached."""
-    h = ROOT_HASH
-    tokens = tuple(token_ids)
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        h = hash((h, tokens[start:start + block_size]))
-        into.append(h)
+        if into is not None:
+            into.append(h)
         yield h
 
 

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
@@ -37,7 +37,7 @@ from disagg.routing.discovery import Discovery
 from disagg.routing.endpoint import Endpoint
 from disagg.routing.errors import NoEndpointError, OverloadedError
 from disagg.routing.pool import EndpointPool
-from disagg.routing.prefix_index import ROOT_HASH, PrefixIndex, block_hashes, iter_block_hashes
+from disagg.routing.prefix_index import PrefixIndex, iter_block_hashes
 from disagg.worker.protocol import Role
 from disagg.routing.scoring import (
     Candidates,
@@ -114,8 +114,9 @@ class Scheduler:
             SameNodeScorer(config.same_node_weight),
         ])
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
-        # Picks whose blocks are not indexed yet: (engine ids, prompt tokens, hashes computed).
-        self._unrecorded: list[tuple[list[str], list[int], list[int]]] = []
+        # Picks whose blocks are not indexed yet: (engine ids, the hashes the pick's walk computed,
+        # that walk, suspended where the pick stopped it).
+        self._unrecorded: list[tuple[list[str], list[int], Iterator[int]]] = []
         self._flush_scheduled = False
         self._background: Background | None = None
         self._panic_logged_at = -1e9
@@ -148,7 +149,8 @@ class Scheduler:
             raise NoEndpointError(f"model {req.model!r} is not served here (this pool serves {self.model!r})")
         tokens = req.prompt_token_ids
         hashes: list[int] = []  # as far as the prefix walk went
-        hits = self.index.match(iter_block_hashes(tokens, self.block_size, hashes))
+        walk = iter_block_hashes(tokens, self.block_size, into=hashes)
+        hits = self.index.match(walk)
         ctx = ScoringContext(num_blocks=len(tokens) // self.block_size, num_tokens=len(tokens))
         now = self.pool.clock()
         keep = self.fallbacks + 1
@@ -158,7 +160,7 @@ class Scheduler:
         if subset is not None:
             decodes = subset.keep(decodes)
         if not decodes:
-            return self._panic_pick(req, subset, tokens, hashes)
+            return self._panic_pick(req, subset, len(tokens), hashes, walk)
         open_decodes = self.saturation.keep(decodes)
         if not open_decodes:
             raise OverloadedError(
@@ -186,10 +188,11 @@ class Scheduler:
             decision="remote" if prefill else "local",
             cached_tokens=cached,
         )
-        self._record(result, tokens, hashes)
+        self._record(result, hashes, walk)
         return result
 
-    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, tokens: list[int], hashes: list[int]) -> Pick:
+    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, num_tokens: int, hashes: list[int],
+                    walk: Iterator[int]) -> Pick:
         """No live decode: route to the most recently seen of those not yet forgotten (they may
         only look dead because this process or the machine stalled), or refuse with 503."""
         recent = self.pool.dead_endpoints("decode")
@@ -204,8 +207,8 @@ class Scheduler:
             self._panic_logged_at = now
             log.warning("no live decode endpoint: routing to the most recently seen, %s (silent %.1f s)",
                         recent[0].address, recent[0].silence(now))
-        result = Pick(decode=recent[: self.fallbacks + 1], prefill=[], uncached_tokens=len(tokens), decision="local")
-        self._record(result, tokens, hashes)
+        result = Pick(decode=recent[: self.fallbacks + 1], prefill=[], uncached_tokens=num_tokens, decision="local")
+        self._record(result, hashes, walk)
         return result
 
     def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float, role: Role) -> Candidates:
@@ -226,14 +229,14 @@ class Scheduler:
             kv_free=[e.kv_free for e in endpoints],
         )
 
-    def _record(self, result: Pick, tokens: list[int], hashes: list[int]) -> None:
+    def _record(self, result: Pick, hashes: list[int], walk: Iterator[int]) -> None:
         """What the pick implies: one more request on each chosen endpoint now, and (approximate
         mode) the prompt's blocks cached on both, at the next `flush()`."""
         chosen = result.decode[:1] + result.prefill[:1]
         for endpoint in chosen:
             endpoint.pending += 1
-        if self.config.approximate_prefix and len(tokens) >= self.block_size:
-            self._unrecorded.append(([e.engine_id for e in chosen], tokens, hashes))
+        if self.config.approximate_prefix and hashes:  # the walk reaches block 0 of any full block
+            self._unrecorded.append(([e.engine_id for e in chosen], hashes, walk))
             self._flush_soon()
 
     def _flush_soon(self) -> None:
@@ -251,12 +254,12 @@ class Scheduler:
         blocks past where its pick's walk stopped, and record them on the endpoints still here."""
         unrecorded, self._unrecorded = self._unrecorded, []
         self._flush_scheduled = False
-        bs = self.block_size
-        for engine_ids, tokens, hashes in unrecorded:
+        for engine_ids, hashes, walk in unrecorded:
             present = [e for e in engine_ids if e in self.pool]
             if present:
-                rest = block_hashes(tokens[len(hashes) * bs:], bs, hashes[-1] if hashes else ROOT_HASH)
-                self.index.record_pick(present, hashes + rest)
+                for _ in walk:  # resume: the blocks past where the pick stopped, appended to hashes
+                    pass
+                self.index.record_pick(present, hashes)
 
     def _forget(self, endpoint: Endpoint, reason: str) -> None:
         self.index.clear(endpoint.engine_id)
