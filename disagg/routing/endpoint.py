@@ -13,12 +13,13 @@ class Endpoint:
     so a burst between two scrapes does not pile onto the endpoint that looked idlest.
 
     What a pick reads of every candidate (`queue`, `backlog`, `kv_free`, `engine_id`) is kept in
-    plain attributes, recomputed when `load` or `pending` is set: a pick reads them for each of
-    hundreds of endpoints, a signal sets them once.
+    plain attributes, recomputed when `load` or `pending` is set, and copied into the endpoint's
+    slot of its role's `RoleSignals`: a pick reads them for each of hundreds of endpoints, a
+    signal sets them once.
     """
 
     __slots__ = ("info", "engine_id", "fingerprint", "load_at", "seen_at", "_load", "_pending",
-                 "queue", "backlog", "kv_free")
+                 "queue", "backlog", "kv_free", "_signals", "_slot")
 
     def __init__(self, info: WorkerInfo, load: EngineLoad | None = None, *, load_at: float = 0.0,
                  seen_at: float = 0.0, pending: int = 0, fingerprint: str = "") -> None:
@@ -29,6 +30,8 @@ class Endpoint:
         self.seen_at = seen_at
         self._load = load if load is not None else EngineLoad()
         self._pending = pending
+        self._signals: RoleSignals | None = None
+        self._slot = 0
         self._derive()
 
     @property
@@ -65,6 +68,12 @@ class Endpoint:
         # Requests not yet running: what the saturation filter limits.
         self.backlog: int = load.waiting + self._pending
         self.kv_free: float = 1.0 - load.kv_usage
+        signals = self._signals
+        if signals is not None:
+            slot = self._slot
+            signals.queues[slot] = self.queue
+            signals.backlogs[slot] = self.backlog
+            signals.kv_free[slot] = self.kv_free
 
     @property
     def address(self) -> str:
@@ -88,3 +97,27 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.role} {self.address} {self.engine_id})"
+
+
+class RoleSignals:
+    """What a pick reads of every endpoint of one role, as lists parallel to `endpoints`. Each
+    endpoint writes its own slot whenever its load or pending count changes, so a pick over the
+    whole role takes these lists as they are instead of walking the endpoints to build them.
+    The pool makes a new one whenever the role's membership changes; readers must not modify it."""
+
+    __slots__ = ("endpoints", "slot_of", "queues", "backlogs", "kv_free")
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self.endpoints = endpoints
+        self.slot_of: dict[str, int] = {e.engine_id: i for i, e in enumerate(endpoints)}
+        self.queues: list[int] = [e.queue for e in endpoints]
+        self.backlogs: list[int] = [e.backlog for e in endpoints]
+        self.kv_free: list[float] = [e.kv_free for e in endpoints]
+        for slot, endpoint in enumerate(endpoints):
+            endpoint._signals, endpoint._slot = self, slot
+
+    def release(self) -> None:
+        """The role's membership changed: its endpoints stop writing here."""
+        for endpoint in self.endpoints:
+            if endpoint._signals is self:
+                endpoint._signals = None

@@ -18,7 +18,7 @@ import math
 import time
 from typing import Callable, Iterable, Sequence
 
-from disagg.routing.endpoint import Endpoint
+from disagg.routing.endpoint import Endpoint, RoleSignals
 from disagg.routing.errors import IncompatibleWorkerError
 from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
 
@@ -48,7 +48,9 @@ class EndpointPool:
         self.layout_fingerprint: str | None = None
         self._by_engine: dict[str, Endpoint] = {}
         self._by_address: dict[str, str] = {}
-        # Per-role lists, rebuilt on membership changes only: picks read them every time.
+        # Per-role members and their signal lists, rebuilt on membership changes only: picks read
+        # them every time.
+        self._signals: dict[str, RoleSignals] = {"prefill": RoleSignals([]), "decode": RoleSignals([])}
         self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         # Per role, lower bounds of the members' oldest seen_at and load_at. Both times only move
         # forward, so while a bound is recent enough every member is alive (fresh) and a pick
@@ -192,10 +194,19 @@ class EndpointPool:
         oldest = self.clock() - self.dead_after_s
         return sorted((e for e in self._by_role[role] if e.seen_at < oldest), key=lambda e: -e.seen_at)
 
+    def signals(self, role: Role) -> RoleSignals:
+        """The signal lists of every endpoint of `role`, parallel to `live(role)` while that
+        returns the pool's own list (every member alive)."""
+        return self._signals[role]
+
     def _rebuild_roles(self) -> None:
-        self._by_role = {"prefill": [], "decode": []}
+        by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         for e in self._by_engine.values():
-            self._by_role.setdefault(e.role, []).append(e)
+            by_role.setdefault(e.role, []).append(e)
+        for signals in self._signals.values():
+            signals.release()
+        self._signals = {role: RoleSignals(members) for role, members in by_role.items()}
+        self._by_role = by_role
         for role, members in self._by_role.items():
             self._seen_floor[role] = min((e.seen_at for e in members), default=math.inf)
             self._signal_floor[role] = min((e.load_at for e in members), default=math.inf)

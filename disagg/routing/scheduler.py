@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -161,7 +161,7 @@ class Scheduler:
             decodes = subset.keep(decodes)
         if not decodes:
             return self._panic_pick(req, subset, len(tokens), hashes, walk)
-        open_decodes = self.saturation.keep(decodes)
+        open_decodes = self.saturation.keep(decodes, self._backlogs(decodes, "decode"))
         if not open_decodes:
             raise OverloadedError(
                 f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests"
@@ -174,7 +174,8 @@ class Scheduler:
 
         prefill: list[Endpoint] = []
         if uncached > self.config.pd_threshold_tokens:
-            prefills = self.saturation.keep(self.pool.live("prefill", now))
+            prefills = self.pool.live("prefill", now)
+            prefills = self.saturation.keep(prefills, self._backlogs(prefills, "prefill"))
             if prefills:
                 ctx.decode = decode
                 prefill_candidates = self._candidates(prefills, hits, now, "prefill")
@@ -211,18 +212,35 @@ class Scheduler:
         self._record(result, hashes, walk)
         return result
 
-    def _candidates(self, endpoints: list[Endpoint], hits: dict[str, int], now: float, role: Role) -> Candidates:
-        # Runs for every endpoint of a role on every pick: one comprehension per signal over
-        # attributes the endpoint keeps ready (faster than one loop appending to several lists);
-        # freshness only when some signal is stale (EndpointPool.freshness inlined).
+    def _backlogs(self, endpoints: Sequence[Endpoint], role: Role) -> list[int] | None:
+        """The backlogs of `endpoints` without a walk, when they are the whole role."""
+        signals = self.pool.signals(role)
+        return signals.backlogs if endpoints is signals.endpoints else None
+
+    def _candidates(self, endpoints: Sequence[Endpoint], hits: dict[str, int], now: float, role: Role) -> Candidates:
+        # Runs for every endpoint of a role on every pick. When the candidates are the whole role
+        # (the usual case: all alive, no subset hint, none saturated) the signal lists are the
+        # pool's own (`RoleSignals`) and only the few endpoints with prefix hits are looked up;
+        # otherwise one comprehension per signal. Freshness only when some signal is stale
+        # (EndpointPool.freshness inlined).
         freshness = None
         if not self.pool.all_fresh(role, now):
             stale = self.pool.stale_after_s
             span = max(self.pool.dead_after_s - stale, 1e-9)
             freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
                          for e in endpoints]
+        signals = self.pool.signals(role)
+        if endpoints is signals.endpoints:
+            prefix_blocks = [0] * len(endpoints)
+            slot_of = signals.slot_of
+            for engine_id, blocks in hits.items():
+                slot = slot_of.get(engine_id)
+                if slot is not None:
+                    prefix_blocks[slot] = blocks
+            return Candidates(endpoints=signals.endpoints, prefix_blocks=prefix_blocks, freshness=freshness,
+                              queues=signals.queues, kv_free=signals.kv_free)
         return Candidates(
-            endpoints=endpoints,
+            endpoints=list(endpoints),
             prefix_blocks=[hits.get(e.engine_id, 0) for e in endpoints] if hits else [0] * len(endpoints),
             freshness=freshness,
             queues=[e.queue for e in endpoints],

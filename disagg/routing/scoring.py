@@ -12,8 +12,8 @@ pick's consequences afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add, mul
+from itertools import compress, repeat
+from operator import add, ge, mul, sub, truediv
 from typing import Iterable, Protocol, Sequence
 
 from disagg.routing.endpoint import Endpoint
@@ -47,14 +47,15 @@ class ScoringContext:
 
 class Scorer(Protocol):
     """Rates candidates for one pick. `score` returns one value in [0, 1] per candidate, in
-    order, higher is better; it must not modify the candidates or their endpoints."""
+    order, higher is better (any iterable: the ranker reads it once), or None when it rates
+    every candidate 0; it must not modify the candidates or their endpoints."""
 
     name: str
     weight: float
     # True when the rating comes from the load signal (so its freshness discounts it).
     uses_load_signal: bool
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]: ...
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None: ...
 
 
 class Filter(Protocol):
@@ -76,11 +77,10 @@ class PrefixScorer:
     name: str = "prefix"
     uses_load_signal: bool = False
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
-        if ctx.num_blocks == 0:
-            return [0.0] * len(candidates)
-        n = ctx.num_blocks
-        return [b / n for b in candidates.prefix_blocks]
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
+        if ctx.num_blocks == 0 or not any(candidates.prefix_blocks):
+            return None
+        return map(truediv, candidates.prefix_blocks, repeat(ctx.num_blocks))
 
 
 @dataclass
@@ -92,13 +92,12 @@ class QueueScorer:
     name: str = "queue"
     uses_load_signal: bool = True
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
         queues = candidates.queues
         lo, hi = min(queues), max(queues)
         if hi == lo:
-            return [1.0] * len(queues)
-        span = hi - lo
-        return [(hi - q) / span for q in queues]
+            return repeat(1.0, len(queues))
+        return map(truediv, map(sub, repeat(hi), queues), repeat(hi - lo))
 
 
 @dataclass
@@ -109,7 +108,7 @@ class KVUsageScorer:
     name: str = "kv_usage"
     uses_load_signal: bool = True
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
         return candidates.kv_free  # usage is clamped to [0, 1] by the pool
 
 
@@ -121,10 +120,10 @@ class SameNodeScorer:
     name: str = "same_node"
     uses_load_signal: bool = False
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> list[float]:
+    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
         node = ctx.decode.node_id if ctx.decode is not None else ""
         if not node:
-            return [0.0] * len(candidates)
+            return None
         return [1.0 if e.node_id == node else 0.0 for e in candidates.endpoints]
 
 
@@ -149,8 +148,12 @@ class SaturationFilter:
     max_waiting: int
     name: str = "saturation"
 
-    def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def keep(self, endpoints: list[Endpoint], backlogs: list[int] | None = None) -> list[Endpoint]:
+        """`backlogs`, when given, are the endpoints' backlogs in order (`RoleSignals`): when
+        none is full, the list comes back as it is without a walk."""
         limit = self.max_waiting
+        if backlogs is not None and max(backlogs, default=0) < limit:
+            return endpoints
         return [e for e in endpoints if e.backlog < limit]
 
 
@@ -170,28 +173,31 @@ class Ranker:
         """Indices of the best `top` candidates, best first."""
         n = len(candidates)
         # total = sum(w x r) + freshness x sum(w_load x r_load), each sum one chain of map()s
-        # (C loops, no per-candidate Python frames, one list at the end).
-        sums: dict[bool, Iterable[float] | None] = {False: None, True: None}
+        # (C loops, no per-candidate Python frames, one list at the end); a scorer that rates
+        # everyone 0 adds nothing.
+        steady: Iterable[float] | None = None
+        load: Iterable[float] | None = None
         for scorer in self.scorers:
-            if scorer.weight == 0:
+            weight = scorer.weight
+            ratings = scorer.score(candidates, ctx) if weight else None
+            if ratings is None:
                 continue
-            rated = map(mul, repeat(scorer.weight), scorer.score(candidates, ctx))
-            prior = sums[scorer.uses_load_signal]
-            sums[scorer.uses_load_signal] = rated if prior is None else map(add, prior, rated)
-        steady, load = sums[False], sums[True]
+            if weight != 1.0:
+                ratings = map(mul, repeat(weight), ratings)
+            if scorer.uses_load_signal:
+                load = ratings if load is None else map(add, load, ratings)
+            else:
+                steady = ratings if steady is None else map(add, steady, ratings)
         if load is not None and candidates.freshness is not None:
             load = map(mul, load, candidates.freshness)
-        if steady is not None and load is not None:
-            totals = list(map(add, steady, load))
-        else:
-            totals = list(steady or load or repeat(0.0, n))
-        self._turn = (self._turn + 1) % n if n else 0
-        order = list(range(self._turn, n)) + list(range(self._turn))
-        if n > top:
-            # Only candidates scoring at least the top-th best total can place; ties among them
-            # are settled below exactly as over the whole list.
-            cut = sorted(totals, reverse=True)[top - 1] if top > 0 else float("inf")
-            order = [i for i in order if totals[i] >= cut]
+        summed = load if steady is None else steady if load is None else map(add, steady, load)
+        totals = list(summed) if summed is not None else [0.0] * n
+        turn = self._turn = (self._turn + 1) % n if n else 0
+        finalists: Iterable[int] = range(n)
+        if n > top > 0:
+            # Only candidates scoring at least the top-th best total can place.
+            cut = sorted(totals)[-top]
+            finalists = compress(finalists, map(ge, totals, repeat(cut)))
         queues = candidates.queues
-        # Best total first, then the shorter queue, then the rotated order (sorted() is stable).
-        return sorted(order, key=lambda i: (totals[i], -queues[i]), reverse=True)[:top]
+        # Best total, then the shorter queue, then the first from the rotating start.
+        return sorted(finalists, key=lambda i: (-totals[i], queues[i], (i - turn) % n))[:top]
