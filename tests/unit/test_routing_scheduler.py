@@ -269,3 +269,38 @@ def test_empty_prompt_still_picks_a_decode() -> None:
     add(s, "decode", "d1:1")
     pick = s.pick(PickRequest(model="tiny", prompt_token_ids=[]))
     assert pick.decode_addresses == ["d1:1"] and pick.decision == "local"
+
+
+def test_a_pick_over_the_whole_role_equals_one_over_a_filtered_list() -> None:
+    # The whole role reads the pool's signal lists; a subset hint, a dead or a saturated endpoint
+    # makes the pick build them from the endpoints (here forced by handing out a copy of the
+    # live list). Both must rank alike.
+    import random
+
+    def build() -> tuple[Scheduler, list[str]]:
+        rng = random.Random(7)
+        s = make_scheduler(pd_threshold_tokens=64)
+        addresses = []
+        for i in range(24):
+            role = "decode" if i % 3 else "prefill"
+            add(s, role, f"{role[0]}{i}:1", waiting=rng.randint(0, 3), running=rng.randint(0, 6),
+                kv=rng.choice([0.0, 0.5, rng.random()]), node=f"n{i % 4}")
+            addresses.append(f"{role[0]}{i}:1")
+        return s, [a for a in addresses if a.startswith("d")]
+
+    whole, decodes = build()
+    filtered, _ = build()
+    live = filtered.pool.live
+    filtered.pool.live = lambda role, now=None: list(live(role, now))  # type: ignore[method-assign]
+    rng = random.Random(11)
+    prompts = [list(range(1000 * k, 1000 * k + 32 * rng.randint(0, 12) + rng.randint(0, 31))) for k in range(12)]
+    for i in range(300):
+        tokens = rng.choice(prompts)[: rng.randint(0, 400)]
+        a = whole.pick(PickRequest(model="tiny", prompt_token_ids=tokens))
+        b = filtered.pick(PickRequest(model="tiny", prompt_token_ids=tokens, subset=decodes if i % 2 else None))
+        assert (a.decode_addresses, a.prefill_addresses, a.cached_tokens) == (
+            b.decode_addresses, b.prefill_addresses, b.cached_tokens), i
+        if i % 40 == 39:  # a scrape round: some picks are in the signal now
+            for s in (whole, filtered):
+                for e in s.pool.endpoints():
+                    s.pool.update_load(e.engine_id, EngineLoad(waiting=i % 3, running=e.queue // 2, kv_usage=0.1))
