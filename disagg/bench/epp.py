@@ -105,7 +105,8 @@ class _PickBench:
             pick = self.scheduler.pick(req)
             latencies.append(time.perf_counter() - t0)
             # What the EPP does once the answer is out (on the event loop's next turn): index the
-            # prompt's blocks. Not part of the request's wait; part of the CPU a pick costs.
+            # prompt's blocks, count the pick in the metrics. Not part of the request's wait; part
+            # of the CPU a pick costs.
             c1 = time.thread_time()
             self.scheduler.flush()
             c2 = time.thread_time()
@@ -136,7 +137,7 @@ class _PickBench:
             "cpu_p50_us": _percentile(cpu, 0.5) * 1e6,
             "cpu_p99_us": _percentile(cpu, 0.99) * 1e6,
             "cpu_mean_us": statistics.fmean(cpu) * 1e6,
-            # Indexing the prompt's blocks after the answer (Scheduler.flush), CPU per pick.
+            # Bookkeeping after the answer (Scheduler.flush: indexing, metrics), CPU per pick.
             "record_after_answer_cpu_p50_us": _percentile(sorted(self.flush_cpu), 0.5) * 1e6,
             "picks_per_s": len(latencies) / self.wall,  # wall time includes the flushes
             "picks_per_cpu_s": len(cpu) / (sum(cpu) + sum(self.flush_cpu)) if sum(cpu) else None,
@@ -325,7 +326,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "(about 2.7 ms on an idle core: higher means a busier machine)", "",
         "Picks: the pool sizes take turns in rounds; a round's p50 moves with the machine, the best "
         "round is the code with the least interference.", "",
-        "| endpoints | pick p50 (µs) | best round p50 (µs) | p99 (µs) | CPU p50 (µs) | indexing after the answer, "
+        "| endpoints | pick p50 (µs) | best round p50 (µs) | p99 (µs) | CPU p50 (µs) | bookkeeping after the answer (indexing, metrics), "
         "CPU p50 (µs) | picks/s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["pick"]:
         print(f"pick @ {r['endpoints']:4d} endpoints: p50 {r['p50_us']:.1f} µs (best round {r['best_round_p50_us']:.1f}), "
               f"p99 {r['p99_us']:.1f} µs, {r['picks_per_s']:.0f} picks/s; CPU p50 {r['cpu_p50_us']:.1f} µs "
-              f"+ {r['record_after_answer_cpu_p50_us']:.1f} µs indexing after the answer, "
+              f"+ {r['record_after_answer_cpu_p50_us']:.1f} µs bookkeeping after the answer (indexing, metrics), "
               f"{r['picks_per_cpu_s']:.0f} picks per CPU second", flush=True)
     if args.hop_requests:
         say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy, through Envoy + EPP")

@@ -11,9 +11,10 @@ prefill endpoint (design rule 4 of ARCHITECTURE.md).
 
 `pick()` is synchronous and touches only in-memory state. It hashes the prompt's blocks only as
 far as the prefix walk goes (a prompt nobody has seen costs one block), and leaves the rest of
-step 4, hashing every block and indexing them, to `flush()`: on the event loop's next turn, once
-the pick's answer is out, or at the start of the next pick, whichever comes first. The request
-does not wait for that bookkeeping, and every pick still sees every earlier one.
+step 4, hashing every block and indexing them, and the pick's metrics to `flush()`: on the event
+loop's next turn, once the pick's answer is out, or at the start of the next pick, whichever
+comes first. The request does not wait for that bookkeeping, and every pick still sees every
+earlier one.
 
 `run()` keeps the state current: discovery snapshots, one scrape loop per endpoint, KV event
 subscribers and the dead sweep.
@@ -22,6 +23,7 @@ subscribers and the dead sweep.
 from __future__ import annotations
 
 import asyncio
+from asyncio import events as asyncio_events
 import contextlib
 import logging
 import time
@@ -117,6 +119,8 @@ class Scheduler:
         # Picks whose blocks are not indexed yet: (engine ids, the hashes the pick's walk computed,
         # that walk, suspended where the pick stopped it).
         self._unrecorded: list[tuple[list[str], list[int], Iterator[int]]] = []
+        # Picks not yet in the metrics: (seconds, disaggregated, prompt tokens, cached tokens).
+        self._unobserved: list[tuple[float, bool, int, int]] = []
         self._flush_scheduled = False
         self._background: Background | None = None
         self._panic_logged_at = -1e9
@@ -128,7 +132,7 @@ class Scheduler:
         """Choose decode (and maybe prefill) endpoints for one request. Raises NoEndpointError
         (nothing can serve it: 503) or OverloadedError (all saturated: 429)."""
         started = time.perf_counter()
-        if self._unrecorded:
+        if self._unobserved:
             self.flush()
         try:
             result = self._pick(req)
@@ -138,10 +142,9 @@ class Scheduler:
         except OverloadedError:
             metrics.PICK_ERRORS.labels("overloaded").inc()
             raise
-        metrics.PICK_DURATION.observe(time.perf_counter() - started)
-        (metrics.PD_REMOTE if result.decision == "remote" else metrics.PD_LOCAL).inc()
-        metrics.PROMPT_TOKENS.inc(len(req.prompt_token_ids))
-        metrics.PREFIX_HIT_TOKENS.inc(result.cached_tokens)
+        self._unobserved.append((time.perf_counter() - started, result.decision == "remote",
+                                 len(req.prompt_token_ids), result.cached_tokens))
+        self._flush_soon()
         return result
 
     def _pick(self, req: PickRequest) -> Pick:
@@ -255,23 +258,29 @@ class Scheduler:
             endpoint.pending += 1
         if self.config.approximate_prefix and hashes:  # the walk reaches block 0 of any full block
             self._unrecorded.append(([e.engine_id for e in chosen], hashes, walk))
-            self._flush_soon()
 
     def _flush_soon(self) -> None:
         if self._flush_scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        # The low-level lookup: no exception to raise and catch when there is no loop.
+        loop = asyncio_events._get_running_loop()
+        if loop is None:
             return  # no event loop (a benchmark, a synchronous caller): the next pick flushes
         self._flush_scheduled = True
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Index the blocks of the picks made so far (approximate entries): hash each prompt's
-        blocks past where its pick's walk stopped, and record them on the endpoints still here."""
+        """The bookkeeping of the picks made so far, once their answers are out: their metrics,
+        and (approximate entries) their prompts' blocks: hash each prompt's blocks past where its
+        pick's walk stopped, and record them on the endpoints still here."""
         unrecorded, self._unrecorded = self._unrecorded, []
+        unobserved, self._unobserved = self._unobserved, []
         self._flush_scheduled = False
+        for seconds, remote, prompt_tokens, cached_tokens in unobserved:
+            metrics.PICK_DURATION.observe(seconds)
+            (metrics.PD_REMOTE if remote else metrics.PD_LOCAL).inc()
+            metrics.PROMPT_TOKENS.inc(prompt_tokens)
+            metrics.PREFIX_HIT_TOKENS.inc(cached_tokens)
         for engine_ids, hashes, walk in unrecorded:
             present = [e for e in engine_ids if e in self.pool]
             if present:

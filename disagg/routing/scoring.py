@@ -152,7 +152,7 @@ class SaturationFilter:
         """`backlogs`, when given, are the endpoints' backlogs in order (`RoleSignals`): when
         none is full, the list comes back as it is without a walk."""
         limit = self.max_waiting
-        if backlogs is not None and max(backlogs, default=0) < limit:
+        if backlogs is not None and (not backlogs or max(backlogs) < limit):
             return endpoints
         return [e for e in endpoints if e.backlog < limit]
 
@@ -198,6 +198,9 @@ class Ranker:
             # Only candidates scoring at least the top-th best total can place.
             cut = sorted(totals)[-top]
             finalists = compress(finalists, map(ge, totals, repeat(cut)))
-        queues = candidates.queues
-        # Best total, then the shorter queue, then the first from the rotating start.
-        return sorted(finalists, key=lambda i: (-totals[i], queues[i], (i - turn) % n))[:top]
+        ranked = sorted(finalists, key=totals.__getitem__, reverse=True)
+        if len(set(map(totals.__getitem__, ranked))) < len(ranked):
+            # Equal totals: the shorter queue first, then the first from the rotating start.
+            queues = candidates.queues
+            ranked.sort(key=lambda i: (-totals[i], queues[i], (i - turn) % n))
+        return ranked[:top]

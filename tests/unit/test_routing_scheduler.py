@@ -304,3 +304,25 @@ def test_a_pick_over_the_whole_role_equals_one_over_a_filtered_list() -> None:
             for s in (whole, filtered):
                 for e in s.pool.endpoints():
                     s.pool.update_load(e.engine_id, EngineLoad(waiting=i % 3, running=e.queue // 2, kv_usage=0.1))
+
+
+def test_a_picks_metrics_count_once_its_answer_is_out() -> None:
+    from prometheus_client import REGISTRY
+
+    def remote() -> float:
+        return REGISTRY.get_sample_value("disagg_pd_decisions_total", {"decision": "remote"}) or 0.0
+
+    def hit_tokens() -> float:
+        return REGISTRY.get_sample_value("disagg_prefix_hit_tokens_total") or 0.0
+
+    s = make_scheduler(pd_threshold_tokens=64)
+    add(s, "decode", "d1:1")
+    add(s, "prefill", "p1:1")
+    before, hits_before = remote(), hit_tokens()
+    s.pick(req(8 * BS))
+    assert remote() == before  # not on the request's path
+    s.flush()
+    assert remote() == before + 1
+    s.pick(req(8 * BS))  # cached on d1 now: local, 8 blocks of hits
+    s.pick(req(10))  # the next pick does the previous one's bookkeeping first
+    assert hit_tokens() == hits_before + 8 * BS
