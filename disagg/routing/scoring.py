@@ -12,8 +12,6 @@ pick's consequences afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import add, ge, mul, sub, truediv
 from typing import Iterable, Protocol, Sequence
 
 from disagg.routing.endpoint import Endpoint
@@ -47,8 +45,8 @@ class ScoringContext:
 
 class Scorer(Protocol):
     """Rates candidates for one pick. `score` returns one value in [0, 1] per candidate, in
-    order, higher is better (any iterable: the ranker reads it once), or None when it rates
-    every candidate 0; it must not modify the candidates or their endpoints."""
+    order, higher is better (any iterable, read once), or None when it rates every candidate 0;
+    it must not modify the candidates or their endpoints."""
 
     name: str
     weight: float
@@ -80,7 +78,8 @@ class PrefixScorer:
     def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
         if ctx.num_blocks == 0 or not any(candidates.prefix_blocks):
             return None
-        return map(truediv, candidates.prefix_blocks, repeat(ctx.num_blocks))
+        n = ctx.num_blocks
+        return [b / n for b in candidates.prefix_blocks]
 
 
 @dataclass
@@ -96,8 +95,9 @@ class QueueScorer:
         queues = candidates.queues
         lo, hi = min(queues), max(queues)
         if hi == lo:
-            return repeat(1.0, len(queues))
-        return map(truediv, map(sub, repeat(hi), queues), repeat(hi - lo))
+            return [1.0] * len(queues)
+        span = hi - lo
+        return [(hi - q) / span for q in queues]
 
 
 @dataclass
@@ -172,35 +172,39 @@ class Ranker:
     def rank(self, candidates: Candidates, ctx: ScoringContext, top: int) -> list[int]:
         """Indices of the best `top` candidates, best first."""
         n = len(candidates)
-        # total = sum(w x r) + freshness x sum(w_load x r_load), each sum one chain of map()s
-        # (C loops, no per-candidate Python frames, one list at the end); a scorer that rates
-        # everyone 0 adds nothing.
-        steady: Iterable[float] | None = None
-        load: Iterable[float] | None = None
+        # total = sum(w x r) + freshness x sum(w_load x r_load), one comprehension per term (on
+        # CPython 3.11 a zip comprehension of float arithmetic beats a chain of operator map()s);
+        # a scorer that rates everyone 0 adds nothing.
+        steady: list[float] | None = None
+        load: list[float] | None = None
         for scorer in self.scorers:
             weight = scorer.weight
             ratings = scorer.score(candidates, ctx) if weight else None
             if ratings is None:
                 continue
             if weight != 1.0:
-                ratings = map(mul, repeat(weight), ratings)
+                ratings = [weight * r for r in ratings]
             if scorer.uses_load_signal:
-                load = ratings if load is None else map(add, load, ratings)
+                load = ratings if load is None else [a + b for a, b in zip(load, ratings)]
             else:
-                steady = ratings if steady is None else map(add, steady, ratings)
+                steady = ratings if steady is None else [a + b for a, b in zip(steady, ratings)]
         if load is not None and candidates.freshness is not None:
-            load = map(mul, load, candidates.freshness)
-        summed = load if steady is None else steady if load is None else map(add, steady, load)
-        totals = list(summed) if summed is not None else [0.0] * n
+            load = [a * f for a, f in zip(load, candidates.freshness)]
+        if steady is not None and load is not None:
+            totals = [a + b for a, b in zip(steady, load)]
+        else:
+            totals = steady if steady is not None else load if load is not None else [0.0] * n
+        totals = totals if isinstance(totals, list) else list(totals)
         turn = self._turn = (self._turn + 1) % n if n else 0
-        finalists: Iterable[int] = range(n)
-        if n > top > 0:
-            # Only candidates scoring at least the top-th best total can place.
-            cut = sorted(totals)[-top]
-            finalists = compress(finalists, map(ge, totals, repeat(cut)))
-        ranked = sorted(finalists, key=totals.__getitem__, reverse=True)
-        if len(set(map(totals.__getitem__, ranked))) < len(ranked):
-            # Equal totals: the shorter queue first, then the first from the rotating start.
+        total_of = totals.__getitem__
+        ranked = sorted(range(n), key=total_of, reverse=True)
+        head = list(map(total_of, ranked[:top + 1]))
+        if len(set(head)) < len(head):
+            # Equal totals where they decide who places, or in what order: among those scoring at
+            # least the top-th best total, the shorter queue first, then the first from the
+            # rotating start.
+            cut = head[min(top, n) - 1] if top else float("inf")
             queues = candidates.queues
-            ranked.sort(key=lambda i: (-totals[i], queues[i], (i - turn) % n))
+            ranked = sorted((i for i in ranked if totals[i] >= cut),
+                            key=lambda i: (-totals[i], queues[i], (i - turn) % n))
         return ranked[:top]
