@@ -122,6 +122,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             ex, responses = self.answer(ex, message)
             for response in responses:
                 await context.write(response)
+            if ex is not None and ex.routed:
+                return  # done: the stream ends with OK (see ExtProcStream.finished)
 
     def stream(self) -> ExtProcStream:
         """A handler for one stream of `disagg.epp.h2grpc.GrpcServer`."""
@@ -206,6 +208,14 @@ class ExtProcStream:
     def __init__(self, processor: ExternalProcessor) -> None:
         self.processor = processor
         self.ex: _Exchange | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Routed (or refused): the EPP has said all it will, so the stream ends with OK right
+        after the answer. Envoy then skips the rest of this request's ext_proc phases, which the
+        EPP would pass through unchanged anyway, and neither side spends another wakeup (Envoy's
+        reset of the stream once the HTTP request is done) on it."""
+        return self.ex is not None and self.ex.routed
 
     def message(self, payload: bytes) -> list[bytes]:
         self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload))

@@ -51,6 +51,10 @@ class GrpcError(Exception):
 
 
 class StreamHandler(Protocol):
+    # True once the handler has nothing more to say: the stream ends with OK after the responses
+    # just sent, without waiting for the client to finish (what it still sends is dropped).
+    finished: bool
+
     def message(self, payload: bytes) -> Iterable[bytes]:
         """One request message in; the serialized response messages to send now."""
 
@@ -285,11 +289,15 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, OK)
 
     def _call(self, stream: _Stream, fn: Callable, arg: bytes | None) -> bool:
-        """Run the handler; send its responses. False when the stream ended with an error."""
+        """Run the handler; send its responses. False when the stream has ended (an error, or
+        the handler finished)."""
         try:
             responses = fn(arg) if arg is not None else fn()
             for response in responses:
                 self._send(stream, grpc_frame(response))
+            if stream.handler is not None and stream.handler.finished:
+                self._finish(stream, OK)
+                return False
         except GrpcError as exc:
             self._finish(stream, exc.code, exc.message)
             return False

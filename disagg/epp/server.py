@@ -63,6 +63,8 @@ class Health:
 class _HealthCheck:
     """grpc.health.v1.Health/Check on `disagg.epp.h2grpc`."""
 
+    finished = False  # answers the request message, ends with the client's end of stream
+
     def __init__(self, statuses: dict[str, int]) -> None:
         self.statuses = statuses
 

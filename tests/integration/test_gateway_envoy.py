@@ -87,6 +87,44 @@ async def test_large_body_reaches_the_worker_byte_for_byte(stack) -> None:
     assert received == body
 
 
+async def test_a_gateway_configured_to_send_response_phases_skips_them(monkeypatch) -> None:
+    # GIE's reference gateway configuration also sends the response's headers, body and trailers
+    # to the EPP. Ours ends each ext_proc stream once it has routed, so Envoy closes it there:
+    # the response streams to the client without a detour through the EPP.
+    from disagg.epp import envoy
+
+    generated = envoy.envoy_config
+
+    def with_response_phases(settings):
+        bootstrap = generated(settings)
+        hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+        ext_proc["typed_config"]["processing_mode"].update(
+            response_header_mode="SEND", response_body_mode="FULL_DUPLEX_STREAMED", response_trailer_mode="SEND")
+        return bootstrap
+
+    monkeypatch.setattr(envoy, "envoy_config", with_response_phases)
+    worker = FakeWorker("decode").start()
+    gateway = await start_gateway(config(), StaticDiscovery([worker.address], interval_s=0.2), gateway_port=0,
+                                  host="127.0.0.1", reader=RawPromptReader("tiny"))
+    try:
+        await wait_for(lambda: len(gateway.scheduler.pool) == 1)
+        await asyncio.sleep(0.3)  # Envoy loads the EDS file
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            for i in range(5):
+                r = await client.post("/v1/completions", json=completion([i, 1, 2]))
+                assert r.status_code == 200 and r.json()["served_by"] == worker.address, r.text
+            stats = (await client.get(f"http://127.0.0.1:{gateway.envoy.settings.admin_port}/stats")).text
+        counters = dict(line.split(": ", 1) for line in stats.splitlines() if ".ext_proc." in line)
+        assert int(counters["http.gateway.ext_proc.server_half_closed"]) == 5
+        # Per request, the EPP answered the headers and the body, and nothing of the response.
+        assert int(counters["http.gateway.ext_proc.stream_msgs_received"]) == 10
+        assert int(counters["http.gateway.ext_proc.streams_failed"]) == 0
+    finally:
+        await gateway.stop()
+        worker.stop()
+
+
 async def test_client_cannot_choose_the_prefill_worker(stack) -> None:
     gateway, decodes, prefill, client = stack
     r = await client.post("/v1/completions", json=completion([1, 2, 3]), headers={"x-prefiller-host-port": "evil:1"})

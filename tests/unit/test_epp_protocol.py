@@ -109,6 +109,22 @@ async def test_full_duplex_sets_header_and_metadata_then_echoes_the_body(epp) ->
     assert all(len(e.body) <= 62_000 for e in echoed)
 
 
+async def test_the_stream_ends_ok_once_routed_without_waiting_for_envoy(epp) -> None:
+    # Envoy keeps its side open (it would send the response phases if configured to); the EPP
+    # has said all it will once it routed, so it ends the stream with OK right after the answer.
+    _, scheduler, stub, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+    call = stub.Process()
+    for message in [headers_msg(), *body_msgs(completion())]:
+        await call.write(message)
+    responses = []
+    while (response := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+        responses.append(response)
+    assert await call.code() == grpc.StatusCode.OK
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    assert set_headers(responses[0].request_headers.response)[DEST] == "10.0.0.1:8000"
+
+
 async def test_buffered_answers_headers_then_routes_in_the_body_response(epp) -> None:
     _, scheduler, stub, _ = epp
     add(scheduler, "decode", "10.0.0.1:8000")

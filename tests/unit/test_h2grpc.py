@@ -19,10 +19,13 @@ from disagg.epp.h2wire import keeps_table
 ECHO = "/test.Echo/Stream"
 FAIL = "/test.Echo/Fail"
 CRASH = "/test.Echo/Crash"
+FIRST = "/test.Echo/First"
 
 
 class Echo:
     """Echoes every message; on end, sends one more message: the count it saw."""
+
+    finished = False
 
     def __init__(self) -> None:
         self.seen = 0
@@ -36,6 +39,8 @@ class Echo:
 
 
 class Fail:
+    finished = False
+
     def message(self, payload: bytes) -> list[bytes]:
         raise GrpcError(9, "précondition: 100% failed")  # FAILED_PRECONDITION
 
@@ -44,6 +49,8 @@ class Fail:
 
 
 class Crash:
+    finished = False
+
     def message(self, payload: bytes) -> list[bytes]:
         raise ValueError("boom")
 
@@ -51,9 +58,22 @@ class Crash:
         return []
 
 
+class First:
+    """Answers the first message and is done: the stream ends there, whatever else comes."""
+
+    finished = False
+
+    def message(self, payload: bytes) -> list[bytes]:
+        self.finished = True
+        return [b"first:" + payload]
+
+    def end(self) -> list[bytes]:
+        raise AssertionError("a finished stream gets no end()")
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def server():
-    s = GrpcServer({ECHO: Echo, FAIL: Fail, CRASH: Crash})
+    s = GrpcServer({ECHO: Echo, FAIL: Fail, CRASH: Crash, FIRST: First})
     await s.start("127.0.0.1", 0)
     yield s
     await s.stop()
@@ -72,6 +92,17 @@ async def call(server: GrpcServer, path: str, messages: list[bytes], **options) 
 async def test_bidi_stream_echoes_every_message_then_ends_ok(server) -> None:
     messages = [b"", b"a", bytes(range(256)) * 3, b"last"]
     assert await call(server, ECHO, messages) == [*messages, b"4"]
+
+
+async def test_a_finished_handler_ends_the_stream_ok_before_the_client_is_done(server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = channel.stream_stream(FIRST, request_serializer=_identity, response_deserializer=_identity)()
+        await stream.write(b"a")
+        assert await stream.read() == b"first:a"
+        assert await stream.read() is grpc.aio.EOF
+        assert await stream.code() == grpc.StatusCode.OK
+    # The connection and the server carry on: the next stream is served as usual.
+    assert await call(server, ECHO, [b"x"]) == [b"x", b"1"]
 
 
 async def test_large_messages_both_ways_respect_the_client_flow_control_window(server) -> None:
