@@ -138,8 +138,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     if message.HasField("protocol_config") else self.default_body_mode)
             ex = _Exchange(mode=mode, subset=read_subset(message.metadata_context))
             for h in message.request_headers.headers.headers:
-                if h.key == ":path":
+                if h.key == ":path":  # a pseudo-header: among the first few
                     ex.path = header_value(h)
+                    break
             if message.request_headers.end_of_stream:
                 return ex, self._route(ex, phase="headers")
             if ex.mode != FULL_DUPLEX_STREAMED:

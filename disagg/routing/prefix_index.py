@@ -39,9 +39,9 @@ def iter_block_hashes(token_ids: Sequence[int], block_size: int, parent: int = R
     """`block_hashes` one block at a time, each also appended to `into` when given: a walk that
     stops early hashes only the blocks it reached, and can be resumed later for the rest."""
     h = parent
-    tokens = tuple(token_ids)  # one copy; tuple slices are cheap
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        h = hash((h, tokens[start:start + block_size]))
+    # Each block copied as it is reached (not the whole prompt up front: most walks stop early).
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        h = hash((h, tuple(token_ids[start:start + block_size])))
         if into is not None:
             into.append(h)
         yield h

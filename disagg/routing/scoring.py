@@ -11,7 +11,7 @@ pick's consequences afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
 from disagg.routing.endpoint import Endpoint
@@ -40,7 +40,6 @@ class ScoringContext:
     num_blocks: int  # full blocks in the prompt
     num_tokens: int
     decode: Endpoint | None = None  # when ranking prefill: the decode already chosen
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Scorer(Protocol):
