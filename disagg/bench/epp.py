@@ -6,6 +6,8 @@
 2. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
    once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process;
    one with ext_proc on our h2 server, one on grpcio), in alternating rounds.
+3. What keeping the state current costs: a scheduler scraping stand-in workers (their own
+   process) every `scrape_interval_s`, as the EPP does; scrapes per second and CPU per scrape.
 
 Wall-clock figures on a shared machine measure the machine as much as the code, so each is paired
 with a CPU-time one: CPU seconds the picking thread spent per pick, and CPU seconds Envoy and the
@@ -274,6 +276,54 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
     return result
 
 
+# Stand-in workers for the scrape measurement, in their own process: they answer /metrics.
+_STAND_INS = (
+    "import sys, time\n"
+    "from disagg.routing.fakes import FakeWorker\n"
+    "ws = [FakeWorker('decode' if i % 2 else 'prefill', model='bench').start() for i in range(int(sys.argv[1]))]\n"
+    "print('READY', ','.join(w.address for w in ws), flush=True)\n"
+    "time.sleep(1e9)\n"
+)
+
+
+async def bench_scrapes(workers: int, seconds: float = 5.0) -> dict[str, Any]:
+    """A scheduler following `workers` stand-ins (static discovery, scrapes every 0.2 s): how many
+    scrapes it makes a second and the CPU this process spends on them (the EPP's background load,
+    which shares the event loop with the picks)."""
+    from prometheus_client import REGISTRY
+
+    from disagg.bench.processes import launch, terminate
+    from disagg.routing import StaticDiscovery
+
+    log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-scrape-"))
+    launched = [launch("stand-ins", [sys.executable, "-c", _STAND_INS, str(workers)], log_dir=log_dir)]
+    task: asyncio.Task | None = None
+    try:
+        addresses = _ready_line(launched[0]).split()[1].split(",")
+        config = RoutingConfig()
+        scheduler = Scheduler(config, model="bench", block_size=BLOCK)
+
+        def scrapes() -> float:
+            return REGISTRY.get_sample_value("disagg_scrapes_total", {"result": "ok"}) or 0.0
+
+        task = asyncio.create_task(scheduler.run(StaticDiscovery(addresses, interval_s=1.0)))
+        deadline = time.monotonic() + 30
+        while len(scheduler.pool) < workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # every scrape loop under way
+        n0, c0, t0 = scrapes(), time.process_time(), time.monotonic()
+        await asyncio.sleep(seconds)
+        n, cpu, wall = scrapes() - n0, time.process_time() - c0, time.monotonic() - t0
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        terminate(launched, None, grace_s=5)
+    return {"workers": workers, "scrape_interval_s": config.scrape_interval_s, "scrapes_per_s": n / wall,
+            # Includes discovery's descriptor polls (one per worker a second).
+            "cpu_ms_per_s": cpu / wall * 1e3, "cpu_ms_per_scrape": cpu / n * 1e3 if n else None}
+
+
 def plot(result: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -347,6 +397,11 @@ def markdown(result: dict[str, Any], command: str) -> str:
             added = f"{hop['epp_hop_added_p50_ms' + suffix]:.2f}" if suffix is not None else ""
             epp_cpu = f"{hop['epp_cpu_ms_per_request' + suffix]:.2f}" if suffix is not None else ""
             lines.append(f"| {label} | {hop[name]['p50_ms']:.2f} | {hop[name]['p99_ms']:.2f} | {added} | {epp_cpu} |")
+    sc = result.get("scrapes")
+    if sc:
+        lines += ["", f"Keeping the state current: {sc['workers']} workers scraped every {sc['scrape_interval_s']} s, "
+                  f"{sc['scrapes_per_s']:.0f} scrapes/s, {sc['cpu_ms_per_s']:.0f} ms of CPU a second "
+                  f"({sc['cpu_ms_per_scrape']:.2f} ms per scrape, descriptor polls included)."]
     return "\n".join(lines) + "\n"
 
 
@@ -358,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--picks", type=int, default=5000)
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--hop-requests", type=int, default=500, help="0 skips the Envoy hop measurement")
+    p.add_argument("--scrape-workers", type=int, default=32, help="0 skips the scrape measurement")
     p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png (when --json and "
                                                        "--plot are not given)")
     p.add_argument("--json", type=Path, help="write the report here (default: OUT/epp.json)")
@@ -391,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{hop['epp_hop_added_p50_ms_grpcio']:.2f} ms p50); EPP CPU "
                   f"{hop['epp_cpu_ms_per_request_grpcio']:.2f} ms per request", flush=True)
         result["hop"] = hop
+    if args.scrape_workers:
+        say("epp", f"scrapes: a scheduler following {args.scrape_workers} stand-in workers")
+        sc = result["scrapes"] = asyncio.run(bench_scrapes(args.scrape_workers))
+        print(f"scrapes: {sc['workers']} workers, {sc['scrapes_per_s']:.0f} scrapes/s, {sc['cpu_ms_per_s']:.0f} ms "
+              f"CPU per s ({sc['cpu_ms_per_scrape']:.2f} ms per scrape)", flush=True)
     result["machine"]["load_avg_after"] = os.getloadavg()
     result["machine"]["reference_loop_ms_after"] = reference_loop_ms()
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-import httpx
-
 from disagg.routing import metrics
 from disagg.routing.discovery import Discovery
 from disagg.routing.endpoint import Endpoint
+from disagg.routing.http1 import Http1Connection, HttpError
 from disagg.routing.kv_events import KVEventSubscriber, apply_batch, subscriber_endpoint
 from disagg.routing.scraper import ScrapeError, scrape
 
@@ -34,10 +33,8 @@ class Background:
         self.scrape_timeout_s = cfg.dead_after_s
         self.sweep_interval_s = min(0.1, cfg.dead_after_s / 10)
         self._tasks: dict[str, list[asyncio.Task]] = {}
-        self._client: httpx.AsyncClient | None = None
 
     async def run(self, discovery: Discovery) -> None:
-        self._client = httpx.AsyncClient(timeout=self.scrape_timeout_s)
         sweep = asyncio.create_task(self._sweep_loop(), name="disagg-sweep")
         try:
             # Endpoints registered before run() (by upsert) are followed too.
@@ -59,8 +56,6 @@ class Background:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
 
     def stop_endpoint(self, engine_id: str) -> None:
         for task in self._tasks.pop(engine_id, []):
@@ -91,20 +86,23 @@ class Background:
         return tasks
 
     async def _scrape_loop(self, endpoint: Endpoint) -> None:
-        assert self._client is not None
         pool = self.scheduler.pool
-        while endpoint.engine_id in pool:
-            try:
-                load = await scrape(self._client, endpoint.address)
-            except (httpx.HTTPError, ScrapeError) as exc:
-                metrics.SCRAPES.labels("error").inc()
-                log.debug("scrape %s failed: %s", endpoint.address, exc)
-            else:
-                metrics.SCRAPES.labels("ok").inc()
-                if not load.num_blocks:
-                    load.num_blocks = endpoint.info.num_blocks
-                pool.update_load(endpoint.engine_id, load)
-            await asyncio.sleep(self.scrape_interval_s)
+        connection = Http1Connection(endpoint.address, timeout_s=self.scrape_timeout_s)
+        try:
+            while endpoint.engine_id in pool:
+                try:
+                    load = await scrape(connection)
+                except (HttpError, ScrapeError) as exc:
+                    metrics.SCRAPES.labels("error").inc()
+                    log.debug("scrape %s failed: %s", endpoint.address, exc)
+                else:
+                    metrics.SCRAPES.labels("ok").inc()
+                    if not load.num_blocks:
+                        load.num_blocks = endpoint.info.num_blocks
+                    pool.update_load(endpoint.engine_id, load)
+                await asyncio.sleep(self.scrape_interval_s)
+        finally:
+            connection.close()
 
     async def _sweep_loop(self) -> None:
         ticks = 0

@@ -12,9 +12,9 @@ import asyncio
 import logging
 from typing import AsyncIterator, Iterable, Protocol
 
-import httpx
 from pydantic import ValidationError
 
+from disagg.routing.http1 import Http1Clients, HttpError
 from disagg.worker.protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,14 @@ class Discovery(Protocol):
     def watch(self) -> AsyncIterator[list[WorkerInfo]]: ...
 
 
-async def fetch_worker_info(client: httpx.AsyncClient, address: str) -> WorkerInfo | None:
+async def fetch_worker_info(clients: Http1Clients, address: str) -> WorkerInfo | None:
     """The worker's descriptor, or None when it does not answer with a valid one."""
     try:
-        response = await client.get(f"http://{address}/v1/worker")
-        response.raise_for_status()
-        info = WorkerInfo.model_validate_json(response.content)
-    except (httpx.HTTPError, ValidationError) as exc:
+        status, body = await clients(address).get("/v1/worker")
+        if status != 200:
+            raise HttpError(f"GET /v1/worker answered {status}")
+        info = WorkerInfo.model_validate_json(body)
+    except (HttpError, ValidationError) as exc:
         log.debug("no descriptor from %s: %s", address, exc)
         return None
     if info.address != address:
@@ -42,8 +43,8 @@ async def fetch_worker_info(client: httpx.AsyncClient, address: str) -> WorkerIn
     return info
 
 
-async def fetch_all(client: httpx.AsyncClient, addresses: Iterable[str]) -> list[WorkerInfo]:
-    infos = await asyncio.gather(*(fetch_worker_info(client, a) for a in addresses))
+async def fetch_all(clients: Http1Clients, addresses: Iterable[str]) -> list[WorkerInfo]:
+    infos = await asyncio.gather(*(fetch_worker_info(clients, a) for a in addresses))
     return [i for i in infos if i is not None]
 
 
@@ -74,12 +75,15 @@ class StaticDiscovery:
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
         known: dict[str, WorkerInfo] = {}
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+        clients = Http1Clients(timeout_s=self.timeout_s)
+        try:
             while True:
-                for info in await fetch_all(client, self.addresses):
+                for info in await fetch_all(clients, self.addresses):
                     known[info.address] = info
                 yield list(known.values())
                 await asyncio.sleep(self.interval_s)
+        finally:
+            clients.close()
 
 
 class FixedDiscovery:

@@ -16,9 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import httpx
-
 from disagg.routing.discovery import fetch_worker_info
+from disagg.routing.http1 import Http1Clients
 from disagg.worker.protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -103,29 +102,31 @@ class KubernetesDiscovery:
         if self.use_watch:
             threading.Thread(target=self._watch_changes, args=(api, asyncio.get_running_loop(), changed, stop),
                              daemon=True, name="disagg-pod-watch").start()
+        clients = Http1Clients(timeout_s=self.timeout_s)
         try:
             known: dict[str, WorkerInfo] = {}
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                while True:
-                    changed.clear()
-                    try:
-                        pods = await asyncio.to_thread(self._ready_pods, api)
-                    except Exception as exc:
-                        log.warning("listing pods failed: %s", exc)
-                        pods = None
-                    if pods is not None:
-                        known = {a: i for a, i in known.items() if a in pods}
-                        known.update(await self._describe(client, pods))
-                        yield [i for a, i in known.items() if pods[a] in (None, i.role)]
-                    try:
-                        await asyncio.wait_for(changed.wait(), self.interval_s)
-                    except asyncio.TimeoutError:
-                        pass
+            while True:
+                changed.clear()
+                try:
+                    pods = await asyncio.to_thread(self._ready_pods, api)
+                except Exception as exc:
+                    log.warning("listing pods failed: %s", exc)
+                    pods = None
+                if pods is not None:
+                    known = {a: i for a, i in known.items() if a in pods}
+                    clients.retain(set(pods))
+                    known.update(await self._describe(clients, pods))
+                    yield [i for a, i in known.items() if pods[a] in (None, i.role)]
+                try:
+                    await asyncio.wait_for(changed.wait(), self.interval_s)
+                except asyncio.TimeoutError:
+                    pass
         finally:
             stop.set()
+            clients.close()
 
-    async def _describe(self, client: httpx.AsyncClient, pods: dict[str, str | None]) -> dict[str, WorkerInfo]:
-        infos = await asyncio.gather(*(fetch_worker_info(client, address) for address in pods))
+    async def _describe(self, clients: Http1Clients, pods: dict[str, str | None]) -> dict[str, WorkerInfo]:
+        infos = await asyncio.gather(*(fetch_worker_info(clients, address) for address in pods))
         out: dict[str, WorkerInfo] = {}
         for address, info in zip(pods, infos):
             if info is None:

@@ -6,9 +6,9 @@ protocol GIE scrapes): `vllm:num_requests_waiting`, `vllm:num_requests_running`,
 from __future__ import annotations
 
 import re
+from urllib.parse import urlencode
 
-import httpx
-
+from disagg.routing.http1 import Http1Connection
 from disagg.worker.protocol import EngineLoad
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -77,11 +77,13 @@ def parse_metrics(text: str) -> EngineLoad:
 # Only these series (`name[]`, honoured by prometheus_client's exposition: our workers and vLLM's
 # own server); an exporter that ignores it sends everything, which parses the same.
 LOAD_QUERY = [("name[]", name) for name in _WANTED]
+LOAD_TARGET = "/metrics?" + urlencode(LOAD_QUERY)
 
 
-async def scrape(client: httpx.AsyncClient, address: str) -> EngineLoad:
-    """GET http://{address}/metrics (the load series only) and parse it. Raises httpx errors or
-    ScrapeError."""
-    response = await client.get(f"http://{address}/metrics", params=LOAD_QUERY)
-    response.raise_for_status()
-    return parse_metrics(response.text)
+async def scrape(connection: Http1Connection) -> EngineLoad:
+    """GET /metrics (the load series only) from the connection's worker and parse it. Raises
+    `disagg.routing.http1.HttpError` or ScrapeError."""
+    status, body = await connection.get(LOAD_TARGET)
+    if status != 200:
+        raise ScrapeError(f"/metrics answered {status}")
+    return parse_metrics(body.decode("utf-8", "replace"))

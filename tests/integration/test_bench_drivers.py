@@ -288,13 +288,14 @@ def test_report_plots_go_where_plot_names_them(tmp_path: Path) -> None:
 
 
 def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
-    """`disagg bench epp` on a tiny run: picks at two pool sizes, and the hop through a real Envoy
-    alone and with a real `disagg epp` process in front of a stand-in worker."""
+    """`disagg bench epp` on a tiny run: picks at two pool sizes, the hop through a real Envoy
+    alone and with a real `disagg epp` process in front of a stand-in worker, and scrapes of
+    stand-in workers."""
     from disagg.bench.epp import main
 
     out = tmp_path / "epp.json"
     assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--hop-requests", "20",
-                 "--json", str(out)]) == 0
+                 "--scrape-workers", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [p["endpoints"] for p in report["pick"]] == [4, 8]
     assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
@@ -306,3 +307,7 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "epp.md").read_text()
     assert "| 8 |" in table and "Envoy + EPP (ext_proc on grpcio)" in table
+    # Four workers scraped every 0.2 s: about 20 scrapes a second, each costing some CPU.
+    scrapes = report["scrapes"]
+    assert scrapes["workers"] == 4 and 10 < scrapes["scrapes_per_s"] <= 25 and scrapes["cpu_ms_per_scrape"] > 0
+    assert "Keeping the state current: 4 workers" in table
