@@ -187,10 +187,11 @@ def _ready_line(item: Any, timeout_s: float = 60.0) -> str:
 
 
 async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = ("h2", "grpcio")) -> dict[str, Any]:
-    """The same small request sent directly to a stand-in worker, through Envoy alone, and through
-    Envoy + EPP (one EPP per ext_proc server: ours, h2, and grpcio's), in alternating rounds, so
-    a change in the machine's load hits all alike. Each EPP runs as in production: its own
-    process (`disagg epp --gateway-port`), apart from the client and the worker."""
+    """The same small request sent directly to a stand-in worker, through Envoy alone, through
+    Envoy + a constant-answer ext_proc server (the floor: `disagg.bench.ext_proc_floor`), and
+    through Envoy + EPP (one EPP per ext_proc server: ours, h2, and grpcio's), in alternating
+    rounds, so a change in the machine's load hits all alike. Each EPP runs as in production: its
+    own process (`disagg epp --gateway-port`), apart from the client and the worker."""
     import httpx
     import psutil
 
@@ -210,6 +211,13 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
         targets = {"direct": f"http://{worker}", "envoy": f"http://127.0.0.1:{port}"}
         watched = {"envoy": alone.process.pid}
         epp_pids: dict[str, int] = {}
+        # The floor: the same Envoy calling a constant-answer server on our h2 stack.
+        floor = launch("ext-proc-floor", [sys.executable, "-m", "disagg.bench.ext_proc_floor", worker], log_dir=log_dir)
+        launched.append(floor)
+        targets["envoy_floor"] = next(f for f in _ready_line(floor).split() if f.startswith("gateway=")).split("=", 1)[1]
+        watched["envoy_floor"] = next(c.pid for c in psutil.Process(floor.pid).children(recursive=True)
+                                      if "envoy" in c.name())
+        epp_pids["envoy_floor"] = floor.pid
         for server in servers:
             name = "envoy_epp" if server == "h2" else f"envoy_epp_{server}"
             epp = launch(f"epp-{server}", [
@@ -266,8 +274,9 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
     result: dict[str, Any] = {"requests": n, "rounds": rounds, "ext_proc_servers": list(servers),
                               **{name: summary(name) for name in targets}}
     for name in epp_pids:
-        # Keys of the default server (h2) carry no suffix; the others are named after theirs.
-        suffix = name.removeprefix("envoy_epp")
+        # Keys of the default server (h2) carry no suffix; the others are named after theirs; the
+        # constant-answer floor's are "_floor".
+        suffix = "_floor" if name == "envoy_floor" else name.removeprefix("envoy_epp")
         result[f"epp_hop_added_p50_ms{suffix}"] = result[name]["p50_ms"] - result["envoy"]["p50_ms"]
         result[f"epp_hop_added_p99_ms{suffix}"] = result[name]["p99_ms"] - result["envoy"]["p99_ms"]
         result[f"epp_cpu_ms_per_request{suffix}"] = epp_cpu[name] / n * 1e3
@@ -348,16 +357,19 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     left.legend()
     hop = result.get("hop")
     if hop:
-        names = [n for n in ("direct", "envoy", "envoy_epp", "envoy_epp_grpcio") if n in hop]
-        labels = {"direct": "direct", "envoy": "Envoy", "envoy_epp": "Envoy+EPP\n(h2)",
-                  "envoy_epp_grpcio": "Envoy+EPP\n(grpcio)"}
+        names = [n for n in ("direct", "envoy", "envoy_floor", "envoy_epp", "envoy_epp_grpcio") if n in hop]
+        labels = {"direct": "direct", "envoy": "Envoy", "envoy_floor": "Envoy+\nconstant\next_proc",
+                  "envoy_epp": "Envoy+EPP\n(h2)", "envoy_epp_grpcio": "Envoy+EPP\n(grpcio)"}
         right.bar([labels[n] for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
         right.scatter([labels[n] for n in names], [hop[n]["p99_ms"] for n in names], color="black",
                       marker="_", s=400, label="p99")
         right.set_ylabel("request latency (ms)")
         title = f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50"
-        if "envoy_epp_grpcio" in hop:
-            title += f" (on grpcio: {hop['epp_hop_added_p50_ms_grpcio']:.2f})"
+        if "epp_hop_added_p50_ms_floor" in hop:
+            title += f"\n(a constant-answer server: {hop['epp_hop_added_p50_ms_floor']:.2f}"
+            if "envoy_epp_grpcio" in hop:
+                title += f"; on grpcio: {hop['epp_hop_added_p50_ms_grpcio']:.2f}"
+            title += ")"
         right.set_title(title)
         right.legend()
     fig.tight_layout()
@@ -389,11 +401,13 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   "| path | p50 (ms) | p99 (ms) | added over Envoy, p50 (ms) | EPP CPU per request (ms) |",
                   "|---|---|---|---|---|"]
         for name, label in (("direct", "direct to the worker"), ("envoy", "Envoy"),
+                            ("envoy_floor", "Envoy + a constant-answer ext_proc server on h2 (the floor)"),
                             ("envoy_epp", "Envoy + EPP (ext_proc on h2, ours)"),
                             ("envoy_epp_grpcio", "Envoy + EPP (ext_proc on grpcio)")):
             if name not in hop:
                 continue
-            suffix = name.removeprefix("envoy_epp") if name.startswith("envoy_epp") else None
+            suffix = ("_floor" if name == "envoy_floor" else
+                      name.removeprefix("envoy_epp") if name.startswith("envoy_epp") else None)
             added = f"{hop['epp_hop_added_p50_ms' + suffix]:.2f}" if suffix is not None else ""
             epp_cpu = f"{hop['epp_cpu_ms_per_request' + suffix]:.2f}" if suffix is not None else ""
             lines.append(f"| {label} | {hop[name]['p50_ms']:.2f} | {hop[name]['p99_ms']:.2f} | {added} | {epp_cpu} |")
@@ -436,12 +450,16 @@ def main(argv: list[str] | None = None) -> int:
               f"+ {r['record_after_answer_cpu_p50_us']:.1f} µs bookkeeping after the answer (indexing, metrics), "
               f"{r['picks_per_cpu_s']:.0f} picks per CPU second", flush=True)
     if args.hop_requests:
-        say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy, through Envoy + EPP")
+        say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy, through Envoy + a "
+                   "constant-answer ext_proc server, through Envoy + EPP")
         hop = asyncio.run(bench_hop(args.hop_requests))
         print(f"hop: direct p50 {hop['direct']['p50_ms']:.2f} ms, Envoy {hop['envoy']['p50_ms']:.2f} ms, "
               f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50); "
               f"CPU per request: EPP {hop['epp_cpu_ms_per_request']:.2f} ms, Envoy's ext_proc work "
               f"{hop['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
+        print(f"hop floor (a constant-answer ext_proc server on our h2 stack): adds "
+              f"{hop['epp_hop_added_p50_ms_floor']:.2f} ms p50, its CPU {hop['epp_cpu_ms_per_request_floor']:.2f} ms "
+              f"per request", flush=True)
         if "envoy_epp_grpcio" in hop:
             print(f"hop with the EPP on grpcio: Envoy+EPP {hop['envoy_epp_grpcio']['p50_ms']:.2f} ms (adds "
                   f"{hop['epp_hop_added_p50_ms_grpcio']:.2f} ms p50); EPP CPU "

@@ -294,19 +294,21 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     from disagg.bench.epp import main
 
     out = tmp_path / "epp.json"
-    assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--hop-requests", "20",
+    assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--hop-requests", "40",
                  "--scrape-workers", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [p["endpoints"] for p in report["pick"]] == [4, 8]
     assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
     hop = report["hop"]
-    assert hop["requests"] == 20
-    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_epp", "envoy_epp_grpcio"))
+    assert hop["requests"] == 40
+    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_floor", "envoy_epp", "envoy_epp_grpcio"))
     # Each EPP process (ours on h2, and on grpcio) did work for every request.
     assert hop["epp_cpu_ms_per_request"] > 0 and hop["epp_cpu_ms_per_request_grpcio"] > 0
+    # The floor's CPU may read 0 over so few requests (/proc counts 10 ms ticks); it is there.
+    assert hop["epp_cpu_ms_per_request_floor"] >= 0 and "epp_hop_added_p50_ms_floor" in hop
     assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "epp.md").read_text()
-    assert "| 8 |" in table and "Envoy + EPP (ext_proc on grpcio)" in table
+    assert "| 8 |" in table and "Envoy + EPP (ext_proc on grpcio)" in table and "(the floor)" in table
     # Four workers scraped every 0.2 s: about 20 scrapes a second, each costing some CPU.
     scrapes = report["scrapes"]
     assert scrapes["workers"] == 4 and 10 < scrapes["scrapes_per_s"] <= 25 and scrapes["cpu_ms_per_scrape"] > 0

@@ -1,0 +1,89 @@
+"""The floor of the ext_proc hop for a Python EPP: Envoy in front of one worker, its ext_proc filter
+configured as the gateway's, calling a server on our HTTP/2 gRPC stack that routes every request
+to that worker with a constant answer (no parsing of the body, no pick, no state).
+
+`disagg bench epp` measures it beside the real EPP: the difference is what the EPP's own work
+costs; the floor itself is Envoy's ext_proc machinery plus what any Python server on this
+machine spends per stream.
+
+    python -m disagg.bench.ext_proc_floor WORKER_HOST:PORT   # prints "READY gateway=http://..."
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
+
+from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
+from disagg.epp.h2grpc import GrpcServer
+from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE
+from disagg.epp.server import PROCESS_PATH
+
+
+def routed_headers(worker: str) -> bytes:
+    """The serialized headers answer that sends a request to `worker` (header and metadata)."""
+    metadata = struct_pb2.Struct()
+    metadata.update({DESTINATION_NAMESPACE: {DESTINATION_HEADER: worker}})
+    mutation = pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=worker.encode()))])
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
+        dynamic_metadata=metadata,
+    ).SerializeToString()
+
+
+class ConstantAnswer:
+    """One FULL_DUPLEX_STREAMED stream: at the body's end, the fixed headers answer and the body
+    echoed back in one chunk; then the stream ends (as the EPP's do)."""
+
+    def __init__(self, headers_answer: bytes) -> None:
+        self.headers_answer = headers_answer
+        self.body = bytearray()
+        self.finished = False
+
+    def message(self, payload: bytes) -> list[bytes]:
+        request = pb.ProcessingRequest.FromString(payload)
+        if request.WhichOneof("request") != "request_body":
+            return []
+        self.body += request.request_body.body
+        if not request.request_body.end_of_stream:
+            return []
+        self.finished = True
+        echo = pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
+                body=bytes(self.body), end_of_stream=True)))))
+        return [self.headers_answer, echo.SerializeToString()]
+
+    def end(self) -> list[bytes]:
+        return []
+
+
+async def serve(worker: str) -> None:
+    answer = routed_headers(worker)
+    server = GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answer)})
+    grpc_port = await server.start("127.0.0.1", 0)
+    eds_dir = Path(tempfile.mkdtemp(prefix="disagg-ext-proc-floor-"))
+    write_endpoints(eds_dir, [worker])
+    port = free_port()
+    envoy = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", grpc_port, free_port(), eds_dir))
+    await envoy.start()
+    print(f"READY gateway=http://127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await envoy.stop()
+        await server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1]))
