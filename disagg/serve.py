@@ -11,6 +11,7 @@ import httpx
 
 from disagg.config import AppConfig
 from disagg.routing.discovery import fetch_all
+from disagg.routing.http1 import Http1Clients
 from disagg.worker.protocol import WorkerInfo
 
 
@@ -51,14 +52,21 @@ class PoolDiscovery:
         self.interval_s = interval_s
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
-        async with httpx.AsyncClient(timeout=2.0) as client:
-            while True:
-                try:
-                    pool = (await client.get(f"{self.router_url}/v1/pool")).json()
-                    yield await fetch_all(client, [w["address"] for w in pool])
-                except (httpx.HTTPError, ValueError):
-                    pass  # the router restarts; keep the last snapshot
-                await asyncio.sleep(self.interval_s)
+        workers = Http1Clients(timeout_s=2.0)
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                while True:
+                    try:
+                        pool = (await client.get(f"{self.router_url}/v1/pool")).json()
+                    except (httpx.HTTPError, ValueError):
+                        pool = None  # the router restarts; keep the last snapshot
+                    if pool is not None:
+                        addresses = [w["address"] for w in pool]
+                        workers.retain(set(addresses))
+                        yield await fetch_all(workers, addresses)
+                    await asyncio.sleep(self.interval_s)
+        finally:
+            workers.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,9 +51,11 @@ class GrpcError(Exception):
 
 
 class StreamHandler(Protocol):
-    # True once the handler has nothing more to say: the stream ends with OK after the responses
-    # just sent, without waiting for the client to finish (what it still sends is dropped).
-    finished: bool
+    @property
+    def finished(self) -> bool:
+        """True once the handler has nothing more to say: the stream ends with OK after the
+        responses just sent, without waiting for the client to finish (what it still sends is
+        dropped)."""
 
     def message(self, payload: bytes) -> Iterable[bytes]:
         """One request message in; the serialized response messages to send now."""

@@ -199,7 +199,7 @@ class Scheduler:
                     walk: Iterator[int]) -> Pick:
         """No live decode: route to the most recently seen of those not yet forgotten (they may
         only look dead because this process or the machine stalled), or refuse with 503."""
-        recent = self.pool.dead_endpoints("decode")
+        recent: Sequence[Endpoint] = self.pool.dead_endpoints("decode")
         if subset is not None:
             recent = subset.keep(recent)
         if not recent:
@@ -211,7 +211,7 @@ class Scheduler:
             self._panic_logged_at = now
             log.warning("no live decode endpoint: routing to the most recently seen, %s (silent %.1f s)",
                         recent[0].address, recent[0].silence(now))
-        result = Pick(decode=recent[: self.fallbacks + 1], prefill=[], uncached_tokens=num_tokens, decision="local")
+        result = Pick(decode=list(recent[: self.fallbacks + 1]), prefill=[], uncached_tokens=num_tokens, decision="local")
         self._record(result, hashes, walk)
         return result
 

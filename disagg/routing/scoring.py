@@ -23,7 +23,7 @@ class Candidates:
     hundreds of endpoints must stay in the tens of microseconds). Each list is read once from
     the endpoints when the pick starts, so scorers never walk endpoint attributes themselves."""
 
-    endpoints: list[Endpoint]
+    endpoints: Sequence[Endpoint]
     prefix_blocks: list[int]  # leading prompt blocks each endpoint already holds
     freshness: list[float] | None  # 1.0 fresh .. 0.0 about to be declared dead; None: all 1.0
     queues: list[int]  # waiting + running + pending
@@ -60,7 +60,7 @@ class Filter(Protocol):
 
     name: str
 
-    def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]: ...
+    def keep(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]: ...
 
 
 # -- scorers ----------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class SubsetFilter:
     addresses: frozenset[str]
     name: str = "subset"
 
-    def keep(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+    def keep(self, endpoints: Sequence[Endpoint]) -> Sequence[Endpoint]:
         return [e for e in endpoints if e.address in self.addresses]
 
 
@@ -147,7 +147,7 @@ class SaturationFilter:
     max_waiting: int
     name: str = "saturation"
 
-    def keep(self, endpoints: list[Endpoint], backlogs: list[int] | None = None) -> list[Endpoint]:
+    def keep(self, endpoints: Sequence[Endpoint], backlogs: list[int] | None = None) -> Sequence[Endpoint]:
         """`backlogs`, when given, are the endpoints' backlogs in order (`RoleSignals`): when
         none is full, the list comes back as it is without a walk."""
         limit = self.max_waiting
@@ -174,8 +174,8 @@ class Ranker:
         # total = sum(w x r) + freshness x sum(w_load x r_load), one comprehension per term (on
         # CPython 3.11 a zip comprehension of float arithmetic beats a chain of operator map()s);
         # a scorer that rates everyone 0 adds nothing.
-        steady: list[float] | None = None
-        load: list[float] | None = None
+        steady: Iterable[float] | None = None
+        load: Iterable[float] | None = None
         for scorer in self.scorers:
             weight = scorer.weight
             ratings = scorer.score(candidates, ctx) if weight else None
@@ -189,11 +189,12 @@ class Ranker:
                 steady = ratings if steady is None else [a + b for a, b in zip(steady, ratings)]
         if load is not None and candidates.freshness is not None:
             load = [a * f for a, f in zip(load, candidates.freshness)]
+        totals: list[float]
         if steady is not None and load is not None:
             totals = [a + b for a, b in zip(steady, load)]
         else:
-            totals = steady if steady is not None else load if load is not None else [0.0] * n
-        totals = totals if isinstance(totals, list) else list(totals)
+            summed = steady if steady is not None else load if load is not None else [0.0] * n
+            totals = summed if isinstance(summed, list) else list(summed)
         turn = self._turn = (self._turn + 1) % n if n else 0
         total_of = totals.__getitem__
         ranked = sorted(range(n), key=total_of, reverse=True)

@@ -108,3 +108,44 @@ async def test_restarted_worker_is_replaced_by_its_new_engine(cluster) -> None:
     await wait_for(lambda: s.pool.by_address(old.address) is not None
                    and s.pool.by_address(old.address).engine_id == workers[1].info.engine_id)
     assert old_engine not in s.pool
+
+
+async def test_the_gateways_pool_discovery_follows_the_routers_pool() -> None:
+    # `disagg serve --gateway`: the router's /v1/pool names the workers; each one's descriptor
+    # comes from its own endpoint; a worker gone from the pool leaves the next snapshot.
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from disagg.serve import PoolDiscovery
+
+    workers = [FakeWorker("decode").start(), FakeWorker("prefill").start()]
+    listed = [w.address for w in workers]
+
+    class Router(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = json.dumps([{"address": a} for a in listed]).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    router = ThreadingHTTPServer(("127.0.0.1", 0), Router)
+    threading.Thread(target=router.serve_forever, daemon=True).start()
+    watch = PoolDiscovery(f"http://127.0.0.1:{router.server_address[1]}", interval_s=0.05).watch()
+    try:
+        first = await asyncio.wait_for(anext(watch), 10)
+        assert sorted((i.role, i.address) for i in first) == sorted(
+            [("decode", workers[0].address), ("prefill", workers[1].address)])
+        listed.pop()
+        while len(snapshot := await asyncio.wait_for(anext(watch), 10)) != 1:
+            pass
+        assert snapshot[0].address == workers[0].address
+    finally:
+        await watch.aclose()
+        router.shutdown()
+        for w in workers:
+            w.stop()
