@@ -67,6 +67,14 @@ class StreamHandler(Protocol):
 Method = Callable[[], StreamHandler]
 
 
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """What a stream's header block says that the server acts on."""
+
+    path: str  # the gRPC method
+    compressed: bool  # grpc-encoding other than identity
+
+
 @dataclass
 class _Stream:
     id: int
@@ -89,7 +97,7 @@ class _Connection(asyncio.Protocol):
         self.preface_seen = False
         self.decoder = hpack.Decoder()
         self.table_version = 0  # bumped by every header block that may change the dynamic table
-        self.decoded: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = {}
+        self.decoded: dict[tuple[int, bytes], _Head] = {}
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
         self.peer_window = DEFAULT_WINDOW  # the connection's send window
@@ -208,7 +216,7 @@ class _Connection(asyncio.Protocol):
         assert self.header_block is not None
         stream_id, flags, block = self.header_block
         self.header_block = None
-        headers = self._decode(bytes(block))
+        head = self._decode(bytes(block))
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client
             if flags & END_STREAM:
@@ -220,39 +228,43 @@ class _Connection(asyncio.Protocol):
         if self.goaway_sent or len(self.streams) >= MAX_STREAMS:
             self.out += frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big"))
             return
-        path = next((v for k, v in headers if k == b":path"), b"").decode("latin-1")
-        method = self.server.methods.get(path)
+        method = self.server.methods.get(head.path)
         stream = _Stream(stream_id, None, self.peer_initial_window)
         self.streams[stream_id] = stream
         if method is None:
-            self._finish(stream, UNIMPLEMENTED, f"unknown method {path}")
+            self._finish(stream, UNIMPLEMENTED, f"unknown method {head.path}")
             return
-        if any(k == b"grpc-encoding" and v not in (b"identity",) for k, v in headers):
+        if head.compressed:
             self._finish(stream, UNIMPLEMENTED, "compressed messages are not supported")
             return
         stream.handler = method()
         if flags & END_STREAM:
             self._on_remote_end(stream)
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """HPACK-decode a header block. A client opens every stream with the same block as a
-        rule (Envoy: 46 bytes of references to its dynamic table), so a block that leaves the
-        table as it was is remembered with the table's version and not decoded again."""
+    def _decode(self, block: bytes) -> _Head:
+        """HPACK-decode a header block into what a stream needs of it. A client opens every
+        stream with the same block as a rule (Envoy: 46 bytes of references to its dynamic
+        table), so a block that leaves the table as it was is remembered with the table's version
+        and not decoded (or read) again."""
         key = (self.table_version, block)
-        headers = self.decoded.get(key)
-        if headers is not None:
-            return headers
+        head = self.decoded.get(key)
+        if head is not None:
+            return head
         try:
             headers = self.decoder.decode(block, raw=True)
         except Exception as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"cannot decode headers: {exc}") from exc
+        head = _Head(
+            path=next((v for k, v in headers if k == b":path"), b"").decode("latin-1"),
+            compressed=any(k == b"grpc-encoding" and v != b"identity" for k, v in headers),
+        )
         if keeps_table(block):
             if len(self.decoded) >= 64:
                 self.decoded.clear()
-            self.decoded[key] = headers
+            self.decoded[key] = head
         else:
             self.table_version += 1
-        return headers
+        return head
 
     def _on_data(self, flags: int, stream_id: int, payload: memoryview) -> None:
         stream = self.streams.get(stream_id)
