@@ -69,11 +69,20 @@ class Http1Connection:
                 raise ValueError(f"a body of {length} bytes")
             body = await reader.readexactly(length)
         else:  # the body runs to the end of the connection
-            body = await reader.read(MAX_BODY_BYTES)
+            body = await self._read_to_end(reader)
             keep_alive = False
         if not keep_alive:
             self.close()
         return status, body
+
+    @staticmethod
+    async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
+        body = bytearray()
+        while data := await reader.read(65536):
+            body += data
+            if len(body) > MAX_BODY_BYTES:
+                raise ValueError("a body over the limit")
+        return bytes(body)
 
     @staticmethod
     async def _read_chunks(reader: asyncio.StreamReader) -> bytes:

@@ -31,8 +31,10 @@ class Server:
                 reply = self.replies.pop(0)
                 if reply == b"HANG":
                     await asyncio.sleep(30)
-                writer.write(reply)
-                await writer.drain()
+                for i in range(0, len(reply), 7):  # in small pieces: a reader must wait for the rest
+                    writer.write(reply[i:i + 7])
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
                 if reply.endswith(b"CLOSE"):
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
