@@ -62,7 +62,9 @@ class Http1Connection:
                 chunked = b"chunked" in value.lower()
             elif name == b"connection":
                 keep_alive = b"close" not in value.lower()
-        if chunked:
+        if status in (204, 304):  # never a body
+            body = b""
+        elif chunked:
             body = await self._read_chunks(reader)
         elif length is not None:
             if length > MAX_BODY_BYTES:

@@ -81,11 +81,13 @@ async def test_chunked_body_with_extensions_and_trailers(serve) -> None:
 
 async def test_connection_close_and_a_body_to_the_end_reconnect_for_the_next_get(serve) -> None:
     server, address = await serve([
+        b"HTTP/1.1 204 No Content\r\n\r\n",  # no body, and the connection stays open
         b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope",
         b"HTTP/1.0 200 OK\r\n\r\nuntil the end CLOSE",
         ok(b"fresh"),
     ])
     connection = Http1Connection(address, timeout_s=5)
+    assert await connection.get("/") == (204, b"")
     assert await connection.get("/") == (404, b"nope")
     assert await connection.get("/") == (200, b"until the end CLOSE")
     assert await connection.get("/") == (200, b"fresh")
