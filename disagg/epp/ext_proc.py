@@ -54,6 +54,11 @@ class _Exchange:
     routed: bool = False
 
 
+def _done(ex: _Exchange | None) -> bool:
+    """Routed or refused: nothing more to say on this stream."""
+    return ex is not None and ex.routed
+
+
 def header_value(header: base_pb2.HeaderValue) -> str:
     return header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
 
@@ -122,8 +127,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             ex, responses = self.answer(ex, message)
             for response in responses:
                 await context.write(response)
-            if ex is not None and ex.routed:
-                return  # done: the stream ends with OK (see ExtProcStream.finished)
+            if _done(ex):
+                return  # the stream ends with OK (see ExtProcStream.finished)
 
     def stream(self) -> ExtProcStream:
         """A handler for one stream of `disagg.epp.h2grpc.GrpcServer`."""
@@ -216,7 +221,7 @@ class ExtProcStream:
         after the answer. Envoy then skips the rest of this request's ext_proc phases, which the
         EPP would pass through unchanged anyway, and neither side spends another wakeup (Envoy's
         reset of the stream once the HTTP request is done) on it."""
-        return self.ex is not None and self.ex.routed
+        return _done(self.ex)
 
     def message(self, payload: bytes) -> list[bytes]:
         self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload))

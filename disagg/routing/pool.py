@@ -48,10 +48,9 @@ class EndpointPool:
         self.layout_fingerprint: str | None = None
         self._by_engine: dict[str, Endpoint] = {}
         self._by_address: dict[str, str] = {}
-        # Per-role members and their signal lists, rebuilt on membership changes only: picks read
-        # them every time.
+        # Per role, the members and their signal lists (`RoleSignals.endpoints`), rebuilt on
+        # membership changes only: picks read them every time.
         self._signals: dict[str, RoleSignals] = {"prefill": RoleSignals([]), "decode": RoleSignals([])}
-        self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         # Per role, lower bounds of the members' oldest seen_at and load_at. Both times only move
         # forward, so while a bound is recent enough every member is alive (fresh) and a pick
         # skips the walk; a bound too old is recomputed, at most once per dead_after_s (stale_after_s).
@@ -163,7 +162,7 @@ class EndpointPool:
     def endpoints(self, role: Role | None = None, *, include_dead: bool = False) -> list[Endpoint]:
         if role is not None and not include_dead:
             return list(self.live(role))
-        members = list(self._by_engine.values()) if role is None else self._by_role[role]
+        members = list(self._by_engine.values()) if role is None else self._signals[role].endpoints
         if include_dead:
             return list(members)
         oldest = self.clock() - self.dead_after_s
@@ -172,7 +171,7 @@ class EndpointPool:
     def live(self, role: Role, now: float | None = None) -> Sequence[Endpoint]:
         """The live endpoints of one role, for a pick: when all are alive (the usual case) the
         pool's own list, which the caller must not modify."""
-        members = self._by_role[role]
+        members = self._signals[role].endpoints
         oldest = (self.clock() if now is None else now) - self.dead_after_s
         if self._seen_floor[role] >= oldest:
             return members
@@ -186,13 +185,13 @@ class EndpointPool:
         newest_stale = now - self.stale_after_s
         if self._signal_floor[role] >= newest_stale:
             return True
-        floor = self._signal_floor[role] = min((e.load_at for e in self._by_role[role]), default=math.inf)
+        floor = self._signal_floor[role] = min((e.load_at for e in self._signals[role].endpoints), default=math.inf)
         return floor >= newest_stale
 
     def dead_endpoints(self, role: Role) -> list[Endpoint]:
         """Endpoints silent past `dead_after_s` but not yet forgotten, most recently seen first."""
         oldest = self.clock() - self.dead_after_s
-        return sorted((e for e in self._by_role[role] if e.seen_at < oldest), key=lambda e: -e.seen_at)
+        return sorted((e for e in self._signals[role].endpoints if e.seen_at < oldest), key=lambda e: -e.seen_at)
 
     def signals(self, role: Role) -> RoleSignals:
         """The signal lists of every endpoint of `role`, parallel to `live(role)` while that
@@ -206,8 +205,7 @@ class EndpointPool:
         for signals in self._signals.values():
             signals.release()
         self._signals = {role: RoleSignals(members) for role, members in by_role.items()}
-        self._by_role = by_role
-        for role, members in self._by_role.items():
+        for role, members in by_role.items():
             self._seen_floor[role] = min((e.seen_at for e in members), default=math.inf)
             self._signal_floor[role] = min((e.load_at for e in members), default=math.inf)
 

@@ -23,8 +23,8 @@ subscribers and the dead sweep.
 from __future__ import annotations
 
 import asyncio
-from asyncio import events as asyncio_events
 import contextlib
+from asyncio import events as asyncio_events
 import logging
 import time
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from disagg.config import RoutingConfig
 from disagg.routing import metrics
 from disagg.routing.background import Background
 from disagg.routing.discovery import Discovery
-from disagg.routing.endpoint import Endpoint
+from disagg.routing.endpoint import Endpoint, RoleSignals
 from disagg.routing.errors import NoEndpointError, OverloadedError
 from disagg.routing.pool import EndpointPool
 from disagg.routing.prefix_index import PrefixIndex, iter_block_hashes
@@ -164,7 +164,8 @@ class Scheduler:
             decodes = subset.keep(decodes)
         if not decodes:
             return self._panic_pick(req, subset, len(tokens), hashes, walk)
-        open_decodes = self.saturation.keep(decodes, self._backlogs(decodes, "decode"))
+        whole = self._whole_role(decodes, "decode")
+        open_decodes = self.saturation.keep(decodes, whole.backlogs if whole else None)
         if not open_decodes:
             raise OverloadedError(
                 f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests"
@@ -178,7 +179,8 @@ class Scheduler:
         prefill: list[Endpoint] = []
         if uncached > self.config.pd_threshold_tokens:
             prefills = self.pool.live("prefill", now)
-            prefills = self.saturation.keep(prefills, self._backlogs(prefills, "prefill"))
+            whole = self._whole_role(prefills, "prefill")
+            prefills = self.saturation.keep(prefills, whole.backlogs if whole else None)
             if prefills:
                 ctx.decode = decode
                 prefill_candidates = self._candidates(prefills, hits, now, "prefill")
@@ -215,10 +217,11 @@ class Scheduler:
         self._record(result, hashes, walk)
         return result
 
-    def _backlogs(self, endpoints: Sequence[Endpoint], role: Role) -> list[int] | None:
-        """The backlogs of `endpoints` without a walk, when they are the whole role."""
+    def _whole_role(self, endpoints: Sequence[Endpoint], role: Role) -> RoleSignals | None:
+        """The role's signal lists when `endpoints` is the whole role (the pool's own list, as
+        `live()` and the filters pass it on when they drop nobody), else None."""
         signals = self.pool.signals(role)
-        return signals.backlogs if endpoints is signals.endpoints else None
+        return signals if endpoints is signals.endpoints else None
 
     def _candidates(self, endpoints: Sequence[Endpoint], hits: dict[str, int], now: float, role: Role) -> Candidates:
         # Runs for every endpoint of a role on every pick. When the candidates are the whole role
@@ -232,8 +235,8 @@ class Scheduler:
             span = max(self.pool.dead_after_s - stale, 1e-9)
             freshness = [1.0 if now - e.load_at <= stale else max(0.0, 1.0 - (now - e.load_at - stale) / span)
                          for e in endpoints]
-        signals = self.pool.signals(role)
-        if endpoints is signals.endpoints:
+        signals = self._whole_role(endpoints, role)
+        if signals is not None:
             prefix_blocks = [0] * len(endpoints)
             slot_of = signals.slot_of
             for engine_id, blocks in hits.items():
