@@ -168,12 +168,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# The stand-in decode worker, in its own process: it answers every request at once.
-_STAND_IN = (
-    "import time\n"
+# Stand-in workers (argv: how many), in their own process: they answer every request at once,
+# and /metrics; the first is a decode worker. Prints "READY addr,addr,...".
+_STAND_INS = (
+    "import sys, time\n"
     "from disagg.routing.fakes import FakeWorker\n"
-    "w = FakeWorker('decode', model='bench').start()\n"
-    "print('READY', w.address, flush=True)\n"
+    "ws = [FakeWorker('prefill' if i % 2 else 'decode', model='bench').start() for i in range(int(sys.argv[1]))]\n"
+    "print('READY', ','.join(w.address for w in ws), flush=True)\n"
     "time.sleep(1e9)\n"
 )
 
@@ -199,7 +200,7 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
     from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
 
     log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-hop-"))
-    launched = [launch("stand-in", [sys.executable, "-c", _STAND_IN], log_dir=log_dir)]
+    launched = [launch("stand-in", [sys.executable, "-c", _STAND_INS, "1"], log_dir=log_dir)]
     alone: EnvoyProcess | None = None
     body = {"model": "bench", "prompt": list(range(200)), "max_tokens": 1}
     try:
@@ -211,25 +212,25 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
         targets = {"direct": f"http://{worker}", "envoy": f"http://127.0.0.1:{port}"}
         watched = {"envoy": alone.process.pid}
         epp_pids: dict[str, int] = {}
+
+        def gateway(name: str, label: str, cmd: list[str]) -> None:
+            """Launch a process that runs an Envoy in front of the worker and prints its URL
+            (`gateway=...`); time requests through it, and count its CPU and its Envoy's."""
+            process = launch(label, cmd, log_dir=log_dir)
+            launched.append(process)
+            targets[name] = next(f for f in _ready_line(process).split() if f.startswith("gateway=")).split("=", 1)[1]
+            watched[name] = next(c.pid for c in psutil.Process(process.pid).children(recursive=True)
+                                 if "envoy" in c.name())
+            epp_pids[name] = process.pid
+
         # The floor: the same Envoy calling a constant-answer server on our h2 stack.
-        floor = launch("ext-proc-floor", [sys.executable, "-m", "disagg.bench.ext_proc_floor", worker], log_dir=log_dir)
-        launched.append(floor)
-        targets["envoy_floor"] = next(f for f in _ready_line(floor).split() if f.startswith("gateway=")).split("=", 1)[1]
-        watched["envoy_floor"] = next(c.pid for c in psutil.Process(floor.pid).children(recursive=True)
-                                      if "envoy" in c.name())
-        epp_pids["envoy_floor"] = floor.pid
+        gateway("envoy_floor", "ext-proc-floor", [sys.executable, "-m", "disagg.bench.ext_proc_floor", worker])
         for server in servers:
-            name = "envoy_epp" if server == "h2" else f"envoy_epp_{server}"
-            epp = launch(f"epp-{server}", [
+            gateway("envoy_epp" if server == "h2" else f"envoy_epp_{server}", f"epp-{server}", [
                 sys.executable, "-m", "disagg.cli", "epp", "--model", "bench", "--set", f"block_size={BLOCK}",
                 "--endpoints", worker, "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
                 "--metrics-port", "0", "--gateway-port", "0", "--gateway-host", "127.0.0.1",
-                "--ext-proc-server", server, "--log-level", "WARNING"], log_dir=log_dir)
-            launched.append(epp)
-            targets[name] = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
-            watched[name] = next(c.pid for c in psutil.Process(epp.pid).children(recursive=True)
-                                 if "envoy" in c.name())
-            epp_pids[name] = epp.pid
+                "--ext-proc-server", server, "--log-level", "WARNING"])
         latencies: dict[str, list[float]] = {name: [] for name in targets}
         cpu = {name: 0.0 for name in watched}
         epp_cpu = {name: 0.0 for name in epp_pids}
@@ -274,25 +275,13 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
     result: dict[str, Any] = {"requests": n, "rounds": rounds, "ext_proc_servers": list(servers),
                               **{name: summary(name) for name in targets}}
     for name in epp_pids:
-        # Keys of the default server (h2) carry no suffix; the others are named after theirs; the
-        # constant-answer floor's are "_floor".
-        suffix = "_floor" if name == "envoy_floor" else name.removeprefix("envoy_epp")
+        suffix = _key_suffix(name)
         result[f"epp_hop_added_p50_ms{suffix}"] = result[name]["p50_ms"] - result["envoy"]["p50_ms"]
         result[f"epp_hop_added_p99_ms{suffix}"] = result[name]["p99_ms"] - result["envoy"]["p99_ms"]
         result[f"epp_cpu_ms_per_request{suffix}"] = epp_cpu[name] / n * 1e3
         result[f"envoy_ext_proc_cpu_ms_per_request{suffix}"] = (
             result[name]["envoy_cpu_ms_per_request"] - result["envoy"]["envoy_cpu_ms_per_request"])
     return result
-
-
-# Stand-in workers for the scrape measurement, in their own process: they answer /metrics.
-_STAND_INS = (
-    "import sys, time\n"
-    "from disagg.routing.fakes import FakeWorker\n"
-    "ws = [FakeWorker('decode' if i % 2 else 'prefill', model='bench').start() for i in range(int(sys.argv[1]))]\n"
-    "print('READY', ','.join(w.address for w in ws), flush=True)\n"
-    "time.sleep(1e9)\n"
-)
 
 
 async def bench_scrapes(workers: int, seconds: float = 5.0) -> dict[str, Any]:
@@ -331,6 +320,15 @@ async def bench_scrapes(workers: int, seconds: float = 5.0) -> dict[str, Any]:
     return {"workers": workers, "scrape_interval_s": config.scrape_interval_s, "scrapes_per_s": n / wall,
             # Includes discovery's descriptor polls (one per worker a second).
             "cpu_ms_per_s": cpu / wall * 1e3, "cpu_ms_per_scrape": cpu / n * 1e3 if n else None}
+
+
+def _key_suffix(path: str) -> str | None:
+    """The suffix of a hop path's result keys (`epp_hop_added_p50_ms...`): none for the default
+    EPP (h2), the server's name for the others, "_floor" for the constant-answer server; None for
+    the paths without an ext_proc server."""
+    if path == "envoy_floor":
+        return "_floor"
+    return path.removeprefix("envoy_epp") if path.startswith("envoy_epp") else None
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -406,8 +404,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
                             ("envoy_epp_grpcio", "Envoy + EPP (ext_proc on grpcio)")):
             if name not in hop:
                 continue
-            suffix = ("_floor" if name == "envoy_floor" else
-                      name.removeprefix("envoy_epp") if name.startswith("envoy_epp") else None)
+            suffix = _key_suffix(name)
             added = f"{hop['epp_hop_added_p50_ms' + suffix]:.2f}" if suffix is not None else ""
             epp_cpu = f"{hop['epp_cpu_ms_per_request' + suffix]:.2f}" if suffix is not None else ""
             lines.append(f"| {label} | {hop[name]['p50_ms']:.2f} | {hop[name]['p99_ms']:.2f} | {added} | {epp_cpu} |")
