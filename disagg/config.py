@@ -55,7 +55,7 @@ class RoutingConfig(_Strict):
     dead_after_s: float = Field(2.0, gt=0)
     # Each scrape asks a worker for its load series only (`name[]`); ~2 ms of router CPU each here.
     scrape_interval_s: float = Field(0.2, gt=0)
-    # Shed (429) when every candidate has at least this many waiting requests.
+    # Shed (429) when every candidate reports at least this many waiting requests (scraped).
     max_waiting_per_worker: int = Field(64, ge=1)
     # Learn prefixes from our own routing decisions when KV events are off.
     approximate_prefix: bool = True

@@ -65,8 +65,11 @@ class Endpoint:
         load = self._load
         # Requests ahead of a new one, as far as we know.
         self.queue: int = load.waiting + load.running + self._pending
-        # Requests not yet running: what the saturation filter limits.
-        self.backlog: int = load.waiting + self._pending
+        # What the saturation filter limits: the requests the worker itself says are waiting. Not
+        # our pending picks: they are a guess (a fast worker has finished them long before the
+        # next scrape), good for spreading load, too loose to refuse a request on (GIE's
+        # saturation detector likewise reads only the scraped queue).
+        self.backlog: int = load.waiting
         self.kv_free: float = 1.0 - load.kv_usage
         signals = self._signals
         if signals is not None:

@@ -217,6 +217,20 @@ def test_all_decodes_saturated_is_overloaded() -> None:
         s.pick(req(10))
 
 
+def test_a_burst_between_scrapes_is_not_shed_while_the_workers_report_no_queue() -> None:
+    # 3x the limit in picks before the next scrape: a fast worker has served them long ago, so
+    # only what the worker reports (waiting) may refuse a request, not our count of picks.
+    s = make_scheduler(max_waiting_per_worker=4)
+    d1, d2 = add(s, "decode", "d1:1"), add(s, "decode", "d2:1")
+    for _ in range(24):
+        s.pick(req(10))
+    assert d1.pending + d2.pending == 24
+    s.pool.update_load(d1.engine_id, EngineLoad(waiting=4))
+    s.pool.update_load(d2.engine_id, EngineLoad(waiting=4))
+    with pytest.raises(OverloadedError):
+        s.pick(req(10))
+
+
 def test_removed_endpoint_leaves_the_prefix_index() -> None:
     s = make_scheduler()
     d = add(s, "decode", "d1:1")
