@@ -28,12 +28,12 @@ import msgspec
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from disagg.epp.picker import EndpointPicker, Refused, Routed
-from disagg.epp.protocol import BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE
+from disagg.epp.protocol import (BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, EXT_PROC_SERVICE, SUBSET_KEY,
+                                 SUBSET_NAMESPACE)
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def destination_metadata(routed: Routed) -> struct_pb2.Struct:
     return metadata
 
 
-def immediate(refused: Refused) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+def immediate(refused: Refused) -> bytes:
+    return _bytes(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=refused.status),
         headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
             header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
@@ -108,13 +108,35 @@ def immediate(refused: Refused) -> pb.ProcessingResponse:
     ))
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    """The protocol (`answer`), served by grpcio (`Process`) or by `disagg.epp.h2grpc` (`stream`)."""
+def _bytes(**fields) -> bytes:
+    """A ProcessingResponse with these fields, serialized."""
+    return pb.ProcessingResponse(**fields).SerializeToString()
+
+
+# The answers that never change: "go on" for each phase the EPP passes through.
+_CONTINUE_REQUEST_HEADERS = _bytes(request_headers=pb.HeadersResponse())
+_CONTINUE_REQUEST_BODY = _bytes(request_body=pb.BodyResponse())
+_CONTINUE_REQUEST_TRAILERS = _bytes(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_HEADERS = _bytes(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_BODY = _bytes(response_body=pb.BodyResponse())
+_CONTINUE_RESPONSE_TRAILERS = _bytes(response_trailers=pb.TrailersResponse())
+
+
+class ExternalProcessor:
+    """The protocol (`answer`), served by grpcio (`grpc_handler`) or by `disagg.epp.h2grpc`
+    (`stream`). Answers are serialized once here, for both servers: most are the same bytes
+    request after request (kept), and the rest are one body echoed back (encoded by hand)."""
 
     def __init__(self, picker: EndpointPicker, *, default_body_mode: BodyMode = FULL_DUPLEX_STREAMED) -> None:
         self.picker = picker
         self.default_body_mode = default_body_mode
-        self._responses: dict[tuple, pb.ProcessingResponse] = {}
+        self._responses: dict[tuple, bytes] = {}
+
+    def grpc_handler(self) -> grpc.GenericRpcHandler:
+        """The ExternalProcessor service for a grpcio server; its answers go out as they are."""
+        process = grpc.stream_stream_rpc_method_handler(
+            self.Process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=None)
+        return grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": process})
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> None:  # noqa: N802
         # context.read()/write() rather than iterating and yielding: grpc.aio's async-generator
@@ -134,8 +156,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """A handler for one stream of `disagg.epp.h2grpc.GrpcServer`."""
         return ExtProcStream(self)
 
-    def answer(self, ex: _Exchange | None, message: pb.ProcessingRequest
-               ) -> tuple[_Exchange | None, list[pb.ProcessingResponse]]:
+    def answer(self, ex: _Exchange | None, message: pb.ProcessingRequest) -> tuple[_Exchange | None, list[bytes]]:
         """What to send back for one message of a stream, and the stream's state after it."""
         phase = message.WhichOneof("request")
         if phase == "request_headers":
@@ -149,7 +170,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             if message.request_headers.end_of_stream:
                 return ex, self._route(ex, phase="headers")
             if ex.mode != FULL_DUPLEX_STREAMED:
-                return ex, [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+                return ex, [_CONTINUE_REQUEST_HEADERS]
             return ex, []
         if phase == "request_body":
             if ex is None:
@@ -159,23 +180,23 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 return ex, self._route(ex, phase="body")
             if ex.mode not in (FULL_DUPLEX_STREAMED, BUFFERED):
                 # STREAMED: each chunk needs an answer; the pick happens at the end of stream.
-                return ex, [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+                return ex, [_CONTINUE_REQUEST_BODY]
             return ex, []
         if phase == "request_trailers":
             out = self._route(ex, phase="body") if ex is not None and not ex.routed else []
-            return ex, [*out, pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
+            return ex, [*out, _CONTINUE_REQUEST_TRAILERS]
         if phase == "response_headers":
-            return ex, [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+            return ex, [_CONTINUE_RESPONSE_HEADERS]
         if phase == "response_body":
             body = message.response_body
             if ex is not None and ex.mode == FULL_DUPLEX_STREAMED:
-                return ex, [_streamed("response_body", body.body, body.end_of_stream)]
-            return ex, [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+                return ex, [streamed_body(RESPONSE_BODY, body.body, body.end_of_stream)]
+            return ex, [_CONTINUE_RESPONSE_BODY]
         if phase == "response_trailers":
-            return ex, [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+            return ex, [_CONTINUE_RESPONSE_TRAILERS]
         return ex, []
 
-    def _route(self, ex: _Exchange, *, phase: str) -> list[pb.ProcessingResponse]:
+    def _route(self, ex: _Exchange, *, phase: str) -> list[bytes]:
         ex.routed = True
         decision = self.picker.route(ex.path, bytes(ex.body), ex.subset)
         if isinstance(decision, Refused):
@@ -187,12 +208,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             body = bytes(ex.body)
             chunks = [body[i:i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)] or [b""]
             for i, chunk in enumerate(chunks):
-                out.append(_streamed("request_body", chunk, i == len(chunks) - 1))
+                out.append(streamed_body(REQUEST_BODY, chunk, i == len(chunks) - 1))
             return out
         # BUFFERED (and STREAMED): the headers are still held, so the body answer may mutate them.
         return [self._routed("request_body", decision)]
 
-    def _routed(self, phase: str, routed: Routed) -> pb.ProcessingResponse:
+    def _routed(self, phase: str, routed: Routed) -> bytes:
         """The response that sets the picked endpoints' headers and metadata. The same few
         endpoint lists come back pick after pick, so each response is built once and kept
         (never modified afterwards): building one costs more than the pick."""
@@ -201,7 +222,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if response is None:
             common = pb.CommonResponse(header_mutation=header_mutation(routed), clear_route_cache=True)
             answer = pb.HeadersResponse(response=common) if phase == "request_headers" else pb.BodyResponse(response=common)
-            response = pb.ProcessingResponse(**{phase: answer}, dynamic_metadata=destination_metadata(routed))
+            response = _bytes(**{phase: answer}, dynamic_metadata=destination_metadata(routed))
             if len(self._responses) >= 4096:
                 self._responses.clear()
             self._responses[key] = response
@@ -225,13 +246,45 @@ class ExtProcStream:
 
     def message(self, payload: bytes) -> list[bytes]:
         self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload))
-        return [r.SerializeToString() for r in responses]
+        return responses
 
     def end(self) -> list[bytes]:
         return []
 
 
-def _streamed(phase: str, chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    body = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(
-        streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream))))
-    return pb.ProcessingResponse(**{phase: body})
+def _number(message: type, name: str) -> int:
+    return message.DESCRIPTOR.fields_by_name[name].number
+
+
+REQUEST_BODY = _number(pb.ProcessingResponse, "request_body")
+RESPONSE_BODY = _number(pb.ProcessingResponse, "response_body")
+# The path from a BodyResponse down to the StreamedBodyResponse, outermost first.
+_STREAMED_PATH = (_number(pb.BodyResponse, "response"), _number(pb.CommonResponse, "body_mutation"),
+                  _number(pb.BodyMutation, "streamed_response"))
+_BODY = _number(pb.StreamedBodyResponse, "body")
+_END_OF_STREAM_TRUE = bytes([_number(pb.StreamedBodyResponse, "end_of_stream") << 3, 1])  # varint field = 1
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _nested(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def streamed_body(phase: int, chunk: bytes, end_of_stream: bool) -> bytes:
+    """The serialized ProcessingResponse that hands a body chunk back to Envoy (FULL_DUPLEX_
+    STREAMED): `phase` {response {body_mutation {streamed_response {body, end_of_stream}}}}.
+    Written by hand, byte for byte what protobuf writes (a test holds it to that): the message
+    objects cost more than the pick."""
+    out = (_nested(_BODY, chunk) if chunk else b"") + (_END_OF_STREAM_TRUE if end_of_stream else b"")
+    for number in reversed(_STREAMED_PATH):
+        out = _nested(number, out)
+    return _nested(phase, out)

@@ -52,6 +52,17 @@ class TokenizingReader:
                                            prompt_token_ids=prepared.generate.prompt_token_ids, subset=subset)
 
 
+class _Completion(msgspec.Struct):
+    """The usual completion body, as far as a pick reads it: decoded and type-checked in one C
+    pass. Any other shape (and every error) goes the slower way, which names the problem."""
+
+    model: str
+    prompt: str | list[int]
+
+
+_read_completion = msgspec.json.Decoder(_Completion).decode
+
+
 class RawPromptReader:
     """No tokenizer: checks the body is an OpenAI request and hashes what it can."""
 
@@ -62,6 +73,20 @@ class RawPromptReader:
         kind = openai_kind(path)
         if kind is None or not body:
             return PickRequest(model=self.model_name, subset=subset)
+        if kind == "completion":
+            try:
+                completion = _read_completion(body)
+            except msgspec.DecodeError:
+                pass
+            else:
+                if completion.model == self.model_name and completion.prompt:
+                    prompt = completion.prompt
+                    tokens = list(prompt.encode()) if isinstance(prompt, str) else prompt
+                    return PickRequest.model_construct(model=completion.model, prompt_token_ids=tokens, subset=subset)
+        return self.read_any(kind, body, subset)
+
+    def read_any(self, kind: str, body: bytes, subset: list[str] | None) -> PickRequest:
+        """Any body of this kind of request, field by field."""
         try:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:

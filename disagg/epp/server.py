@@ -16,7 +16,6 @@ from typing import Literal
 
 import grpc
 import uvicorn
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from disagg.epp.ext_proc import FULL_DUPLEX_STREAMED, BodyMode, ExternalProcessor
@@ -138,7 +137,7 @@ async def start_epp(
             raise OSError(f"cannot bind the EPP's ext_proc port {host}:{grpc_port}: {exc}") from exc
     else:
         main = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalProcessorServicer_to_server(processor, main)
+        main.add_generic_rpc_handlers((processor.grpc_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(board.servicer, main)
         bound_grpc = main.add_insecure_port(f"{host}:{grpc_port}")
         servers.append(main)
