@@ -5,7 +5,8 @@
    The sizes take turns in rounds, so each sees the machine alike.
 2. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
    once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process;
-   one with ext_proc on our h2 server, one on grpcio), in alternating rounds.
+   one with ext_proc on our h2 server, one on grpcio), in alternating rounds, from a lean
+   keep-alive client (the standard library's), so the client's own CPU barely competes.
 3. What keeping the state current costs: a scheduler scraping stand-in workers (their own
    process) every `scrape_interval_s`, as the EPP does; scrapes per second and CPU per scrape.
 
@@ -19,6 +20,7 @@ Writes JSON (--json) and a PNG plot when matplotlib is installed (--plot); progr
 from __future__ import annotations
 
 import argparse
+import http.client
 import asyncio
 import json
 import os
@@ -187,13 +189,78 @@ def _ready_line(item: Any, timeout_s: float = 60.0) -> str:
     return ready_line(item.log_tail(50_000)) or ""
 
 
-async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = ("h2", "grpcio")) -> dict[str, Any]:
+class _KeepAliveClient:
+    """POSTs the same completion to one URL over one keep-alive HTTP/1.1 connection (the standard
+    library's client, blocking). The client's own CPU per request shares the two cores with
+    Envoy, the EPP and the worker: httpx spent about a millisecond per request here, which
+    inflated every path and the hop most (it has the most processes to wake)."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        self.host, _, port = url.split("//", 1)[1].rpartition(":")
+        self.port = int(port)
+        self.body = body
+        self.connection: http.client.HTTPConnection | None = None
+
+    def post(self) -> int:
+        if self.connection is None:
+            self.connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            self.connection.request("POST", "/v1/completions", self.body, {"content-type": "application/json"})
+            response = self.connection.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def _time_rounds(clients: dict[str, _KeepAliveClient], requests: int, rounds: int,
+                 latencies: dict[str, list[float]], watched: dict[str, int], cpu: dict[str, float],
+                 epp_pids: dict[str, int], epp_cpu: dict[str, float]) -> None:
+    """Warm every path up (connections, the EPP learning the worker), then time `requests` per
+    path in `rounds` rounds, the paths' order reversed every other round."""
+    for name, client in clients.items():
+        ok, deadline = 0, time.monotonic() + 30
+        while ok < 20:
+            try:
+                status = client.post()
+            except (OSError, http.client.HTTPException):
+                status = 0
+            ok = ok + 1 if status == 200 else 0
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: no run of 20 good answers in 30 s (last status {status})")
+            if not ok:
+                time.sleep(0.1)
+    per_round = max(1, requests // rounds)
+    for i in range(rounds):
+        order = list(clients) if i % 2 == 0 else list(reversed(clients))
+        for name in order:
+            cpu0 = _cpu_seconds(watched[name]) if name in watched else 0.0
+            epp0 = _cpu_seconds(epp_pids[name]) if name in epp_pids else 0.0
+            client = clients[name]
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                status = client.post()
+                latencies[name].append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError(f"{name}: status {status}")
+            if name in watched:
+                cpu[name] += _cpu_seconds(watched[name]) - cpu0
+            if name in epp_pids:
+                epp_cpu[name] += _cpu_seconds(epp_pids[name]) - epp0
+
+
+async def bench_hop(requests: int, rounds: int = 20, servers: tuple[str, ...] = ("h2", "grpcio")) -> dict[str, Any]:
     """The same small request sent directly to a stand-in worker, through Envoy alone, through
     Envoy + a constant-answer ext_proc server (the floor: `disagg.bench.ext_proc_floor`), and
     through Envoy + EPP (one EPP per ext_proc server: ours, h2, and grpcio's), in alternating
     rounds, so a change in the machine's load hits all alike. Each EPP runs as in production: its
     own process (`disagg epp --gateway-port`), apart from the client and the worker."""
-    import httpx
     import psutil
 
     from disagg.bench.processes import launch, terminate
@@ -202,7 +269,7 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
     log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-hop-"))
     launched = [launch("stand-in", [sys.executable, "-c", _STAND_INS, "1"], log_dir=log_dir)]
     alone: EnvoyProcess | None = None
-    body = {"model": "bench", "prompt": list(range(200)), "max_tokens": 1}
+    body = json.dumps({"model": "bench", "prompt": list(range(200)), "max_tokens": 1}).encode()
     try:
         worker = _ready_line(launched[0]).split()[1]
         write_endpoints(log_dir, [worker])
@@ -234,30 +301,12 @@ async def bench_hop(requests: int, rounds: int = 10, servers: tuple[str, ...] = 
         latencies: dict[str, list[float]] = {name: [] for name in targets}
         cpu = {name: 0.0 for name in watched}
         epp_cpu = {name: 0.0 for name in epp_pids}
-        async with httpx.AsyncClient(timeout=10) as client:
-            for name, url in targets.items():  # warm-up: connections, the EPP learning the worker
-                ok, deadline = 0, time.monotonic() + 30
-                while ok < 20:
-                    r = await client.post(f"{url}/v1/completions", json=body)
-                    ok = ok + 1 if r.status_code == 200 else 0
-                    if time.monotonic() > deadline:
-                        r.raise_for_status()
-                    await asyncio.sleep(0 if ok else 0.1)
-            per_round = max(1, requests // rounds)
-            for i in range(rounds):
-                order = list(targets) if i % 2 == 0 else list(reversed(targets))
-                for name in order:
-                    cpu0 = _cpu_seconds(watched[name]) if name in watched else 0.0
-                    epp0 = _cpu_seconds(epp_pids[name]) if name in epp_pids else 0.0
-                    for _ in range(per_round):
-                        t0 = time.perf_counter()
-                        r = await client.post(f"{targets[name]}/v1/completions", json=body)
-                        latencies[name].append(time.perf_counter() - t0)
-                        r.raise_for_status()
-                    if name in watched:
-                        cpu[name] += _cpu_seconds(watched[name]) - cpu0
-                    if name in epp_pids:
-                        epp_cpu[name] += _cpu_seconds(epp_pids[name]) - epp0
+        clients = {name: _KeepAliveClient(url, body) for name, url in targets.items()}
+        try:
+            await asyncio.to_thread(_time_rounds, clients, requests, rounds, latencies, watched, cpu, epp_pids, epp_cpu)
+        finally:
+            for client in clients.values():
+                client.close()
     finally:
         if alone is not None:
             await alone.stop()
@@ -395,7 +444,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
               for p in result["pick"]]
     hop = result.get("hop")
     if hop:
-        lines += ["", f"The hop, {hop['requests']} requests per path in {hop['rounds']} alternating rounds:", "",
+        lines += ["", f"The hop, {hop['requests']} requests per path in {hop['rounds']} alternating rounds, one "
+                  "at a time over a keep-alive connection:", "",
                   "| path | p50 (ms) | p99 (ms) | added over Envoy, p50 (ms) | EPP CPU per request (ms) |",
                   "|---|---|---|---|---|"]
         for name, label in (("direct", "direct to the worker"), ("envoy", "Envoy"),
@@ -423,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--indexed-blocks", type=int, default=100_000)
     p.add_argument("--picks", type=int, default=5000)
     p.add_argument("--prompt-tokens", type=int, default=1024)
-    p.add_argument("--hop-requests", type=int, default=500, help="0 skips the Envoy hop measurement")
+    p.add_argument("--hop-requests", type=int, default=2000, help="0 skips the Envoy hop measurement")
     p.add_argument("--scrape-workers", type=int, default=32, help="0 skips the scrape measurement")
     p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png (when --json and "
                                                        "--plot are not given)")
