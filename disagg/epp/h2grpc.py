@@ -307,8 +307,8 @@ class _Connection(asyncio.Protocol):
         the handler finished)."""
         try:
             responses = fn(arg) if arg is not None else fn()
-            for response in responses:
-                self._send(stream, grpc_frame(response))
+            if responses:  # all of them in one DATA frame when the windows allow
+                self._send(stream, b"".join(map(grpc_frame, responses)))
             if stream.handler is not None and stream.handler.finished:
                 self._finish(stream, OK)
                 return False
@@ -375,7 +375,7 @@ class _Connection(asyncio.Protocol):
         """End the stream with this status once its queued data is out; refuse the rest."""
         if stream.closing is not None:
             return
-        block = trailers(code, message)
+        block = _OK_TRAILERS if code == OK and not message else trailers(code, message)
         if not stream.headers_sent:  # trailers-only response
             block = RESPONSE_HEADERS + block
             stream.headers_sent = True
@@ -421,6 +421,9 @@ class _Connection(asyncio.Protocol):
         self._goaway(NO_ERROR)
         self._close_when_idle()
         self._flush_out()
+
+
+_OK_TRAILERS = trailers(OK)
 
 
 class _ConnectionError(Exception):
