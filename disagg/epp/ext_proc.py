@@ -266,12 +266,17 @@ _END_OF_STREAM_TRUE = bytes([_number(pb.StreamedBodyResponse, "end_of_stream") <
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]
 
 
 def _nested(number: int, payload: bytes) -> bytes:

@@ -171,6 +171,8 @@ class Ranker:
     def rank(self, candidates: Candidates, ctx: ScoringContext, top: int) -> list[int]:
         """Indices of the best `top` candidates, best first."""
         n = len(candidates)
+        if n == 1:
+            return [0] if top else []
         # total = sum(w x r) + freshness x sum(w_load x r_load), one comprehension per term (on
         # CPython 3.11 a zip comprehension of float arithmetic beats a chain of operator map()s);
         # a scorer that rates everyone 0 adds nothing.
