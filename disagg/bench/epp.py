@@ -3,11 +3,13 @@
 1. Pick latency and picks per second at 8, 64 and 256 endpoints (half prefill, half decode), with
    100k blocks in the prefix index; prompts of 1024 tokens, half of them sharing an indexed prefix.
    The sizes take turns in rounds, so each sees the machine alike.
-2. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
+2. What answering one ext_proc stream costs the EPP itself, in-process (`ext_proc_replay`), back
+   to back and after the core idled, beside the constant-answer floor.
+3. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
    once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process;
    one with ext_proc on our h2 server, one on grpcio), in alternating rounds, from a lean
    keep-alive client (the standard library's), so the client's own CPU barely competes.
-3. What keeping the state current costs: a scheduler scraping stand-in workers (their own
+4. What keeping the state current costs: a scheduler scraping stand-in workers (their own
    process) every `scrape_interval_s`, as the EPP does; scrapes per second and CPU per scrape.
 
 Wall-clock figures on a shared machine measure the machine as much as the code, so each is paired
@@ -442,6 +444,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lines += [f"| {p['endpoints']} | {p['p50_us']:.0f} | {p['best_round_p50_us']:.0f} | {p['p99_us']:.0f} | "
               f"{p['cpu_p50_us']:.0f} | {p['record_after_answer_cpu_p50_us']:.0f} | {p['picks_per_s']:.0f} |"
               for p in result["pick"]]
+    answer = result.get("answer")
+    if answer:
+        lines += ["", "One ext_proc stream answered in-process (Envoy-like bytes into our HTTP/2 server; no Envoy, no "
+                  "sockets, no event loop), back to back and after the core idled "
+                  f"{answer['idle_ms']:.0f} ms (as between requests in a live gateway):", "",
+                  "| server | p50 (µs) | after idle, p50 (µs) |", "|---|---|---|"]
+        for name, label in (("epp", "EPP (parse, pick, answer)"), ("floor", "constant-answer floor")):
+            lines.append(f"| {label} | {answer[name]['p50_us']:.0f} | {answer[name]['after_idle_p50_us']:.0f} |")
     hop = result.get("hop")
     if hop:
         lines += ["", f"The hop, {hop['requests']} requests per path in {hop['rounds']} alternating rounds, one "
@@ -474,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--picks", type=int, default=5000)
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--hop-requests", type=int, default=2000, help="0 skips the Envoy hop measurement")
+    p.add_argument("--answer-requests", type=int, default=2000,
+                   help="0 skips timing the ext_proc answer in-process (no Envoy, no sockets)")
     p.add_argument("--scrape-workers", type=int, default=32, help="0 skips the scrape measurement")
     p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png (when --json and "
                                                        "--plot are not given)")
@@ -496,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {r['p99_us']:.1f} µs, {r['picks_per_s']:.0f} picks/s; CPU p50 {r['cpu_p50_us']:.1f} µs "
               f"+ {r['record_after_answer_cpu_p50_us']:.1f} µs bookkeeping after the answer (indexing, metrics), "
               f"{r['picks_per_cpu_s']:.0f} picks per CPU second", flush=True)
+    if args.answer_requests:
+        from disagg.bench.ext_proc_replay import bench_answers
+
+        say("epp", f"the ext_proc answer in-process: {args.answer_requests} Envoy-like streams to the EPP and the floor")
+        answer = result["answer"] = bench_answers(args.answer_requests)
+        for name in ("epp", "floor"):
+            print(f"answer ({name}): p50 {answer[name]['p50_us']:.0f} µs back to back, "
+                  f"{answer[name]['after_idle_p50_us']:.0f} µs after {answer['idle_ms']:.0f} ms idle", flush=True)
     if args.hop_requests:
         say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy, through Envoy + a "
                    "constant-answer ext_proc server, through Envoy + EPP")

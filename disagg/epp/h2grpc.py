@@ -452,9 +452,13 @@ class GrpcServer:
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
+    def protocol(self) -> asyncio.Protocol:
+        """The protocol object of one connection (each accepted socket gets its own)."""
+        return _Connection(self)
+
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(self.protocol, host, port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -294,11 +294,14 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     from disagg.bench.epp import main
 
     out = tmp_path / "epp.json"
-    assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--hop-requests", "40",
-                 "--scrape-workers", "4", "--json", str(out)]) == 0
+    assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--answer-requests", "50",
+                 "--hop-requests", "40", "--scrape-workers", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [p["endpoints"] for p in report["pick"]] == [4, 8]
     assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
+    # The in-process answers routed to the stand-in (checked as they ran), each taking some time.
+    answer = report["answer"]
+    assert all(0 < answer[name][key] for name in ("epp", "floor") for key in ("p50_us", "after_idle_p50_us"))
     hop = report["hop"]
     assert hop["requests"] == 40
     assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_floor", "envoy_epp", "envoy_epp_grpcio"))
@@ -309,6 +312,7 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "epp.md").read_text()
     assert "| 8 |" in table and "Envoy + EPP (ext_proc on grpcio)" in table and "(the floor)" in table
+    assert "| EPP (parse, pick, answer) |" in table
     # Four workers scraped every 0.2 s: about 20 scrapes a second, each costing some CPU.
     scrapes = report["scrapes"]
     assert scrapes["workers"] == 4 and 10 < scrapes["scrapes_per_s"] <= 25 and scrapes["cpu_ms_per_scrape"] > 0
