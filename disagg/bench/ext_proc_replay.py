@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import struct
 import time
 import uuid
 from typing import Any, Callable
@@ -25,7 +26,8 @@ from disagg.bench.ext_proc_floor import ConstantAnswer, routed_headers
 from disagg.config import RoutingConfig
 from disagg.epp.ext_proc import FULL_DUPLEX_STREAMED, ExternalProcessor
 from disagg.epp.h2grpc import GrpcServer
-from disagg.epp.h2wire import DATA, END_HEADERS, HEADERS, PREFACE, SETTINGS, frame, grpc_frame
+from disagg.epp.h2wire import (DATA, DEFAULT_WINDOW, END_HEADERS, HEADERS, PREFACE, SETTINGS,
+                               SETTINGS_INITIAL_WINDOW_SIZE, WINDOW_UPDATE, frame, grpc_frame)
 from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import RawPromptReader
 from disagg.epp.server import PROCESS_PATH
@@ -40,7 +42,10 @@ def envoy_like_streams(count: int, body: bytes, model_path: str = "/v1/completio
     """The connection's opening, then one chunk per request (stream 1, 3, 5, ...), as Envoy's
     ext_proc client writes them: one HEADERS frame and three gRPC messages in DATA frames."""
     encoder = hpack.Encoder()
-    chunks = [PREFACE + frame(SETTINGS, 0, 0)]
+    # Envoy opens with 256 MiB windows, so answers never wait for a WINDOW_UPDATE.
+    window = 256 * 1024 * 1024
+    chunks = [PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", SETTINGS_INITIAL_WINDOW_SIZE, window))
+              + frame(WINDOW_UPDATE, 0, 0, (window - DEFAULT_WINDOW).to_bytes(4, "big"))]
     for i in range(count):
         stream_id = 2 * i + 1
         block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", PROCESS_PATH),
@@ -102,6 +107,8 @@ def _time_answers(server: GrpcServer, chunks: list[bytes], idle_s: float, betwee
         between()
     if WORKER.encode() not in transport.last:
         raise RuntimeError(f"the last answer does not route to {WORKER}: {transport.last[:200]!r}")
+    if connection.streams:  # type: ignore[attr-defined]
+        raise RuntimeError(f"{len(connection.streams)} streams left open")  # type: ignore[attr-defined]
     return times
 
 
