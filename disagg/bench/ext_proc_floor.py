@@ -22,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
+from disagg.epp.ext_proc import REQUEST_BODY, streamed_body
 from disagg.epp.h2grpc import GrpcServer
 from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE
 from disagg.epp.server import PROCESS_PATH
@@ -41,7 +42,8 @@ def routed_headers(worker: str) -> bytes:
 
 class ConstantAnswer:
     """One FULL_DUPLEX_STREAMED stream: at the body's end, the fixed headers answer and the body
-    echoed back in one chunk; then the stream ends (as the EPP's do)."""
+    echoed back in one chunk, written as the EPP writes it; then the stream ends (as the EPP's
+    do)."""
 
     def __init__(self, headers_answer: bytes) -> None:
         self.headers_answer = headers_answer
@@ -56,10 +58,7 @@ class ConstantAnswer:
         if not request.request_body.end_of_stream:
             return []
         self.finished = True
-        echo = pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-            body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
-                body=bytes(self.body), end_of_stream=True)))))
-        return [self.headers_answer, echo.SerializeToString()]
+        return [self.headers_answer, streamed_body(REQUEST_BODY, bytes(self.body), True)]
 
     def end(self) -> list[bytes]:
         return []
