@@ -265,6 +265,9 @@ _BODY = _number(pb.StreamedBodyResponse, "body")
 _END_OF_STREAM_TRUE = bytes([_number(pb.StreamedBodyResponse, "end_of_stream") << 3, 1])  # varint field = 1
 
 
+_ONE_BYTE = [bytes([n]) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return _ONE_BYTE[n]
@@ -276,20 +279,18 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-_ONE_BYTE = [bytes([n]) for n in range(0x80)]
-
-
 def _nested(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def streamed_body(phase: int, chunk: bytes, end_of_stream: bool) -> bytes:
+def streamed_body(phase_field: int, chunk: bytes, end_of_stream: bool) -> bytes:
     """The serialized ProcessingResponse that hands a body chunk back to Envoy (FULL_DUPLEX_
-    STREAMED): `phase` {response {body_mutation {streamed_response {body, end_of_stream}}}}.
+    STREAMED): field `phase_field` (REQUEST_BODY or RESPONSE_BODY) {response {body_mutation
+    {streamed_response {body, end_of_stream}}}}.
     Written by hand, byte for byte what protobuf writes (a test holds it to that): the message
     objects cost more than the pick."""
     out = (_nested(_BODY, chunk) if chunk else b"") + (_END_OF_STREAM_TRUE if end_of_stream else b"")
     for number in reversed(_STREAMED_PATH):
         out = _nested(number, out)
-    return _nested(phase, out)
+    return _nested(phase_field, out)
