@@ -6,6 +6,7 @@ prompts spread; a hung worker leaves the pool within ~2 s; a restarted EPP rebui
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ import pytest
 from disagg.config import AppConfig
 from disagg.epp.gateway import start_gateway_thread
 from disagg.routing import StaticDiscovery
+from disagg.routing.prefix_index import block_hashes
 from tests.support.workers import start_worker_process, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -172,8 +174,14 @@ def test_restarted_epp_rebuilds_its_state_and_routing_goes_on(cluster):
     scheduler = gateway.scheduler
     wait_until(lambda: gateway.call(lambda: len(scheduler.pool.endpoints())) == 3, 30)
     holder_engine = gateway.call(lambda: scheduler.pool.by_address(holder).engine_id)
-    # Before any new request: the holder's blocks are back in the index, from KV event replay.
-    wait_until(lambda: gateway.call(lambda: scheduler.index.num_blocks(holder_engine)) > 0, 10)
+    # Before any new request: the holder's blocks of this prompt are back in the index, from KV
+    # event replay. The replay runs from the engine's first event, so these come last: a slow
+    # machine is still replaying older tests' blocks when the first ones are in.
+    body = json.dumps({"model": "tiny", "prompt": shared + " again 0"}).encode()
+    tokens = gateway.call(lambda: gateway.gateway.reader.read("/v1/completions", body, None).prompt_token_ids)
+    hashes = block_hashes(tokens, BLOCK)
+    held = lambda: gateway.call(lambda: scheduler.index.match(hashes).get(holder_engine, 0))
+    wait_until(lambda: held() >= len(hashes) - 1, 30)  # all but the block where the prompts differ
     landed = []
     for i in range(5):
         wait_live(gateway)
