@@ -22,8 +22,8 @@ Writes JSON (--json) and a PNG plot when matplotlib is installed (--plot); progr
 from __future__ import annotations
 
 import argparse
-import http.client
 import asyncio
+import http.client
 import json
 import os
 import platform
@@ -43,6 +43,9 @@ from disagg.routing.prefix_index import block_hashes
 from disagg.worker.protocol import EngineLoad
 
 BLOCK = 32
+# The hop's request (and the in-process answer's): a small completion of token ids.
+HOP_MODEL = "bench"
+HOP_BODY = json.dumps({"model": HOP_MODEL, "prompt": list(range(200)), "max_tokens": 1}).encode()
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -271,7 +274,6 @@ async def bench_hop(requests: int, rounds: int = 20, servers: tuple[str, ...] = 
     log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-hop-"))
     launched = [launch("stand-in", [sys.executable, "-c", _STAND_INS, "1"], log_dir=log_dir)]
     alone: EnvoyProcess | None = None
-    body = json.dumps({"model": "bench", "prompt": list(range(200)), "max_tokens": 1}).encode()
     try:
         worker = _ready_line(launched[0]).split()[1]
         write_endpoints(log_dir, [worker])
@@ -296,14 +298,14 @@ async def bench_hop(requests: int, rounds: int = 20, servers: tuple[str, ...] = 
         gateway("envoy_floor", "ext-proc-floor", [sys.executable, "-m", "disagg.bench.ext_proc_floor", worker])
         for server in servers:
             gateway("envoy_epp" if server == "h2" else f"envoy_epp_{server}", f"epp-{server}", [
-                sys.executable, "-m", "disagg.cli", "epp", "--model", "bench", "--set", f"block_size={BLOCK}",
+                sys.executable, "-m", "disagg.cli", "epp", "--model", HOP_MODEL, "--set", f"block_size={BLOCK}",
                 "--endpoints", worker, "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
                 "--metrics-port", "0", "--gateway-port", "0", "--gateway-host", "127.0.0.1",
                 "--ext-proc-server", server, "--log-level", "WARNING"])
         latencies: dict[str, list[float]] = {name: [] for name in targets}
         cpu = {name: 0.0 for name in watched}
         epp_cpu = {name: 0.0 for name in epp_pids}
-        clients = {name: _KeepAliveClient(url, body) for name, url in targets.items()}
+        clients = {name: _KeepAliveClient(url, HOP_BODY) for name, url in targets.items()}
         try:
             await asyncio.to_thread(_time_rounds, clients, requests, rounds, latencies, watched, cpu, epp_pids, epp_cpu)
         finally:
@@ -512,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         from disagg.bench.ext_proc_replay import bench_answers
 
         say("epp", f"the ext_proc answer in-process: {args.answer_requests} Envoy-like streams to the EPP and the floor")
-        answer = result["answer"] = bench_answers(args.answer_requests)
+        answer = result["answer"] = bench_answers(args.answer_requests, body=HOP_BODY, model=HOP_MODEL, block_size=BLOCK)
         for name in ("epp", "floor"):
             print(f"answer ({name}): p50 {answer[name]['p50_us']:.0f} µs back to back, "
                   f"{answer[name]['after_idle_p50_us']:.0f} µs after {answer['idle_ms']:.0f} ms idle", flush=True)

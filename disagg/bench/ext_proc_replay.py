@@ -11,7 +11,6 @@ the same code ran about 3x slower after a millisecond of idling (other tenants t
 
 from __future__ import annotations
 
-import json
 import statistics
 import struct
 import time
@@ -38,7 +37,7 @@ from disagg.worker.protocol import EngineLoad
 WORKER = "127.0.0.1:8000"
 
 
-def envoy_like_streams(count: int, body: bytes, model_path: str = "/v1/completions") -> list[bytes]:
+def envoy_like_streams(count: int, body: bytes) -> list[bytes]:
     """The connection's opening, then one chunk per request (stream 1, 3, 5, ...), as Envoy's
     ext_proc client writes them: one HEADERS frame and three gRPC messages in DATA frames."""
     encoder = hpack.Encoder()
@@ -51,7 +50,7 @@ def envoy_like_streams(count: int, body: bytes, model_path: str = "/v1/completio
         block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", PROCESS_PATH),
                                 (":authority", "epp"), ("content-type", "application/grpc"), ("te", "trailers"),
                                 ("grpc-timeout", "5000m")])
-        http_headers = [(":authority", "gateway"), (":path", model_path), (":method", "POST"), (":scheme", "http"),
+        http_headers = [(":authority", "gateway"), (":path", "/v1/completions"), (":method", "POST"), (":scheme", "http"),
                         ("content-type", "application/json"), ("content-length", str(len(body))),
                         ("x-forwarded-proto", "http"), ("x-request-id", str(uuid.uuid4()))]
         messages = [
@@ -70,14 +69,12 @@ def envoy_like_streams(count: int, body: bytes, model_path: str = "/v1/completio
 
 
 class _NullTransport:
-    """Counts what the server writes."""
+    """Keeps the server's last write."""
 
     def __init__(self) -> None:
-        self.bytes_out = 0
         self.last = b""
 
     def write(self, data: bytes) -> None:
-        self.bytes_out += len(data)
         self.last = data
 
     def close(self) -> None:
@@ -112,24 +109,26 @@ def _time_answers(server: GrpcServer, chunks: list[bytes], idle_s: float, betwee
     return times
 
 
-def bench_answers(requests: int = 2000, idle_requests: int | None = None, idle_s: float = 1e-3) -> dict[str, Any]:
+def bench_answers(requests: int, *, body: bytes, model: str, block_size: int, idle_requests: int | None = None,
+                  idle_s: float = 1e-3) -> dict[str, Any]:
     """p50 microseconds per request, back to back and after `idle_s` idle, for the EPP (one
-    decode endpoint, no tokenizer: the hop's setup) and the constant-answer floor. After idle:
-    `idle_requests` (default: a sixth of `requests`, at least 10)."""
+    decode endpoint serving `model`, no tokenizer: the hop's setup) and the constant-answer
+    floor, each stream carrying completion `body`. After idle: `idle_requests` (default: a sixth
+    of `requests`, at least 10)."""
     idle_requests = idle_requests or max(10, requests // 6)
-    body = json.dumps({"model": "bench", "prompt": list(range(200)), "max_tokens": 1}).encode()
-    scheduler = Scheduler(RoutingConfig(), model="bench", block_size=32)
-    endpoint = scheduler.pool.upsert(make_info("decode", WORKER, model="bench", block_size=32))
+    scheduler = Scheduler(RoutingConfig(), model=model, block_size=block_size)
+    endpoint = scheduler.pool.upsert(make_info("decode", WORKER, model=model, block_size=block_size))
 
     def bookkeeping() -> None:
         scheduler.flush()
         scheduler.pool.update_load(endpoint.engine_id, EngineLoad())  # a scrape: stays alive
 
     bookkeeping()
-    processor = ExternalProcessor(EndpointPicker(scheduler, RawPromptReader("bench")))
+    processor = ExternalProcessor(EndpointPicker(scheduler, RawPromptReader(model)))
+    floor_answer = routed_headers(WORKER)  # built once, as the floor's server does
     servers = {
         "epp": (GrpcServer({PROCESS_PATH: processor.stream}), bookkeeping),
-        "floor": (GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(routed_headers(WORKER))}), lambda: None),
+        "floor": (GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(floor_answer)}), lambda: None),
     }
     result: dict[str, Any] = {"requests": requests, "idle_requests": idle_requests, "idle_ms": idle_s * 1e3}
     for name, (server, between) in servers.items():
