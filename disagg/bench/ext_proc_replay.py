@@ -104,8 +104,8 @@ def _time_answers(server: GrpcServer, chunks: list[bytes], idle_s: float, betwee
         between()
     if WORKER.encode() not in transport.last:
         raise RuntimeError(f"the last answer does not route to {WORKER}: {transport.last[:200]!r}")
-    if connection.streams:  # type: ignore[attr-defined]
-        raise RuntimeError(f"{len(connection.streams)} streams left open")  # type: ignore[attr-defined]
+    if connection.open_streams:  # type: ignore[attr-defined]
+        raise RuntimeError(f"{connection.open_streams} streams left open")  # type: ignore[attr-defined]
     return times
 
 

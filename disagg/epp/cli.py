@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-host", default=None, help="Envoy's listen address (default: the config's host)")
     p.add_argument("--eds-dir", default=None,
                    help="keep an Envoy EDS file of the decode endpoints in this directory (for an external Envoy)")
-    p.add_argument("--ext-proc-server", choices=["h2", "grpcio"], default="h2",
-                   help="what serves ext_proc: our HTTP/2 server on the event loop (h2, the fast one) or grpcio")
+    p.add_argument("--ext-proc-server", choices=["h2", "h2-python", "grpcio"], default="h2",
+                   help="what serves ext_proc: our HTTP/2 server on the event loop (h2, the fast one: its C "
+                        "engine where built), the same with its Python engine (h2-python), or grpcio")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 

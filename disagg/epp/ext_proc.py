@@ -31,9 +31,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from disagg.epp.h2grpc import NativeMethod
 from disagg.epp.picker import EndpointPicker, Refused, Routed
-from disagg.epp.protocol import (BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, EXT_PROC_SERVICE, SUBSET_KEY,
-                                 SUBSET_NAMESPACE)
+from disagg.epp.protocol import (BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, EXT_PROC_SERVICE,
+                                 PROCESS_PATH, SUBSET_KEY, SUBSET_NAMESPACE)
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,10 @@ _CONTINUE_RESPONSE_TRAILERS = _bytes(response_trailers=pb.TrailersResponse())
 
 class ExternalProcessor:
     """The protocol (`answer`), served by grpcio (`grpc_handler`) or by `disagg.epp.h2grpc`
-    (`stream`). Answers are serialized once here, for both servers: most are the same bytes
-    request after request (kept), and the rest are one body echoed back (encoded by hand)."""
+    (`stream`; its C engine runs `answer`'s rules itself and calls `route_answer` once per
+    request: `native_method`). Answers are serialized once here, for every server: most are the
+    same bytes request after request (kept), and the rest are one body echoed back (encoded by
+    hand)."""
 
     def __init__(self, picker: EndpointPicker, *, default_body_mode: BodyMode = FULL_DUPLEX_STREAMED) -> None:
         self.picker = picker
@@ -198,20 +201,37 @@ class ExternalProcessor:
 
     def _route(self, ex: _Exchange, *, phase: str) -> list[bytes]:
         ex.routed = True
-        decision = self.picker.route(ex.path, bytes(ex.body), ex.subset)
+        body = bytes(ex.body)
+        # BUFFERED (and STREAMED) at the end of the body: the headers are still held, so the body
+        # answer may mutate them. FULL_DUPLEX_STREAMED: the held headers are answered now.
+        answer, routed = self._answer(ex.path, body, ex.subset, phase == "headers" or ex.mode == FULL_DUPLEX_STREAMED)
+        if not routed or phase == "headers" or ex.mode != FULL_DUPLEX_STREAMED:
+            return [answer]
+        chunks = [body[i:i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)] or [b""]
+        return [answer, *(streamed_body(REQUEST_BODY, chunk, i == len(chunks) - 1) for i, chunk in enumerate(chunks))]
+
+    def _answer(self, path: str, body: bytes, subset: list[str] | None, as_headers: bool) -> tuple[bytes, bool]:
+        """Pick: the serialized answer (the routed header mutation in a `request_headers` or a
+        `request_body` response, or the refusal), and whether it routed."""
+        decision = self.picker.route(path, body, subset)
         if isinstance(decision, Refused):
-            return [immediate(decision)]
-        if phase == "headers":
-            return [self._routed("request_headers", decision)]
-        if ex.mode == FULL_DUPLEX_STREAMED:
-            out = [self._routed("request_headers", decision)]
-            body = bytes(ex.body)
-            chunks = [body[i:i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)] or [b""]
-            for i, chunk in enumerate(chunks):
-                out.append(streamed_body(REQUEST_BODY, chunk, i == len(chunks) - 1))
-            return out
-        # BUFFERED (and STREAMED): the headers are still held, so the body answer may mutate them.
-        return [self._routed("request_body", decision)]
+            return immediate(decision), False
+        return self._routed("request_headers" if as_headers else "request_body", decision), True
+
+    def route_answer(self, path: str, body: bytes, metadata: bytes | None, as_headers: bool) -> tuple[bytes, bool]:
+        """`_answer` for the C engine, which hands over the request's `metadata_context` as bytes."""
+        subset = read_subset(base_pb2.Metadata.FromString(metadata)) if metadata else None
+        return self._answer(path, body, subset, as_headers)
+
+    def native_method(self) -> NativeMethod:
+        """The Process method as `disagg.epp.h2grpc`'s C engine answers it: the same answers,
+        one Python call (`route_answer`) per request."""
+        return NativeMethod(
+            path=PROCESS_PATH, route=self.route_answer, parse=pb.ProcessingRequest.FromString,
+            default_mode=self.default_body_mode,
+            continues=(_CONTINUE_REQUEST_HEADERS, _CONTINUE_REQUEST_BODY, _CONTINUE_REQUEST_TRAILERS,
+                       _CONTINUE_RESPONSE_HEADERS, _CONTINUE_RESPONSE_BODY, _CONTINUE_RESPONSE_TRAILERS),
+            body_chunk=BODY_CHUNK_BYTES, body_fields=(REQUEST_BODY, RESPONSE_BODY, *_STREAMED_PATH, _BODY))
 
     def _routed(self, phase: str, routed: Routed) -> bytes:
         """The response that sets the picked endpoints' headers and metadata. The same few

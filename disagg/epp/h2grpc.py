@@ -14,6 +14,11 @@ follow the peer's encoder); the wire formats are in `disagg.epp.h2wire`. Not imp
 compressed messages (answered with UNIMPLEMENTED), server push.
 
 A method is a factory of `StreamHandler`s, keyed by its path ("/package.Service/Method").
+
+Two engines serve a connection, frame for frame alike (tests/unit/test_h2native.py holds them to
+the same bytes): `_Connection` here, and the C one (`disagg/epp/_h2native.c`, built when the
+package is installed), which also answers one `NativeMethod`, the ext_proc Process method,
+without a Python call per message. The C engine is the default where it was built.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import logging
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Literal, Protocol
 
 import hpack
 
@@ -36,7 +41,15 @@ from disagg.epp.h2wire import (
     frame, grpc_frame, keeps_table, trailers,
 )
 
+try:
+    from disagg.epp import _h2native
+except ImportError:  # installed without a C compiler: the Python engine serves alone
+    _h2native = None
+
 log = logging.getLogger(__name__)
+
+Engine = Literal["c", "python"]
+ENGINES: tuple[Engine, ...] = ("c", "python") if _h2native is not None else ("python",)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a larger request message ends its stream with RESOURCE_EXHAUSTED
 
@@ -65,6 +78,22 @@ class StreamHandler(Protocol):
 
 
 Method = Callable[[], StreamHandler]
+
+
+@dataclass(frozen=True)
+class NativeMethod:
+    """A method the C engine answers itself: the ext_proc Process method
+    (`disagg.epp.ext_proc.ExternalProcessor.native_method`). `route(path, body, metadata,
+    as_headers)` picks and returns the serialized answer and whether it routed; the rest are the
+    answers and field numbers the engine writes around it."""
+
+    path: str
+    route: Callable[[str, bytes, bytes | None, bool], tuple[bytes, bool]]
+    parse: Callable[[bytes], object]  # the request message's parser: names what the engine cannot read
+    continues: tuple[bytes, ...]  # request headers, body, trailers; response headers, body, trailers
+    default_mode: int
+    body_chunk: int
+    body_fields: tuple[int, ...]  # request_body, response_body, the path to the streamed body, its body
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +136,10 @@ class _Connection(asyncio.Protocol):
         self.header_block: tuple[int, int, bytearray] | None = None  # stream, flags, fragments
         self.goaway_sent = False
         self.peer_gone = False
+
+    @property
+    def open_streams(self) -> int:
+        return len(self.streams)
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -251,13 +284,9 @@ class _Connection(asyncio.Protocol):
         if head is not None:
             return head
         try:
-            headers = self.decoder.decode(block, raw=True)
+            head = _read_head(self.decoder, block)
         except Exception as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"cannot decode headers: {exc}") from exc
-        head = _Head(
-            path=next((v for k, v in headers if k == b":path"), b"").decode("latin-1"),
-            compressed=any(k == b"grpc-encoding" and v != b"identity" for k, v in headers),
-        )
         if keeps_table(block):
             if len(self.decoded) >= 64:
                 self.decoded.clear()
@@ -426,6 +455,69 @@ class _Connection(asyncio.Protocol):
 _OK_TRAILERS = trailers(OK)
 
 
+def _read_head(decoder: hpack.Decoder, block: bytes) -> _Head:
+    headers = decoder.decode(block, raw=True)
+    return _Head(
+        path=next((v for k, v in headers if k == b":path"), b"").decode("latin-1"),
+        compressed=any(k == b"grpc-encoding" and v != b"identity" for k, v in headers),
+    )
+
+
+def _report(exc: BaseException | None, message: str) -> None:
+    """How the C engine logs: a protocol error (no exception) or a failure."""
+    if exc is None:
+        log.warning("%s", message)
+    else:
+        log.error("%s", message, exc_info=exc)
+
+
+class _NativeConnection(asyncio.Protocol):
+    """A connection served by the C engine: asyncio moves the bytes, the engine does the rest."""
+
+    def __init__(self, server: GrpcServer) -> None:
+        self.server = server
+        decoder = hpack.Decoder()  # the peer's HPACK table, for the blocks the engine has not seen
+
+        def decode_head(block: bytes) -> tuple[str, bool, bool]:
+            head = _read_head(decoder, block)
+            return head.path, head.compressed, keeps_table(block)
+
+        native = server.native
+        args = (native.path, native.route, native.parse, native.continues, native.default_mode, native.body_chunk,
+                native.body_fields) if native is not None else (None, None, None, (b"",) * 6, 0, 1, (0,) * 6)
+        self.engine = _h2native.Connection(server.methods, decode_head, GrpcError, _report, *args,
+                                           max_message=MAX_MESSAGE_BYTES)
+        self.transport: asyncio.Transport | None = None
+
+    @property
+    def open_streams(self) -> int:
+        return self.engine.open_streams
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        transport.write(self.engine.opening())  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.engine.lost()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self._write(self.engine.feed(data))
+
+    def shut_down(self) -> None:
+        self._write(self.engine.shut_down())
+
+    def _write(self, out: bytes) -> None:
+        if self.transport is None:
+            return
+        if out:
+            self.transport.write(out)
+        if self.engine.closing:
+            self.transport.close()
+
+
 class _ConnectionError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -444,17 +536,24 @@ def _unpad(flags: int, payload: memoryview) -> memoryview:
 
 
 class GrpcServer:
-    """`await GrpcServer(methods).start(host, port)`; `port` 0 binds a free port."""
+    """`await GrpcServer(methods).start(host, port)`; `port` 0 binds a free port. `native`: a
+    method the C engine answers itself (the Python engine serves it from `methods`). `engine`:
+    the C one where it was built, unless told."""
 
-    def __init__(self, methods: dict[str, Method]) -> None:
+    def __init__(self, methods: dict[str, Method], *, native: NativeMethod | None = None,
+                 engine: Engine | None = None) -> None:
         self.methods = methods
-        self.connections: set[_Connection] = set()
+        self.native = native
+        self.engine: Engine = engine or ENGINES[0]
+        if self.engine not in ENGINES:
+            raise ValueError(f"the {self.engine} engine is not built here (have: {', '.join(ENGINES)})")
+        self.connections: set[_Connection | _NativeConnection] = set()
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
 
     def protocol(self) -> asyncio.Protocol:
         """The protocol object of one connection (each accepted socket gets its own)."""
-        return _Connection(self)
+        return _NativeConnection(self) if self.engine == "c" else _Connection(self)
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

@@ -3,7 +3,8 @@ also answered on 9002), HTTP metrics and `/v1/pick` (9090). Port 0 picks a free 
 ports are on the returned `RunningEPP`.
 
 The ext_proc port is served by `disagg.epp.h2grpc` (our HTTP/2 server on the event loop: a
-third of grpcio's CPU per stream) unless `ext_proc_server="grpcio"`. There it answers the health
+third of grpcio's CPU per stream; its C engine answers ext_proc with one Python call per request)
+unless `ext_proc_server="grpcio"`. There it answers the health
 service's Check; Watch is on the health port, which grpcio serves."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from disagg.epp.protocol import (
     DEFAULT_METRICS_PORT,
     EXT_PROC_SERVICE,
     LIVENESS,
+    PROCESS_PATH,
     READINESS,
 )
 from disagg.routing import Scheduler
@@ -38,10 +40,11 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-PROCESS_PATH = f"/{EXT_PROC_SERVICE}/Process"
 HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
 
-ExtProcServer = Literal["h2", "grpcio"]
+# h2: our HTTP/2 server, its C engine where built (else the Python one); h2-python: the Python
+# engine; grpcio: grpcio's server.
+ExtProcServer = Literal["h2", "h2-python", "grpcio"]
 
 
 class Health:
@@ -129,8 +132,9 @@ async def start_epp(
     board = Health()
     servers: list[grpc.aio.Server] = []
     h2: GrpcServer | None = None
-    if ext_proc_server == "h2":
-        h2 = GrpcServer({PROCESS_PATH: processor.stream, HEALTH_CHECK_PATH: board.check_stream})
+    if ext_proc_server != "grpcio":
+        h2 = GrpcServer({PROCESS_PATH: processor.stream, HEALTH_CHECK_PATH: board.check_stream},
+                        native=processor.native_method(), engine="python" if ext_proc_server == "h2-python" else None)
         try:
             bound_grpc = await h2.start(host, grpc_port)
         except OSError as exc:

@@ -30,12 +30,13 @@ FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 
 
-@pytest_asyncio.fixture(loop_scope="function", params=["h2", "grpcio"])
+@pytest_asyncio.fixture(loop_scope="function", params=["h2", "h2-python", "grpcio"])
 async def epp(request):
     # No scraper runs here: keep hand-made endpoints alive however slow the machine is.
     routing = RoutingConfig(pd_threshold_tokens=256, max_waiting_per_worker=8, stale_after_s=60, dead_after_s=120)
     scheduler = Scheduler(routing, model="tiny", block_size=BS)
-    # Each test runs on both ext_proc servers: ours (h2) and grpcio's, through grpcio's client.
+    # Each test runs on each ext_proc server, through grpcio's client: ours with its C engine (h2) and with
+    # its Python one, and grpcio's.
     running = await start_epp(scheduler, RawPromptReader("tiny"), host="127.0.0.1", grpc_port=0, health_port=0,
                               metrics_port=0, ext_proc_server=request.param)
     channel = grpc.aio.insecure_channel(running.grpc_address)
