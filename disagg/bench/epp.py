@@ -7,8 +7,9 @@
    to back and after the core idled, beside the constant-answer floor.
 3. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
    once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process;
-   one with ext_proc on our h2 server, one on grpcio), in alternating rounds, from a lean
-   keep-alive client (the standard library's), so the client's own CPU barely competes.
+   ext_proc on our h2 server's C engine, on its Python engine, and on grpcio), in alternating
+   rounds, from a lean keep-alive client (the standard library's), so the client's own CPU
+   barely competes.
 4. What keeping the state current costs: a scheduler scraping stand-in workers (their own
    process) every `scrape_interval_s`, as the EPP does; scrapes per second and CPU per scrape.
 
@@ -260,10 +261,12 @@ def _time_rounds(clients: dict[str, _KeepAliveClient], requests: int, rounds: in
                 epp_cpu[name] += _cpu_seconds(epp_pids[name]) - epp0
 
 
-async def bench_hop(requests: int, rounds: int = 20, servers: tuple[str, ...] = ("h2", "grpcio")) -> dict[str, Any]:
+async def bench_hop(requests: int, rounds: int = 20,
+                    servers: tuple[str, ...] = ("h2", "h2-python", "grpcio")) -> dict[str, Any]:
     """The same small request sent directly to a stand-in worker, through Envoy alone, through
     Envoy + a constant-answer ext_proc server (the floor: `disagg.bench.ext_proc_floor`), and
-    through Envoy + EPP (one EPP per ext_proc server: ours, h2, and grpcio's), in alternating
+    through Envoy + EPP (one EPP per ext_proc server: ours, h2, on its C engine where built and
+    on its Python one, and grpcio's), in alternating
     rounds, so a change in the machine's load hits all alike. Each EPP runs as in production: its
     own process (`disagg epp --gateway-port`), apart from the client and the worker."""
     import psutil
@@ -297,7 +300,7 @@ async def bench_hop(requests: int, rounds: int = 20, servers: tuple[str, ...] = 
         # The floor: the same Envoy calling a constant-answer server on our h2 stack.
         gateway("envoy_floor", "ext-proc-floor", [sys.executable, "-m", "disagg.bench.ext_proc_floor", worker])
         for server in servers:
-            gateway("envoy_epp" if server == "h2" else f"envoy_epp_{server}", f"epp-{server}", [
+            gateway("envoy_epp" if server == "h2" else f"envoy_epp_{server.replace('-', '_')}", f"epp-{server}", [
                 sys.executable, "-m", "disagg.cli", "epp", "--model", HOP_MODEL, "--set", f"block_size={BLOCK}",
                 "--endpoints", worker, "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
                 "--metrics-port", "0", "--gateway-port", "0", "--gateway-host", "127.0.0.1",
@@ -408,9 +411,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     left.legend()
     hop = result.get("hop")
     if hop:
-        names = [n for n in ("direct", "envoy", "envoy_floor", "envoy_epp", "envoy_epp_grpcio") if n in hop]
         labels = {"direct": "direct", "envoy": "Envoy", "envoy_floor": "Envoy+\nconstant\next_proc",
-                  "envoy_epp": "Envoy+EPP\n(h2)", "envoy_epp_grpcio": "Envoy+EPP\n(grpcio)"}
+                  "envoy_epp": "Envoy+EPP\n(h2)", "envoy_epp_h2_python": "Envoy+EPP\n(h2, Python)",
+                  "envoy_epp_grpcio": "Envoy+EPP\n(grpcio)"}
+        names = [n for n in labels if n in hop]
         right.bar([labels[n] for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
         right.scatter([labels[n] for n in names], [hop[n]["p99_ms"] for n in names], color="black",
                       marker="_", s=400, label="p99")
@@ -418,8 +422,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         title = f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50"
         if "epp_hop_added_p50_ms_floor" in hop:
             title += f"\n(a constant-answer server: {hop['epp_hop_added_p50_ms_floor']:.2f}"
-            if "envoy_epp_grpcio" in hop:
-                title += f"; on grpcio: {hop['epp_hop_added_p50_ms_grpcio']:.2f}"
+            for name, label in (("_h2_python", "h2's Python engine"), ("_grpcio", "grpcio")):
+                if "epp_hop_added_p50_ms" + name in hop:
+                    title += f"; on {label}: {hop['epp_hop_added_p50_ms' + name]:.2f}"
             title += ")"
         right.set_title(title)
         right.legend()
@@ -452,8 +457,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   "sockets, no event loop), back to back and after the core idled "
                   f"{answer['idle_ms']:.0f} ms (as between requests in a live gateway):", "",
                   "| server | p50 (µs) | after idle, p50 (µs) |", "|---|---|---|"]
-        for name, label in (("epp", "EPP (parse, pick, answer)"), ("floor", "constant-answer floor")):
-            lines.append(f"| {label} | {answer[name]['p50_us']:.0f} | {answer[name]['after_idle_p50_us']:.0f} |")
+        engines = answer.get("engines", ["python"])
+        for engine in engines:
+            suffix = "" if engine == engines[0] else f"_{engine}"
+            for name, label in (("epp", "EPP (parse, pick, answer)"), ("floor", "constant-answer floor")):
+                timed = answer[name + suffix]
+                lines.append(f"| {label}, {engine} engine | {timed['p50_us']:.0f} | {timed['after_idle_p50_us']:.0f} |")
     hop = result.get("hop")
     if hop:
         lines += ["", f"The hop, {hop['requests']} requests per path in {hop['rounds']} alternating rounds, one "
@@ -463,6 +472,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         for name, label in (("direct", "direct to the worker"), ("envoy", "Envoy"),
                             ("envoy_floor", "Envoy + a constant-answer ext_proc server on h2 (the floor)"),
                             ("envoy_epp", "Envoy + EPP (ext_proc on h2, ours)"),
+                            ("envoy_epp_h2_python", "Envoy + EPP (ext_proc on h2's Python engine)"),
                             ("envoy_epp_grpcio", "Envoy + EPP (ext_proc on grpcio)")):
             if name not in hop:
                 continue
@@ -515,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
 
         say("epp", f"the ext_proc answer in-process: {args.answer_requests} Envoy-like streams to the EPP and the floor")
         answer = result["answer"] = bench_answers(args.answer_requests, body=HOP_BODY, model=HOP_MODEL, block_size=BLOCK)
-        for name in ("epp", "floor"):
+        for name in ("epp", "floor", "epp_python", "floor_python"):
+            if name not in answer:
+                continue
             print(f"answer ({name}): p50 {answer[name]['p50_us']:.0f} µs back to back, "
                   f"{answer[name]['after_idle_p50_us']:.0f} µs after {answer['idle_ms']:.0f} ms idle", flush=True)
     if args.hop_requests:
@@ -529,10 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hop floor (a constant-answer ext_proc server on our h2 stack): adds "
               f"{hop['epp_hop_added_p50_ms_floor']:.2f} ms p50, its CPU {hop['epp_cpu_ms_per_request_floor']:.2f} ms "
               f"per request", flush=True)
-        if "envoy_epp_grpcio" in hop:
-            print(f"hop with the EPP on grpcio: Envoy+EPP {hop['envoy_epp_grpcio']['p50_ms']:.2f} ms (adds "
-                  f"{hop['epp_hop_added_p50_ms_grpcio']:.2f} ms p50); EPP CPU "
-                  f"{hop['epp_cpu_ms_per_request_grpcio']:.2f} ms per request", flush=True)
+        for name, label in (("h2_python", "h2's Python engine"), ("grpcio", "grpcio")):
+            if f"envoy_epp_{name}" in hop:
+                print(f"hop with the EPP on {label}: Envoy+EPP {hop[f'envoy_epp_{name}']['p50_ms']:.2f} ms (adds "
+                      f"{hop[f'epp_hop_added_p50_ms_{name}']:.2f} ms p50); EPP CPU "
+                      f"{hop[f'epp_cpu_ms_per_request_{name}']:.2f} ms per request", flush=True)
         result["hop"] = hop
     if args.scrape_workers:
         say("epp", f"scrapes: a scheduler following {args.scrape_workers} stand-in workers")

@@ -1,6 +1,7 @@
-"""The floor of the ext_proc hop for a Python EPP: Envoy in front of one worker, its ext_proc filter
+"""The floor of the ext_proc hop for our EPP: Envoy in front of one worker, its ext_proc filter
 configured as the gateway's, calling a server on our HTTP/2 gRPC stack that routes every request
-to that worker with a constant answer (no parsing of the body, no pick, no state).
+to that worker with a constant answer (no reading of the body, no pick, no state). On the C
+engine the answer is one trivial Python call per request, where the EPP's is the pick.
 
 `disagg bench epp` measures it beside the real EPP: the difference is what the EPP's own work
 costs; the floor itself is Envoy's ext_proc machinery plus what any Python server on this
@@ -22,10 +23,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
-from disagg.epp.ext_proc import REQUEST_BODY, streamed_body
-from disagg.epp.h2grpc import GrpcServer
-from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE
-from disagg.epp.server import PROCESS_PATH
+from disagg.epp.ext_proc import REQUEST_BODY, native_method, streamed_body
+from disagg.epp.h2grpc import Engine, GrpcServer
+from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, PROCESS_PATH
 
 
 def routed_headers(worker: str) -> bytes:
@@ -41,9 +41,9 @@ def routed_headers(worker: str) -> bytes:
 
 
 class ConstantAnswer:
-    """One FULL_DUPLEX_STREAMED stream: at the body's end, the fixed headers answer and the body
-    echoed back in one chunk, written as the EPP writes it; then the stream ends (as the EPP's
-    do)."""
+    """One FULL_DUPLEX_STREAMED stream on the Python engine: at the body's end, the fixed headers
+    answer and the body echoed back in one chunk, written as the EPP writes it; then the stream
+    ends (as the EPP's do)."""
 
     def __init__(self, headers_answer: bytes) -> None:
         self.headers_answer = headers_answer
@@ -64,9 +64,16 @@ class ConstantAnswer:
         return []
 
 
-async def serve(worker: str) -> None:
+def constant_server(worker: str, engine: Engine | None = None) -> GrpcServer:
+    """A server routing every request to `worker` (the answer built once, as the EPP's are)."""
     answer = routed_headers(worker)
-    server = GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answer)})
+    routed = (answer, True)
+    return GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answer)},
+                      native=native_method(lambda path, body, metadata, as_headers: routed), engine=engine)
+
+
+async def serve(worker: str) -> None:
+    server = constant_server(worker)
     grpc_port = await server.start("127.0.0.1", 0)
     eds_dir = Path(tempfile.mkdtemp(prefix="disagg-ext-proc-floor-"))
     write_endpoints(eds_dir, [worker])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 import msgspec
@@ -226,12 +226,7 @@ class ExternalProcessor:
     def native_method(self) -> NativeMethod:
         """The Process method as `disagg.epp.h2grpc`'s C engine answers it: the same answers,
         one Python call (`route_answer`) per request."""
-        return NativeMethod(
-            path=PROCESS_PATH, route=self.route_answer, parse=pb.ProcessingRequest.FromString,
-            default_mode=self.default_body_mode,
-            continues=(_CONTINUE_REQUEST_HEADERS, _CONTINUE_REQUEST_BODY, _CONTINUE_REQUEST_TRAILERS,
-                       _CONTINUE_RESPONSE_HEADERS, _CONTINUE_RESPONSE_BODY, _CONTINUE_RESPONSE_TRAILERS),
-            body_chunk=BODY_CHUNK_BYTES, body_fields=(REQUEST_BODY, RESPONSE_BODY, *_STREAMED_PATH, _BODY))
+        return native_method(self.route_answer, self.default_body_mode)
 
     def _routed(self, phase: str, routed: Routed) -> bytes:
         """The response that sets the picked endpoints' headers and metadata. The same few
@@ -247,6 +242,16 @@ class ExternalProcessor:
                 self._responses.clear()
             self._responses[key] = response
         return response
+
+
+def native_method(route: Callable[[str, bytes, bytes | None, bool], tuple[bytes, bool]],
+                  default_body_mode: BodyMode = FULL_DUPLEX_STREAMED) -> NativeMethod:
+    """The Process method for the C engine, around `route` (`ExternalProcessor.route_answer`)."""
+    return NativeMethod(
+        path=PROCESS_PATH, route=route, parse=pb.ProcessingRequest.FromString, default_mode=default_body_mode,
+        continues=(_CONTINUE_REQUEST_HEADERS, _CONTINUE_REQUEST_BODY, _CONTINUE_REQUEST_TRAILERS,
+                   _CONTINUE_RESPONSE_HEADERS, _CONTINUE_RESPONSE_BODY, _CONTINUE_RESPONSE_TRAILERS),
+        body_chunk=BODY_CHUNK_BYTES, body_fields=(REQUEST_BODY, RESPONSE_BODY, *_STREAMED_PATH, _BODY))
 
 
 class ExtProcStream:
