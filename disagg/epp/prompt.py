@@ -1,4 +1,4 @@
-"""From an HTTP request (path + body) to the scheduler's `PickRequest`.
+"""From an HTTP request (path + body) to what the scheduler picks for (a `Prompt`).
 
 With the model directory at hand, the EPP tokenizes exactly as the workers do (the shared
 `Preprocessor`: chat template, then the model's tokenizer), so prompts meet the token ids of the
@@ -16,7 +16,7 @@ from typing import Protocol
 import msgspec
 
 from disagg.openai.errors import APIError
-from disagg.routing import PickRequest
+from disagg.routing import Prompt
 
 OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
@@ -30,7 +30,7 @@ class PromptReader(Protocol):
 
     model_name: str
 
-    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest: ...
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> Prompt: ...
 
 
 class TokenizingReader:
@@ -42,14 +42,13 @@ class TokenizingReader:
         self.preprocessor = Preprocessor(model_dir, model_name, max_model_len)
         self.model_name = model_name
 
-    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest:
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> Prompt:
         kind = openai_kind(path)
         if kind is None or not body:
-            return PickRequest(model=self.model_name, subset=subset)
+            return Prompt(self.model_name, [], subset)
         prepared = self.preprocessor.prepare(kind, body)  # type: ignore[arg-type]
-        # Token ids from our own tokenizer: validating them again would cost more than the pick.
-        return PickRequest.model_construct(model=prepared.request.model,
-                                           prompt_token_ids=prepared.generate.prompt_token_ids, subset=subset)
+        # Token ids from our own tokenizer: nothing to validate again.
+        return Prompt(prepared.request.model, prepared.generate.prompt_token_ids, subset)
 
 
 class _Completion(msgspec.Struct):
@@ -69,10 +68,10 @@ class RawPromptReader:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
 
-    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest:
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> Prompt:
         kind = openai_kind(path)
         if kind is None or not body:
-            return PickRequest(model=self.model_name, subset=subset)
+            return Prompt(self.model_name, [], subset)
         if kind == "completion":
             try:
                 completion = _read_completion(body)
@@ -82,10 +81,10 @@ class RawPromptReader:
                 if completion.model == self.model_name and completion.prompt:
                     prompt = completion.prompt
                     tokens = list(prompt.encode()) if isinstance(prompt, str) else prompt
-                    return PickRequest.model_construct(model=completion.model, prompt_token_ids=tokens, subset=subset)
+                    return Prompt(completion.model, tokens, subset)
         return self.read_any(kind, body, subset)
 
-    def read_any(self, kind: str, body: bytes, subset: list[str] | None) -> PickRequest:
+    def read_any(self, kind: str, body: bytes, subset: list[str] | None) -> Prompt:
         """Any body of this kind of request, field by field."""
         try:
             data = msgspec.json.decode(body)
@@ -114,6 +113,5 @@ class RawPromptReader:
                 tokens = prompt
             else:
                 raise APIError(400, "prompt: a non-empty string or list of token ids is required", param="prompt")
-        # Every token id was checked above: a second (pydantic) validation would cost more than
-        # the pick itself on long prompts.
-        return PickRequest.model_construct(model=model, prompt_token_ids=tokens, subset=subset)
+        # Every token id was checked above.
+        return Prompt(model, tokens, subset)

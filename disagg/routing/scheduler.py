@@ -65,6 +65,17 @@ class PickRequest(BaseModel):
     subset: list[str] | None = None
 
 
+@dataclass(slots=True)
+class Prompt:
+    """What a pick reads of a request, built by a caller that has checked it already (the EPP's
+    prompt readers): a plain object, where building a `PickRequest` without validating it
+    (`model_construct`) cost more than a small pick."""
+
+    model: str
+    prompt_token_ids: list[int]
+    subset: list[str] | None = None
+
+
 @dataclass
 class Pick:
     decode: list[Endpoint]  # best first; [0] serves, the rest are fallbacks
@@ -128,7 +139,7 @@ class Scheduler:
 
     # -- the pick ---------------------------------------------------------------------------
 
-    def pick(self, req: PickRequest) -> Pick:
+    def pick(self, req: PickRequest | Prompt) -> Pick:
         """Choose decode (and maybe prefill) endpoints for one request. Raises NoEndpointError
         (nothing can serve it: 503) or OverloadedError (all saturated: 429)."""
         started = time.perf_counter()
@@ -147,7 +158,7 @@ class Scheduler:
         self._flush_soon()
         return result
 
-    def _pick(self, req: PickRequest) -> Pick:
+    def _pick(self, req: PickRequest | Prompt) -> Pick:
         if req.model != self.model:
             raise NoEndpointError(f"model {req.model!r} is not served here (this pool serves {self.model!r})")
         tokens = req.prompt_token_ids
@@ -197,7 +208,7 @@ class Scheduler:
         self._record(result, hashes, walk)
         return result
 
-    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, num_tokens: int, hashes: list[int],
+    def _panic_pick(self, req: PickRequest | Prompt, subset: SubsetFilter | None, num_tokens: int, hashes: list[int],
                     walk: Iterator[int]) -> Pick:
         """No live decode: route to the most recently seen of those not yet forgotten (they may
         only look dead because this process or the machine stalled), or refuse with 503."""
