@@ -12,7 +12,7 @@ pick's consequences afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from disagg.routing.endpoint import Endpoint
 
@@ -43,16 +43,18 @@ class ScoringContext:
 
 
 class Scorer(Protocol):
-    """Rates candidates for one pick. `score` returns one value in [0, 1] per candidate, in
-    order, higher is better (any iterable, read once), or None when it rates every candidate 0;
-    it must not modify the candidates or their endpoints."""
+    """Rates candidates for one pick. `score` returns `weight` x a rating in [0, 1] per candidate,
+    in order, higher is better (a list, which the ranker may keep but never modifies), or None
+    when it rates every candidate 0; it must not modify the candidates or their endpoints. (The
+    weight comes in so the rating is scaled in the same pass: a pick ranks every endpoint of a
+    role.)"""
 
     name: str
     weight: float
     # True when the rating comes from the load signal (so its freshness discounts it).
     uses_load_signal: bool
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None: ...
+    def score(self, candidates: Candidates, ctx: ScoringContext, weight: float) -> list[float] | None: ...
 
 
 class Filter(Protocol):
@@ -74,11 +76,11 @@ class PrefixScorer:
     name: str = "prefix"
     uses_load_signal: bool = False
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
+    def score(self, candidates: Candidates, ctx: ScoringContext, weight: float) -> list[float] | None:
         if ctx.num_blocks == 0 or not any(candidates.prefix_blocks):
             return None
-        n = ctx.num_blocks
-        return [b / n for b in candidates.prefix_blocks]
+        per_block = weight / ctx.num_blocks
+        return [b * per_block for b in candidates.prefix_blocks]
 
 
 @dataclass
@@ -90,13 +92,13 @@ class QueueScorer:
     name: str = "queue"
     uses_load_signal: bool = True
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
+    def score(self, candidates: Candidates, ctx: ScoringContext, weight: float) -> list[float] | None:
         queues = candidates.queues
         lo, hi = min(queues), max(queues)
         if hi == lo:
-            return [1.0] * len(queues)
-        span = hi - lo
-        return [(hi - q) / span for q in queues]
+            return [weight] * len(queues)
+        per_request = weight / (hi - lo)
+        return [(hi - q) * per_request for q in queues]
 
 
 @dataclass
@@ -107,8 +109,9 @@ class KVUsageScorer:
     name: str = "kv_usage"
     uses_load_signal: bool = True
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
-        return candidates.kv_free  # usage is clamped to [0, 1] by the pool
+    def score(self, candidates: Candidates, ctx: ScoringContext, weight: float) -> list[float] | None:
+        # usage is clamped to [0, 1] by the pool
+        return candidates.kv_free if weight == 1.0 else [weight * f for f in candidates.kv_free]
 
 
 @dataclass
@@ -119,11 +122,11 @@ class SameNodeScorer:
     name: str = "same_node"
     uses_load_signal: bool = False
 
-    def score(self, candidates: Candidates, ctx: ScoringContext) -> Iterable[float] | None:
+    def score(self, candidates: Candidates, ctx: ScoringContext, weight: float) -> list[float] | None:
         node = ctx.decode.node_id if ctx.decode is not None else ""
         if not node:
             return None
-        return [1.0 if e.node_id == node else 0.0 for e in candidates.endpoints]
+        return [weight if e.node_id == node else 0.0 for e in candidates.endpoints]
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -173,30 +176,20 @@ class Ranker:
         n = len(candidates)
         if n == 1:
             return [0] if top else []
-        # total = sum(w x r) + freshness x sum(w_load x r_load), one comprehension per term (on
-        # CPython 3.11 a zip comprehension of float arithmetic beats a chain of operator map()s);
-        # a scorer that rates everyone 0 adds nothing.
-        steady: Iterable[float] | None = None
-        load: Iterable[float] | None = None
+        # total = sum(w x r) + freshness x sum(w_load x r_load), as few passes over the candidates
+        # as it takes (on CPython 3.11 a zip comprehension of float arithmetic beats map() and
+        # sum()); a scorer that rates everyone 0 adds nothing.
+        steady: list[list[float]] = []
+        load: list[list[float]] = []
         for scorer in self.scorers:
-            weight = scorer.weight
-            ratings = scorer.score(candidates, ctx) if weight else None
-            if ratings is None:
-                continue
-            if weight != 1.0:
-                ratings = [weight * r for r in ratings]
-            if scorer.uses_load_signal:
-                load = ratings if load is None else [a + b for a, b in zip(load, ratings)]
-            else:
-                steady = ratings if steady is None else [a + b for a, b in zip(steady, ratings)]
-        if load is not None and candidates.freshness is not None:
-            load = [a * f for a, f in zip(load, candidates.freshness)]
-        totals: list[float]
-        if steady is not None and load is not None:
-            totals = [a + b for a, b in zip(steady, load)]
-        else:
-            summed = steady if steady is not None else load if load is not None else [0.0] * n
-            totals = summed if isinstance(summed, list) else list(summed)
+            scores = scorer.score(candidates, ctx, scorer.weight) if scorer.weight else None
+            if scores is not None:
+                (load if scorer.uses_load_signal else steady).append(scores)
+        if load and candidates.freshness is not None:
+            summed = load[0] if len(load) == 1 else _sum(load)
+            load = [[a * f for a, f in zip(summed, candidates.freshness)]]
+        terms = steady + load
+        totals = terms[0] if len(terms) == 1 else _sum(terms) if terms else [0.0] * n
         turn = self._turn = (self._turn + 1) % n if n else 0
         total_of = totals.__getitem__
         ranked = sorted(range(n), key=total_of, reverse=True)
@@ -210,3 +203,12 @@ class Ranker:
             ranked = sorted((i for i in ranked if totals[i] >= cut),
                             key=lambda i: (-totals[i], queues[i], (i - turn) % n))
         return ranked[:top]
+
+
+def _sum(terms: list[list[float]]) -> list[float]:
+    """Element-wise sum of equally long lists, in one pass for up to three (the usual count)."""
+    if len(terms) == 2:
+        return [a + b for a, b in zip(*terms)]
+    if len(terms) == 3:
+        return [a + b + c for a, b, c in zip(*terms)]
+    return [sum(column) for column in zip(*terms)]
