@@ -16,6 +16,11 @@ from typing import Protocol, Sequence
 
 from disagg.routing.endpoint import Endpoint
 
+try:  # the ranker's last step in C (built with the package; optional): the same answer, faster
+    from disagg.routing._rank import top as _top
+except ImportError:
+    _top = None
+
 
 @dataclass(slots=True)
 class Candidates:
@@ -189,8 +194,10 @@ class Ranker:
             summed = load[0] if len(load) == 1 else _sum(load)
             load = [[a * f for a, f in zip(summed, candidates.freshness)]]
         terms = steady + load
-        totals = terms[0] if len(terms) == 1 else _sum(terms) if terms else [0.0] * n
         turn = self._turn = (self._turn + 1) % n if n else 0
+        if _top is not None:
+            return _top(terms, candidates.queues, turn, top)
+        totals = terms[0] if len(terms) == 1 else _sum(terms) if terms else [0.0] * n
         total_of = totals.__getitem__
         ranked = sorted(range(n), key=total_of, reverse=True)
         head = list(map(total_of, ranked[:top + 1]))

@@ -10,14 +10,16 @@ def test_opentelemetry_proto_is_the_one_ray_reads():
     assert "scope_metrics" in fields, f"old opentelemetry-proto installed ({sorted(fields)}): run `make install`"
 
 
-def test_the_epp_c_engine_is_built_where_it_can_be():
-    # The build is optional (the Python engine serves without a compiler), so a broken build would
-    # pass unnoticed: where a compiler and Python's headers are, the engine must have been built.
+def test_the_c_parts_are_built_where_they_can_be():
+    # The builds are optional (Python serves without a compiler), so a broken build would pass
+    # unnoticed: where a compiler and Python's headers are, both must have been built.
     import shutil
     import sysconfig
     from pathlib import Path
 
     from disagg.epp.h2grpc import ENGINES
+    from disagg.routing import scoring
 
     buildable = shutil.which("cc") is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
     assert "c" in ENGINES or not buildable, "disagg/epp/_h2native.c was not built: run `make install`"
+    assert scoring._top is not None or not buildable, "disagg/routing/_rank.c was not built: run `make install`"
