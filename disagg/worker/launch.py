@@ -27,6 +27,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket for the worker's HTTP endpoint, bound now (port 0: a free one). The
+    engine takes half a minute to start: a port only picked before it, and bound after, was
+    taken by then now and again (another process's connection), and the worker never came up."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} for the worker's HTTP endpoint: {exc}") from exc
+    return sock
+
+
 def advertised_host(bind_host: str) -> str:
     """The address peers reach this worker at: the bind host, unless it is a wildcard; then the
     pod's IP (set by the Helm chart) or this host's primary address."""
@@ -59,7 +74,8 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
     """Start the engine, then serve the worker endpoint on `port` (0: a free one)."""
     host = config.host
     public = advertised_host(host)
-    port = port or free_port(host)
+    listener = listen(host, port)
+    port = listener.getsockname()[1]
     events = replay = None
     if config.routing.kv_events:
         # The publisher binds on a wildcard host; subscribers connect to host:port.
@@ -67,7 +83,11 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
         events, replay = f"tcp://*:{ev_port}", f"tcp://*:{replay_port}"
     engine = VllmEngine(config, cpu_bind=cpu_bind, kv_events_endpoint=events, kv_events_replay_endpoint=replay,
                         side_channel_host=public, nixl_side_channel_port=free_port(host))
-    await engine.start()
+    try:
+        await engine.start()
+    except BaseException:
+        listener.close()
+        raise
     worker = Worker(
         config, role, engine, f"{public}:{port}", node_id=node_id, replica_id=replica_id,
         kv_events_endpoint=events and events.replace("*", public),
@@ -76,7 +96,7 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
     preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
     app = build_worker_app(worker, preprocessor)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if task.done():
             await task  # raises the bind error
