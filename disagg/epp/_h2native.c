@@ -589,15 +589,12 @@ static Py_ssize_t varint_size(uint64_t v) {
  * field `phase` {response {body_mutation {streamed_response {body, end_of_stream}}}}, as
  * disagg.epp.ext_proc.streamed_body writes it. */
 static int put_streamed_body(Conn *c, Buf *out, uint32_t phase, const char *chunk, Py_ssize_t n, int end_of_stream) {
-    Py_ssize_t sizes[5];
     uint32_t numbers[4] = {phase, c->streamed_path[0], c->streamed_path[1], c->streamed_path[2]};
-    /* sizes[4]: the innermost payload; sizes[i]: the payload of field numbers[i]. */
-    sizes[4] = (n ? varint_size((uint64_t)c->body_field << 3 | 2) + varint_size((uint64_t)n) + n : 0) +
+    Py_ssize_t sizes[4]; /* the payload of field numbers[i]; the innermost is the body and end_of_stream */
+    sizes[3] = (n ? varint_size((uint64_t)c->body_field << 3 | 2) + varint_size((uint64_t)n) + n : 0) +
                (end_of_stream ? 2 : 0);
-    for (int i = 3; i >= 0; i--) {
-        uint32_t inner = i == 3 ? 0 : numbers[i + 1];
-        sizes[i] = sizes[i + 1] + (i == 3 ? 0 : varint_size((uint64_t)inner << 3 | 2) + varint_size((uint64_t)sizes[i + 1]));
-    }
+    for (int i = 2; i >= 0; i--)
+        sizes[i] = varint_size((uint64_t)numbers[i + 1] << 3 | 2) + varint_size((uint64_t)sizes[i + 1]) + sizes[i + 1];
     /* sizes[0] is the payload of the phase field; the message adds its tag and length. */
     Py_ssize_t total = varint_size((uint64_t)phase << 3 | 2) + varint_size((uint64_t)sizes[0]) + sizes[0];
     if (buf_byte(out, 0) < 0 || put_u32(out, (uint32_t)total) < 0)
@@ -618,7 +615,7 @@ static int put_streamed_body(Conn *c, Buf *out, uint32_t phase, const char *chun
 
 static int put_continue(Conn *c, Buf *out, int which) {
     PyObject *b = c->continues[which];
-    return put_grpc_frame(out, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+    return put_grpc_frame(out, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)) < 0 ? PY_ERROR : 0;
 }
 
 /* Pick (the Python call) and answer: the routed headers, or the refusal, plus the body echoed
@@ -668,7 +665,7 @@ typedef struct {
     int unread;                 /* it holds fields protobuf checks and this reader skips: let protobuf check */
 } Request;
 
-/* 0, or -1 when the wire format is corrupt (or too unusual to merge here). */
+/* 0, -1 when the wire format is corrupt (or too unusual to merge here), PY_ERROR out of memory. */
 static int read_request(const unsigned char *m, Py_ssize_t n, Request *q) {
     Reader r = {m, m + n};
     Field f;
@@ -690,7 +687,7 @@ static int read_request(const unsigned char *m, Py_ssize_t n, Request *q) {
                 continue;
             q->has_metadata = 1;
             if (buf_put(&q->metadata, f.data, f.len) < 0)
-                return -2;
+                return PY_ERROR;
         } else if (f.number == REQ_PROTOCOL_CONFIG) {
             q->has_protocol_config = 1;
             Reader pr = {f.data, f.data + f.len};
@@ -750,7 +747,7 @@ static int read_headers(Request *q, PyObject **path, int *end_of_stream) {
                         *path = raw.len ? PyUnicode_DecodeUTF8((const char *)raw.data, raw.len, "replace")
                                         : PyUnicode_DecodeUTF8((const char *)value.data, value.len, "strict");
                         if (*path == NULL)
-                            return -2;
+                            return PY_ERROR;
                     }
                 }
                 if (mgot < 0)
@@ -790,15 +787,11 @@ static int read_body(Request *q, const unsigned char **body, Py_ssize_t *body_le
 static int ext_proc_message(Conn *c, Stream *s, const unsigned char *m, Py_ssize_t n, Buf *out) {
     Request q = {0};
     int r = read_request(m, n, &q);
-    if (r < 0) {
-        buf_free(&q.metadata);
-        return r == -1 ? -1 : PY_ERROR;
-    }
     int end_of_stream = 0;
     PyObject *path = NULL;
-    if (q.phase == REQ_HEADERS && (r = read_headers(&q, &path, &end_of_stream)) < 0) {
+    if (r < 0 || (q.phase == REQ_HEADERS && (r = read_headers(&q, &path, &end_of_stream)) < 0)) {
         buf_free(&q.metadata);
-        return r == -1 ? -1 : PY_ERROR;
+        return r;
     }
     if (q.unread) {
         /* Rare (Envoy sends these only when configured to): protobuf parses the message, and a
@@ -836,7 +829,7 @@ static int ext_proc_message(Conn *c, Stream *s, const unsigned char *m, Py_ssize
         if (end_of_stream)
             r = route(c, s, out, 1);
         else if (s->mode != MODE_FULL_DUPLEX)
-            r = put_continue(c, out, C_REQ_HEADERS) < 0 ? PY_ERROR : 0;
+            r = put_continue(c, out, C_REQ_HEADERS);
         break;
     }
     case REQ_BODY: {
@@ -852,17 +845,17 @@ static int ext_proc_message(Conn *c, Stream *s, const unsigned char *m, Py_ssize
         if (end_of_stream)
             r = route(c, s, out, 0);
         else if (s->mode != MODE_FULL_DUPLEX && s->mode != MODE_BUFFERED)
-            r = put_continue(c, out, C_REQ_BODY) < 0 ? PY_ERROR : 0;
+            r = put_continue(c, out, C_REQ_BODY);
         break;
     }
     case REQ_TRAILERS:
         if (s->exchange && !s->routed)
             r = route(c, s, out, 0);
         if (r == 0)
-            r = put_continue(c, out, C_REQ_TRAILERS) < 0 ? PY_ERROR : 0;
+            r = put_continue(c, out, C_REQ_TRAILERS);
         break;
     case RESP_HEADERS:
-        r = put_continue(c, out, C_RESP_HEADERS) < 0 ? PY_ERROR : 0;
+        r = put_continue(c, out, C_RESP_HEADERS);
         break;
     case RESP_BODY: {
         const unsigned char *body;
@@ -874,23 +867,23 @@ static int ext_proc_message(Conn *c, Stream *s, const unsigned char *m, Py_ssize
             r = put_streamed_body(c, out, c->response_body_field, (const char *)body, body_len, end_of_stream) < 0
                     ? PY_ERROR : 0;
         else
-            r = put_continue(c, out, C_RESP_BODY) < 0 ? PY_ERROR : 0;
+            r = put_continue(c, out, C_RESP_BODY);
         break;
     }
     case RESP_TRAILERS:
-        r = put_continue(c, out, C_RESP_TRAILERS) < 0 ? PY_ERROR : 0;
+        r = put_continue(c, out, C_RESP_TRAILERS);
         break;
     default:
         break;
     }
     buf_free(&q.metadata);
-    return r == -2 ? PY_ERROR : r;
+    return r;
 }
 
 /* -- reading ----------------------------------------------------------------------------------- */
 
 /* Run the stream's handler on one message (`m`; NULL: the client's end of stream) and send its
- * answers. 1: the stream goes on; 0: it has ended (an error, or the handler finished). */
+ * answers. `*ended`: the stream has ended (an error, or the handler finished) and is gone. */
 static int call_handler(Conn *c, Stream *s, const unsigned char *m, Py_ssize_t n, int *ended) {
     *ended = 0;
     if (s->ext_proc) {
@@ -1458,37 +1451,36 @@ static PyGetSetDef Conn_getset[] = {
 };
 
 static int Conn_init(Conn *c, PyObject *args, PyObject *kwds) {
+    /* The ext_proc method's arguments (from ext_proc_path on) come all together, or not at all. */
     static char *keywords[] = {"methods", "decode_head", "grpc_error", "report", "ext_proc_path", "route",
                                "parse", "continues", "default_mode", "body_chunk", "body_fields", "max_message",
                                NULL};
-    PyObject *methods, *decode_head, *grpc_error, *report, *path, *route_fn, *parse, *continues;
-    int default_mode = MODE_FULL_DUPLEX;
-    Py_ssize_t body_chunk = 62000, max_message = 16 * 1024 * 1024;
-    unsigned int request_body = 3, response_body = 4, p0 = 1, p1 = 3, p2 = 3, body_field = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOOOOO|in(IIIIII)n", keywords, &PyDict_Type, &methods,
-                                     &decode_head, &grpc_error, &report, &path, &route_fn, &parse, &continues, &default_mode,
-                                     &body_chunk, &request_body, &response_body, &p0, &p1, &p2, &body_field, &max_message))
+    PyObject *methods, *decode_head, *grpc_error, *report, *path = Py_None, *route_fn = NULL, *parse = NULL,
+             *continues = NULL;
+    int default_mode = 0;
+    Py_ssize_t body_chunk = 0, max_message = 16 * 1024 * 1024;
+    unsigned int request_body = 0, response_body = 0, p0 = 0, p1 = 0, p2 = 0, body_field = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOO|OOOOin(IIIIII)n", keywords, &PyDict_Type, &methods,
+                                     &decode_head, &grpc_error, &report, &path, &route_fn, &parse, &continues,
+                                     &default_mode, &body_chunk, &request_body, &response_body, &p0, &p1, &p2,
+                                     &body_field, &max_message))
         return -1;
-    if (!PyTuple_Check(continues) || PyTuple_GET_SIZE(continues) != N_CONTINUES) {
-        PyErr_SetString(PyExc_TypeError, "continues: a tuple of 6 bytes");
-        return -1;
-    }
-    if (body_chunk <= 0) {
-        PyErr_SetString(PyExc_ValueError, "body_chunk must be positive");
-        return -1;
-    }
-    for (int i = 0; i < N_CONTINUES; i++) {
-        PyObject *b = PyTuple_GET_ITEM(continues, i);
-        if (!PyBytes_Check(b)) {
-            PyErr_SetString(PyExc_TypeError, "continues: a tuple of 6 bytes");
+    if (path != Py_None) {
+        if (!PyUnicode_Check(path) || route_fn == NULL || parse == NULL || continues == NULL || body_chunk <= 0 ||
+            !PyTuple_Check(continues) || PyTuple_GET_SIZE(continues) != N_CONTINUES) {
+            PyErr_SetString(PyExc_TypeError, "ext_proc_path (str) comes with route, parse, continues (6 bytes), "
+                                             "default_mode, body_chunk (positive) and body_fields");
             return -1;
         }
-        Py_INCREF(b);
-        Py_XSETREF(c->continues[i], b);
-    }
-    if (path != Py_None && !PyUnicode_Check(path)) {
-        PyErr_SetString(PyExc_TypeError, "ext_proc_path: str or None");
-        return -1;
+        for (int i = 0; i < N_CONTINUES; i++) {
+            PyObject *b = PyTuple_GET_ITEM(continues, i);
+            if (!PyBytes_Check(b)) {
+                PyErr_SetString(PyExc_TypeError, "continues: a tuple of 6 bytes");
+                return -1;
+            }
+            Py_INCREF(b);
+            Py_XSETREF(c->continues[i], b);
+        }
     }
     Py_INCREF(methods);
     Py_XSETREF(c->methods, methods);

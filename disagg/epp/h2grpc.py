@@ -483,10 +483,11 @@ class _NativeConnection(asyncio.Protocol):
             return head.path, head.compressed, keeps_table(block)
 
         native = server.native
-        args = (native.path, native.route, native.parse, native.continues, native.default_mode, native.body_chunk,
-                native.body_fields) if native is not None else (None, None, None, (b"",) * 6, 0, 1, (0,) * 6)
-        self.engine = _h2native.Connection(server.methods, decode_head, GrpcError, _report, *args,
-                                           max_message=MAX_MESSAGE_BYTES)
+        ext_proc = {} if native is None else dict(
+            ext_proc_path=native.path, route=native.route, parse=native.parse, continues=native.continues,
+            default_mode=native.default_mode, body_chunk=native.body_chunk, body_fields=native.body_fields)
+        self.engine = _h2native.Connection(server.methods, decode_head, GrpcError, _report,
+                                           max_message=MAX_MESSAGE_BYTES, **ext_proc)
         self.transport: asyncio.Transport | None = None
 
     @property

@@ -75,14 +75,11 @@ static PyObject *top(PyObject *module, PyObject *const *args, Py_ssize_t nargs) 
             goto fail;
     }
     qsort(entries, n, sizeof(Entry), by_total);
+    /* Sorted: equal totals among the first top + 1 sit side by side. */
     Py_ssize_t head = want + 1 < n ? want + 1 : n;
     int ties = 0;
-    for (Py_ssize_t i = 0; i < head && !ties; i++)
-        for (Py_ssize_t j = i + 1; j < head; j++)
-            if (entries[i].total == entries[j].total) {
-                ties = 1;
-                break;
-            }
+    for (Py_ssize_t i = 1; i < head && !ties; i++)
+        ties = entries[i].total == entries[i - 1].total;
     Py_ssize_t count = want < n ? want : n;
     if (ties) {
         /* Equal totals where they decide who places, or in what order: among those scoring at
