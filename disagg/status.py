@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
-import httpx
+import aiohttp
 
 
-def fetch_pool(url: str) -> list[dict]:
-    """The router's `GET /v1/pool` (the EPP's HTTP port serves the same path)."""
-    r = httpx.get(f"{url.rstrip('/')}/v1/pool", timeout=5)
-    r.raise_for_status()
-    return r.json()
+async def fetch_pool(url: str) -> tuple[list[dict], dict[str, str]]:
+    """The router's `GET /v1/pool` (the EPP's HTTP port serves the same path), and each worker's
+    health by address."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(f"{url.rstrip('/')}/v1/pool") as response:
+            response.raise_for_status()
+            pool = await response.json()
+        healths = await asyncio.gather(*(health(session, w["address"]) for w in pool))
+    return pool, {w["address"]: h for w, h in zip(pool, healths)}
 
 
-def health(address: str) -> str:
+async def health(session: aiohttp.ClientSession, address: str) -> str:
     try:
-        return "ok" if httpx.get(f"http://{address}/health", timeout=2).status_code == 200 else "unhealthy"
-    except httpx.HTTPError:
+        async with session.get(f"http://{address}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+            return "ok" if response.status == 200 else "unhealthy"
+    except (aiohttp.ClientError, TimeoutError):
         return "unreachable"
 
 
@@ -38,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="router (or EPP HTTP) URL")
     args = p.parse_args(argv)
     try:
-        pool = fetch_pool(args.url)
-    except (httpx.HTTPError, ValueError) as e:
+        pool, healths = asyncio.run(fetch_pool(args.url))
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
         print(f"disagg status: cannot read the pool from {args.url}: {e}", file=sys.stderr)
         return 1
     if not pool:
         print("no workers in the pool")
         return 0
-    print(render(pool, {w["address"]: health(w["address"]) for w in pool}))
+    print(render(pool, healths))
     return 0

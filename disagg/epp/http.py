@@ -8,8 +8,8 @@ from typing import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 from disagg.epp.picker import EndpointPicker, Refused
 from disagg.openai.errors import error_body
@@ -44,14 +44,14 @@ def build_http_app(picker: EndpointPicker, ready: Callable[[], bool]) -> FastAPI
             return JSONResponse(error_body(400, f"request body is not valid JSON: {exc}"), status_code=400)
         if not isinstance(data, dict):
             return JSONResponse(error_body(400, "request body must be a JSON object"), status_code=400)
-        subset = data.pop("subset", None)
         if "prompt_token_ids" in data:
             try:
-                req = PickRequest.model_validate({**data, "subset": subset})
-            except ValidationError as exc:
-                return JSONResponse(error_body(400, str(exc.errors()[0].get("msg"))), status_code=400)
+                req = msgspec.json.decode(raw, type=PickRequest)
+            except msgspec.ValidationError as exc:
+                return JSONResponse(error_body(400, str(exc)), status_code=400)
             decision = picker.route_tokens(req)
         else:
+            subset = data.pop("subset", None)
             path = "/v1/chat/completions" if "messages" in data else "/v1/completions"
             decision = picker.route(path, json.dumps(data).encode(), subset)
         if isinstance(decision, Refused):

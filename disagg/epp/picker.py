@@ -10,7 +10,7 @@ from typing import Any
 from disagg.epp.prompt import PromptReader
 from disagg.epp.protocol import DESTINATION_HEADER, PREFILLER_HEADER
 from disagg.openai.errors import APIError, error_body
-from disagg.routing import NoEndpointError, OverloadedError, Pick, PickRequest, Prompt, Scheduler
+from disagg.routing import NoEndpointError, OverloadedError, Pick, PickRequest, Scheduler
 from disagg.routing import metrics
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class EndpointPicker:
             return self._refuse(exc.status, exc.body())
         return self.route_tokens(request)
 
-    def route_tokens(self, request: PickRequest | Prompt) -> Routed | Refused:
+    def route_tokens(self, request: PickRequest) -> Routed | Refused:
         """Pick for a request already tokenized."""
         try:
             pick = self.scheduler.pick(request)
@@ -74,7 +74,7 @@ class EndpointPicker:
             headers[PREFILLER_HEADER] = ",".join(pick.prefill_addresses)
         else:
             remove.append(PREFILLER_HEADER)
-        metrics.EPP_ROUTED.inc()
+        metrics.EPP_REQUESTS.labels("200").inc()
         return Routed(pick, headers, remove)
 
     @staticmethod

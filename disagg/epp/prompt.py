@@ -1,4 +1,4 @@
-"""From an HTTP request (path + body) to what the scheduler picks for (a `Prompt`).
+"""From an HTTP request (path + body) to what the scheduler picks for (a `PickRequest`).
 
 With the model directory at hand, the EPP tokenizes exactly as the workers do (the shared
 `Preprocessor`: chat template, then the model's tokenizer), so prompts meet the token ids of the
@@ -16,7 +16,7 @@ from typing import Protocol
 import msgspec
 
 from disagg.openai.errors import APIError
-from disagg.routing import Prompt
+from disagg.routing import PickRequest
 
 OPENAI_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
@@ -30,7 +30,7 @@ class PromptReader(Protocol):
 
     model_name: str
 
-    def read(self, path: str, body: bytes, subset: list[str] | None) -> Prompt: ...
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest: ...
 
 
 class TokenizingReader:
@@ -42,24 +42,13 @@ class TokenizingReader:
         self.preprocessor = Preprocessor(model_dir, model_name, max_model_len)
         self.model_name = model_name
 
-    def read(self, path: str, body: bytes, subset: list[str] | None) -> Prompt:
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest:
         kind = openai_kind(path)
         if kind is None or not body:
-            return Prompt(self.model_name, [], subset)
+            return PickRequest(model=self.model_name, prompt_token_ids=[], subset=subset)
         prepared = self.preprocessor.prepare(kind, body)  # type: ignore[arg-type]
-        # Token ids from our own tokenizer: nothing to validate again.
-        return Prompt(prepared.request.model, prepared.generate.prompt_token_ids, subset)
-
-
-class _Completion(msgspec.Struct):
-    """The usual completion body, as far as a pick reads it: decoded and type-checked in one C
-    pass. Any other shape (and every error) goes the slower way, which names the problem."""
-
-    model: str
-    prompt: str | list[int]
-
-
-_read_completion = msgspec.json.Decoder(_Completion).decode
+        return PickRequest(model=prepared.request.model, prompt_token_ids=prepared.generate.prompt_token_ids,
+                           subset=subset)
 
 
 class RawPromptReader:
@@ -68,24 +57,10 @@ class RawPromptReader:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
 
-    def read(self, path: str, body: bytes, subset: list[str] | None) -> Prompt:
+    def read(self, path: str, body: bytes, subset: list[str] | None) -> PickRequest:
         kind = openai_kind(path)
         if kind is None or not body:
-            return Prompt(self.model_name, [], subset)
-        if kind == "completion":
-            try:
-                completion = _read_completion(body)
-            except msgspec.DecodeError:
-                pass
-            else:
-                if completion.model == self.model_name and completion.prompt:
-                    prompt = completion.prompt
-                    tokens = list(prompt.encode()) if isinstance(prompt, str) else prompt
-                    return Prompt(completion.model, tokens, subset)
-        return self.read_any(kind, body, subset)
-
-    def read_any(self, kind: str, body: bytes, subset: list[str] | None) -> Prompt:
-        """Any body of this kind of request, field by field."""
+            return PickRequest(model=self.model_name, prompt_token_ids=[], subset=subset)
         try:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
@@ -113,5 +88,4 @@ class RawPromptReader:
                 tokens = prompt
             else:
                 raise APIError(400, "prompt: a non-empty string or list of token ids is required", param="prompt")
-        # Every token id was checked above.
-        return Prompt(model, tokens, subset)
+        return PickRequest(model=model, prompt_token_ids=tokens, subset=subset)

@@ -11,7 +11,7 @@ from disagg.routing.endpoint import Endpoint
 from disagg.routing.errors import IncompatibleWorkerError, NoEndpointError, OverloadedError, RoutingError
 from disagg.routing.pool import EndpointPool
 from disagg.routing.prefix_index import PrefixIndex, block_hashes
-from disagg.routing.scheduler import Pick, PickRequest, Prompt, Scheduler
+from disagg.routing.scheduler import Pick, PickRequest, Scheduler
 
 __all__ = [
     "Discovery",
@@ -24,7 +24,6 @@ __all__ = [
     "Pick",
     "PickRequest",
     "PrefixIndex",
-    "Prompt",
     "RoutingError",
     "Scheduler",
     "StaticDiscovery",

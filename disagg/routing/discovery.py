@@ -12,10 +12,10 @@ import asyncio
 import logging
 from typing import AsyncIterator, Iterable, Protocol
 
+import aiohttp
 from pydantic import ValidationError
 
-from disagg.routing.http1 import Http1Clients, HttpError
-from disagg.worker.protocol import WorkerInfo
+from disagg.messages import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,14 @@ class Discovery(Protocol):
     def watch(self) -> AsyncIterator[list[WorkerInfo]]: ...
 
 
-async def fetch_worker_info(clients: Http1Clients, address: str) -> WorkerInfo | None:
+async def fetch_worker_info(session: aiohttp.ClientSession, address: str) -> WorkerInfo | None:
     """The worker's descriptor, or None when it does not answer with a valid one."""
     try:
-        status, body = await clients(address).get("/v1/worker")
-        if status != 200:
-            raise HttpError(f"GET /v1/worker answered {status}")
-        info = WorkerInfo.model_validate_json(body)
-    except (HttpError, ValidationError) as exc:
+        async with session.get(f"http://{address}/v1/worker") as response:
+            if response.status != 200:
+                raise ValueError(f"GET /v1/worker answered {response.status}")
+            info = WorkerInfo.model_validate_json(await response.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError, ValidationError) as exc:
         log.debug("no descriptor from %s: %s", address, exc)
         return None
     if info.address != address:
@@ -43,8 +43,8 @@ async def fetch_worker_info(clients: Http1Clients, address: str) -> WorkerInfo |
     return info
 
 
-async def fetch_all(clients: Http1Clients, addresses: Iterable[str]) -> list[WorkerInfo]:
-    infos = await asyncio.gather(*(fetch_worker_info(clients, a) for a in addresses))
+async def fetch_all(session: aiohttp.ClientSession, addresses: Iterable[str]) -> list[WorkerInfo]:
+    infos = await asyncio.gather(*(fetch_worker_info(session, a) for a in addresses))
     return [i for i in infos if i is not None]
 
 
@@ -75,15 +75,35 @@ class StaticDiscovery:
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
         known: dict[str, WorkerInfo] = {}
-        clients = Http1Clients(timeout_s=self.timeout_s)
-        try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
             while True:
-                for info in await fetch_all(clients, self.addresses):
+                for info in await fetch_all(session, self.addresses):
                     known[info.address] = info
                 yield list(known.values())
                 await asyncio.sleep(self.interval_s)
-        finally:
-            clients.close()
+
+
+class RouterPoolDiscovery:
+    """The workers a running Router knows (its `/v1/pool`, as the Ray registry lists them), each
+    described by its own endpoint: how a gateway follows a `disagg serve` stack."""
+
+    def __init__(self, router_url: str, *, interval_s: float = 0.5, timeout_s: float = 2.0) -> None:
+        self.router_url = router_url
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+
+    async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+            while True:
+                try:
+                    async with session.get(f"{self.router_url}/v1/pool") as response:
+                        response.raise_for_status()
+                        pool = await response.json(content_type=None)
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    pool = None  # the router restarts; keep the last snapshot
+                if pool is not None:
+                    yield await fetch_all(session, [w["address"] for w in pool])
+                await asyncio.sleep(self.interval_s)
 
 
 class FixedDiscovery:

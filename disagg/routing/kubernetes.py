@@ -16,9 +16,10 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import aiohttp
+
+from disagg.messages import WorkerInfo
 from disagg.routing.discovery import fetch_worker_info
-from disagg.routing.http1 import Http1Clients
-from disagg.worker.protocol import WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class KubernetesDiscovery:
         if self.use_watch:
             threading.Thread(target=self._watch_changes, args=(api, asyncio.get_running_loop(), changed, stop),
                              daemon=True, name="disagg-pod-watch").start()
-        clients = Http1Clients(timeout_s=self.timeout_s)
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         try:
             known: dict[str, WorkerInfo] = {}
             while True:
@@ -114,8 +115,7 @@ class KubernetesDiscovery:
                     pods = None
                 if pods is not None:
                     known = {a: i for a, i in known.items() if a in pods}
-                    clients.retain(set(pods))
-                    known.update(await self._describe(clients, pods))
+                    known.update(await self._describe(session, pods))
                     yield [i for a, i in known.items() if pods[a] in (None, i.role)]
                 try:
                     await asyncio.wait_for(changed.wait(), self.interval_s)
@@ -123,10 +123,10 @@ class KubernetesDiscovery:
                     pass
         finally:
             stop.set()
-            clients.close()
+            await session.close()
 
-    async def _describe(self, clients: Http1Clients, pods: dict[str, str | None]) -> dict[str, WorkerInfo]:
-        infos = await asyncio.gather(*(fetch_worker_info(clients, address) for address in pods))
+    async def _describe(self, session: aiohttp.ClientSession, pods: dict[str, str | None]) -> dict[str, WorkerInfo]:
+        infos = await asyncio.gather(*(fetch_worker_info(session, address) for address in pods))
         out: dict[str, WorkerInfo] = {}
         for address, info in zip(pods, infos):
             if info is None:

@@ -14,7 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from disagg.routing.scheduler import Scheduler
+    from disagg.routing.pool import EndpointPool
+    from disagg.routing.prefix_index import PrefixIndex
 
 PICK_DURATION = Histogram(
     "disagg_pick_duration_seconds",
@@ -50,12 +51,12 @@ KV_EVENT_GAPS = Counter(
     "disagg_kv_event_gaps", "Sequence gaps in KV event streams (events lost; a replay was asked)."
 )
 EPP_REQUESTS = Counter("disagg_epp_requests", "Requests the EPP answered, by HTTP status it chose.", ["code"])
-EPP_ROUTED = EPP_REQUESTS.labels("200")  # the child every routed request counts on (labels() costs a lookup)
 
 
 class _PoolCollector(Collector):
     def __init__(self) -> None:
-        self.schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+        self.pools: weakref.WeakSet[EndpointPool] = weakref.WeakSet()
+        self.indexes: weakref.WeakSet[PrefixIndex] = weakref.WeakSet()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         age = GaugeMetricFamily(
@@ -72,19 +73,17 @@ class _PoolCollector(Collector):
         count = GaugeMetricFamily("disagg_endpoints", "Live endpoints in the pool.", labels=["role"])
         blocks = GaugeMetricFamily("disagg_prefix_index_blocks", "Entries in the prefix index.")
         counts = {"prefill": 0, "decode": 0}
-        total_blocks = 0
-        for scheduler in list(self.schedulers):
-            now = scheduler.pool.clock()
-            for e in scheduler.pool.endpoints(include_dead=True):
+        for pool in list(self.pools):
+            now = pool.clock()
+            for e in pool.endpoints(include_dead=True):
                 counts[e.role] = counts.get(e.role, 0) + 1
                 age.add_metric([e.role, e.address, e.engine_id], max(0.0, now - e.load_at))
                 waiting.add_metric([e.role, e.address], e.load.waiting)
                 running.add_metric([e.role, e.address], e.load.running)
                 kv.add_metric([e.role, e.address], e.load.kv_usage)
-            total_blocks += scheduler.index.num_blocks()
         for role, n in counts.items():
             count.add_metric([role], n)
-        blocks.add_metric([], total_blocks)
+        blocks.add_metric([], sum(index.num_blocks() for index in list(self.indexes)))
         return [age, waiting, running, kv, count, blocks]
 
 
@@ -92,6 +91,8 @@ _collector = _PoolCollector()
 REGISTRY.register(_collector)
 
 
-def watch_scheduler(scheduler: "Scheduler") -> None:
-    """Export `scheduler`'s pool and index gauges while it lives."""
-    _collector.schedulers.add(scheduler)
+def watch(pool: "EndpointPool", index: "PrefixIndex") -> None:
+    """Export the gauges of `pool` and `index` while they live; count every removal from the pool."""
+    _collector.pools.add(pool)
+    _collector.indexes.add(index)
+    pool.on_remove(lambda endpoint, reason: ENDPOINT_REMOVALS.labels(reason).inc())

@@ -14,13 +14,12 @@ removed as dead and listed again by discovery comes back dead until a scrape hea
 from __future__ import annotations
 
 import logging
-import math
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
-from disagg.routing.endpoint import Endpoint, RoleSignals
+from disagg.routing.endpoint import Endpoint
 from disagg.routing.errors import IncompatibleWorkerError
-from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
+from disagg.messages import EngineLoad, Role, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +47,8 @@ class EndpointPool:
         self.layout_fingerprint: str | None = None
         self._by_engine: dict[str, Endpoint] = {}
         self._by_address: dict[str, str] = {}
-        # Per role, the members and their signal lists (`RoleSignals.endpoints`), rebuilt on
-        # membership changes only: picks read them every time.
-        self._signals: dict[str, RoleSignals] = {"prefill": RoleSignals([]), "decode": RoleSignals([])}
-        # Per role, lower bounds of the members' oldest seen_at and load_at. Both times only move
-        # forward, so while a bound is recent enough every member is alive (fresh) and a pick
-        # skips the walk; a bound too old is recomputed, at most once per dead_after_s (stale_after_s).
-        self._seen_floor: dict[str, float] = {"prefill": math.inf, "decode": math.inf}
-        self._signal_floor: dict[str, float] = {"prefill": math.inf, "decode": math.inf}
+        # Per role, the members (rebuilt on membership changes only: picks read them every time).
+        self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
         self._listeners: list[RemovalListener] = []
         # engine ids removed as dead (bounded), so rediscovery is no revival.
         self._tombstones: dict[str, float] = {}
@@ -135,13 +128,9 @@ class EndpointPool:
         endpoint = self._by_engine.get(engine_id)
         if endpoint is None:
             return
-        now = self.clock() if at is None else at
         if not 0.0 <= load.kv_usage <= 1.0:
             load = load.model_copy(update={"kv_usage": min(max(load.kv_usage, 0.0), 1.0)})
-        endpoint.signal(load, now)
-        role = endpoint.role
-        if now < self._signal_floor[role]:  # a signal stamped in the past (`at`)
-            self._signal_floor[role] = now
+        endpoint.signal(load, self.clock() if at is None else at)
 
     def touch(self, engine_id: str) -> None:
         """The worker answered something (a KV event, a health check) without a load signal."""
@@ -160,54 +149,26 @@ class EndpointPool:
     # -- queries ----------------------------------------------------------------------------
 
     def endpoints(self, role: Role | None = None, *, include_dead: bool = False) -> list[Endpoint]:
-        if role is not None and not include_dead:
-            return list(self.live(role))
-        members = list(self._by_engine.values()) if role is None else self._signals[role].endpoints
+        members = list(self._by_engine.values()) if role is None else self._by_role[role]
         if include_dead:
             return list(members)
         oldest = self.clock() - self.dead_after_s
         return [e for e in members if e.seen_at >= oldest]
 
-    def live(self, role: Role, now: float | None = None) -> Sequence[Endpoint]:
-        """The live endpoints of one role, for a pick: when all are alive (the usual case) the
-        pool's own list, which the caller must not modify."""
-        members = self._signals[role].endpoints
-        oldest = (self.clock() if now is None else now) - self.dead_after_s
-        if self._seen_floor[role] >= oldest:
-            return members
-        floor = self._seen_floor[role] = min((e.seen_at for e in members), default=math.inf)
-        if floor >= oldest:
-            return members
-        return [e for e in members if e.seen_at >= oldest]
-
-    def all_fresh(self, role: Role, now: float) -> bool:
-        """Whether every endpoint of `role` has a load signal younger than `stale_after_s`."""
-        newest_stale = now - self.stale_after_s
-        if self._signal_floor[role] >= newest_stale:
-            return True
-        floor = self._signal_floor[role] = min((e.load_at for e in self._signals[role].endpoints), default=math.inf)
-        return floor >= newest_stale
+    def live(self, role: Role, now: float) -> list[Endpoint]:
+        """The live endpoints of one role, for a pick."""
+        oldest = now - self.dead_after_s
+        return [e for e in self._by_role[role] if e.seen_at >= oldest]
 
     def dead_endpoints(self, role: Role) -> list[Endpoint]:
         """Endpoints silent past `dead_after_s` but not yet forgotten, most recently seen first."""
         oldest = self.clock() - self.dead_after_s
-        return sorted((e for e in self._signals[role].endpoints if e.seen_at < oldest), key=lambda e: -e.seen_at)
-
-    def signals(self, role: Role) -> RoleSignals:
-        """The signal lists of every endpoint of `role`, parallel to `live(role)` while that
-        returns the pool's own list (every member alive)."""
-        return self._signals[role]
+        return sorted((e for e in self._by_role[role] if e.seen_at < oldest), key=lambda e: -e.seen_at)
 
     def _rebuild_roles(self) -> None:
-        by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
+        self._by_role = {"prefill": [], "decode": []}
         for e in self._by_engine.values():
-            by_role.setdefault(e.role, []).append(e)
-        for signals in self._signals.values():
-            signals.release()
-        self._signals = {role: RoleSignals(members) for role, members in by_role.items()}
-        for role, members in by_role.items():
-            self._seen_floor[role] = min((e.seen_at for e in members), default=math.inf)
-            self._signal_floor[role] = min((e.load_at for e in members), default=math.inf)
+            self._by_role.setdefault(e.role, []).append(e)
 
     def get(self, engine_id: str) -> Endpoint | None:
         return self._by_engine.get(engine_id)

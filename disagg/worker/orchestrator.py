@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-import httpx
+import aiohttp
 
 from disagg.config import AppConfig
 from disagg.engine.base import GenerateOutput, GenerateRequest
@@ -40,9 +40,12 @@ class PrefillClient:
     def __init__(self, config: AppConfig, layout_fingerprint: str):
         self.config = config
         self.layout_fingerprint = layout_fingerprint
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(config.prefill_timeout_s, connect=2.0))
+        self._http: aiohttp.ClientSession | None = None  # made in the serving loop, at the first prefill
 
     async def prefill(self, request: GenerateRequest, candidates: list[str]) -> PrefillOutcome:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.prefill_timeout_s,
+                                                                             connect=2.0))
         start = time.monotonic()
         tried = 0
         for address in candidates:
@@ -56,22 +59,21 @@ class PrefillClient:
                 kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False},
             )
             try:
-                resp = await asyncio.wait_for(
-                    self._http.post(f"http://{address}/internal/prefill", json=body.model_dump()),
-                    self.config.prefill_timeout_s,
-                )
-                if resp.status_code != 200:
-                    raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-                result = PrefillResult.model_validate(resp.json())
+                async with self._http.post(f"http://{address}/internal/prefill", json=body.model_dump()) as resp:
+                    text = await resp.text()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {text[:200]}")
+                result = PrefillResult.model_validate_json(text)
                 if not result.kv_transfer_params:
                     raise RuntimeError("prefill returned no kv_transfer_params")
                 return PrefillOutcome(address, result.kv_transfer_params, tried, time.monotonic() - start)
-            except (httpx.HTTPError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
+            except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
                 log.warning("prefill on %s failed (%s: %s); trying the next candidate", address, type(e).__name__, e)
         return PrefillOutcome(None, None, tried, time.monotonic() - start)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.close()
 
 
 async def generate_disaggregated(

@@ -14,7 +14,7 @@ from disagg.config import AppConfig
 from disagg.epp.gateway import start_gateway
 from disagg.epp.prompt import RawPromptReader
 from disagg.routing import StaticDiscovery
-from disagg.routing.fakes import FakeWorker
+from disagg.bench.standin import StandInWorker
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,8 @@ async def wait_for(cond, timeout: float = 10.0) -> None:
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def stack():
-    decodes = [FakeWorker("decode").start() for _ in range(2)]
-    prefill = FakeWorker("prefill").start()
+    decodes = [StandInWorker("decode").start() for _ in range(2)]
+    prefill = StandInWorker("prefill").start()
     workers = decodes + [prefill]
     gateway = await start_gateway(
         config(pd_threshold_tokens=256), StaticDiscovery([w.address for w in workers], interval_s=0.2),
@@ -104,7 +104,7 @@ async def test_a_gateway_configured_to_send_response_phases_skips_them(monkeypat
         return bootstrap
 
     monkeypatch.setattr(envoy, "envoy_config", with_response_phases)
-    worker = FakeWorker("decode").start()
+    worker = StandInWorker("decode").start()
     gateway = await start_gateway(config(), StaticDiscovery([worker.address], interval_s=0.2), gateway_port=0,
                                   host="127.0.0.1", reader=RawPromptReader("tiny"))
     try:
@@ -114,7 +114,7 @@ async def test_a_gateway_configured_to_send_response_phases_skips_them(monkeypat
             for i in range(5):
                 r = await client.post("/v1/completions", json=completion([i, 1, 2]))
                 assert r.status_code == 200 and r.json()["served_by"] == worker.address, r.text
-            stats = (await client.get(f"http://127.0.0.1:{gateway.envoy.settings.admin_port}/stats")).text
+            stats = (await client.get(f"{gateway.envoy.admin_url}/stats")).text
         counters = dict(line.split(": ", 1) for line in stats.splitlines() if ".ext_proc." in line)
         assert int(counters["http.gateway.ext_proc.server_half_closed"]) == 5
         # Per request, the EPP answered the headers and the body, and nothing of the response.
@@ -166,3 +166,25 @@ async def test_bad_body_is_400_from_the_gateway(stack) -> None:
     gateway, decodes, prefill, client = stack
     r = await client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("secure", [True, False])
+async def test_envoy_speaks_tls_to_the_epp_by_default_and_plaintext_when_told(secure: bool) -> None:
+    worker = StandInWorker("decode").start()
+    gateway = await start_gateway(config(), StaticDiscovery([worker.address], interval_s=0.2), gateway_port=0,
+                                  host="127.0.0.1", reader=RawPromptReader("tiny"), secure_serving=secure)
+    try:
+        assert (gateway.epp.cert_file is not None) is secure
+        await wait_for(lambda: len(gateway.scheduler.pool) == 1)
+        await asyncio.sleep(0.3)  # Envoy loads the EDS file
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            for i in range(3):
+                r = await client.post("/v1/completions", json=completion([i, 1, 2]))
+                assert r.status_code == 200 and r.json()["served_by"] == worker.address, r.text
+            stats = (await client.get(f"{gateway.envoy.admin_url}/stats")).text
+        counters = dict(line.split(": ", 1) for line in stats.splitlines() if line.startswith("cluster.epp."))
+        # The EPP cluster's connections were TLS handshakes (or none were, in plaintext).
+        assert (int(counters.get("cluster.epp.ssl.handshake", "0")) > 0) is secure
+    finally:
+        await gateway.stop()
+        worker.stop()

@@ -13,7 +13,7 @@ from disagg.epp.envoy import EDS_FILE, EnvoySettings, endpoints_document, envoy_
 
 @pytest.fixture
 def settings(tmp_path) -> EnvoySettings:
-    return EnvoySettings("127.0.0.1", 18000, "127.0.0.1", 9002, 19901, tmp_path)
+    return EnvoySettings("127.0.0.1", 18000, "127.0.0.1", 9002, tmp_path)
 
 
 def ext_proc_filter(config: dict) -> dict:
@@ -66,7 +66,7 @@ async def test_a_restarted_epp_leaves_envoys_upstreams_until_it_finds_a_decode(t
     from disagg.config import RoutingConfig
     from disagg.epp.gateway import follow_decode_endpoints
     from disagg.routing import Scheduler
-    from disagg.routing.fakes import make_info
+    from disagg.bench.standin import make_info
 
     def listed() -> list[str]:
         doc = json.loads((tmp_path / EDS_FILE).read_text())
@@ -76,7 +76,7 @@ async def test_a_restarted_epp_leaves_envoys_upstreams_until_it_finds_a_decode(t
 
     write_endpoints(tmp_path, ["127.0.0.1:8001", "127.0.0.1:8002"])
     scheduler = Scheduler(RoutingConfig(), model="tiny", block_size=32)
-    task = asyncio.create_task(follow_decode_endpoints(scheduler, tmp_path, interval_s=0.01))
+    task = asyncio.create_task(follow_decode_endpoints(scheduler.pool, tmp_path, interval_s=0.01))
     try:
         await asyncio.sleep(0.1)
         assert listed() == ["127.0.0.1:8001", "127.0.0.1:8002"]  # empty pool: left alone

@@ -1,4 +1,6 @@
-"""The GIE endpoint-picker protocol, driven directly over gRPC with ext_proc messages."""
+"""The GIE endpoint-picker protocol, driven directly over gRPC with ext_proc messages: every test
+over TLS (the default, a grpcio client trusting the self-signed certificate the EPP made) and
+over plaintext (`secure_serving=False`)."""
 
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from disagg.config import RoutingConfig
+from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import RawPromptReader
 from disagg.epp.server import start_epp
 from disagg.routing import Scheduler
-from disagg.routing.fakes import make_info
-from disagg.worker.protocol import EngineLoad
+from disagg.bench.standin import make_info
+from disagg.messages import EngineLoad
 
 BS = 32
 DEST = "x-gateway-destination-endpoint"
@@ -30,16 +33,19 @@ FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 
 
-@pytest_asyncio.fixture(loop_scope="function", params=["h2", "h2-python", "grpcio"])
+@pytest_asyncio.fixture(loop_scope="function", params=["tls", "plaintext"])
 async def epp(request):
     # No scraper runs here: keep hand-made endpoints alive however slow the machine is.
     routing = RoutingConfig(pd_threshold_tokens=256, max_waiting_per_worker=8, stale_after_s=60, dead_after_s=120)
     scheduler = Scheduler(routing, model="tiny", block_size=BS)
-    # Each test runs on each ext_proc server, through grpcio's client: ours with its C engine (h2) and with
-    # its Python one, and grpcio's.
-    running = await start_epp(scheduler, RawPromptReader("tiny"), host="127.0.0.1", grpc_port=0, health_port=0,
-                              metrics_port=0, ext_proc_server=request.param)
-    channel = grpc.aio.insecure_channel(running.grpc_address)
+    running = await start_epp(EndpointPicker(scheduler, RawPromptReader("tiny")), host="127.0.0.1", grpc_port=0,
+                              health_port=0, metrics_port=0, secure_serving=request.param == "tls")
+    if request.param == "tls":
+        credentials = grpc.ssl_channel_credentials(root_certificates=running.cert_file.read_bytes())
+        channel = grpc.aio.secure_channel(running.grpc_address, credentials)
+    else:
+        assert running.cert_file is None
+        channel = grpc.aio.insecure_channel(running.grpc_address)
     yield running, scheduler, pb_grpc.ExternalProcessorStub(channel), channel
     await channel.close()
     await running.stop()
@@ -264,6 +270,26 @@ async def test_health_reports_liveness_and_readiness(epp) -> None:
             await asyncio.sleep(0.05)
         assert await status("readiness") == serving
         assert await status("envoy.service.ext_proc.v3.ExternalProcessor") == serving
+
+
+async def test_a_plaintext_client_is_refused_by_the_tls_port(epp) -> None:
+    running, scheduler, _, _ = epp
+    if running.cert_file is None:
+        pytest.skip("plaintext EPP")
+    add(scheduler, "decode", "10.0.0.1:8000")
+    async with grpc.aio.insecure_channel(running.grpc_address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await exchange(pb_grpc.ExternalProcessorStub(channel), [headers_msg()] + body_msgs(completion()))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_health_watch_is_unimplemented_as_on_gies_epp(epp) -> None:
+    _, _, _, channel = epp
+    health = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in health.Watch(health_pb2.HealthCheckRequest(service="liveness")):
+            pass
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_health_is_also_answered_on_the_ext_proc_port(epp) -> None:

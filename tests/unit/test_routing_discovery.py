@@ -10,9 +10,9 @@ import pytest_asyncio
 
 from disagg.config import RoutingConfig
 from disagg.routing import PickRequest, Scheduler, StaticDiscovery, parse_endpoints
-from disagg.routing.fakes import FakeWorker, metrics_text
+from disagg.bench.standin import StandInWorker, metrics_text
 from disagg.routing.scraper import ScrapeError, parse_metrics
-from disagg.worker.protocol import EngineLoad
+from disagg.messages import EngineLoad
 
 
 def test_parse_vllm_metrics() -> None:
@@ -51,7 +51,7 @@ async def wait_for(cond, timeout: float = 5.0) -> float:
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def cluster():
-    workers = [FakeWorker("decode").start(), FakeWorker("decode").start(), FakeWorker("prefill").start()]
+    workers = [StandInWorker("decode").start(), StandInWorker("decode").start(), StandInWorker("prefill").start()]
     s = Scheduler(RoutingConfig(scrape_interval_s=0.05), model="tiny", block_size=32)
     task = asyncio.create_task(s.run(StaticDiscovery([w.address for w in workers], interval_s=0.2)))
     await wait_for(lambda: len(s.pool) == 3, timeout=15)
@@ -104,7 +104,7 @@ async def test_restarted_worker_is_replaced_by_its_new_engine(cluster) -> None:
     old = workers[1]
     old_engine = old.info.engine_id
     old.stop()
-    workers[1] = FakeWorker("decode", port=old.port).start()
+    workers[1] = StandInWorker("decode", port=old.port).start()
     await wait_for(lambda: s.pool.by_address(old.address) is not None
                    and s.pool.by_address(old.address).engine_id == workers[1].info.engine_id)
     assert old_engine not in s.pool
@@ -117,9 +117,9 @@ async def test_the_gateways_pool_discovery_follows_the_routers_pool() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from disagg.serve import PoolDiscovery
+    from disagg.routing.discovery import RouterPoolDiscovery
 
-    workers = [FakeWorker("decode").start(), FakeWorker("prefill").start()]
+    workers = [StandInWorker("decode").start(), StandInWorker("prefill").start()]
     listed = [w.address for w in workers]
 
     class Router(BaseHTTPRequestHandler):
@@ -135,7 +135,7 @@ async def test_the_gateways_pool_discovery_follows_the_routers_pool() -> None:
 
     router = ThreadingHTTPServer(("127.0.0.1", 0), Router)
     threading.Thread(target=router.serve_forever, daemon=True).start()
-    watch = PoolDiscovery(f"http://127.0.0.1:{router.server_address[1]}", interval_s=0.05).watch()
+    watch = RouterPoolDiscovery(f"http://127.0.0.1:{router.server_address[1]}", interval_s=0.05).watch()
     try:
         first = await asyncio.wait_for(anext(watch), 10)
         assert sorted((i.role, i.address) for i in first) == sorted(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
-from disagg.routing.fakes import FakeWorker
+from disagg.bench.standin import StandInWorker
 from disagg.routing.kubernetes import KubernetesDiscovery
 
 
@@ -27,8 +27,8 @@ class FakeCoreApi:
 
 
 async def test_ready_pods_with_matching_roles_are_discovered() -> None:
-    decode = FakeWorker("decode").start()
-    prefill = FakeWorker("prefill", port=None).start()
+    decode = StandInWorker("decode").start()
+    prefill = StandInWorker("prefill").start()
     try:
         # All fakes listen on 127.0.0.1 with distinct ports; a pod port per worker is simulated
         # by one discovery per port.
@@ -44,7 +44,7 @@ async def test_ready_pods_with_matching_roles_are_discovered() -> None:
 
 
 async def test_pod_whose_label_contradicts_its_worker_is_left_out() -> None:
-    worker = FakeWorker("prefill").start()
+    worker = StandInWorker("prefill").start()
     try:
         api = FakeCoreApi([pod("127.0.0.1", "decode")])
         discovery = KubernetesDiscovery("app=disagg", namespace="ns", port=worker.port, api=api, use_watch=False)

@@ -11,7 +11,8 @@ import pytest_asyncio
 
 from disagg.config import RoutingConfig
 from disagg.routing import PickRequest, PrefixIndex, Scheduler, StaticDiscovery, block_hashes
-from disagg.routing.fakes import FakeKVPublisher, FakeWorker, block_removed, block_stored
+from disagg.bench.standin import StandInWorker
+from tests.support.kv_events import FakeKVPublisher, block_removed, block_stored
 from disagg.routing.kv_events import KVEventSubscriber, apply_batch, decode_batch, subscriber_endpoint
 
 BS = 32
@@ -121,9 +122,9 @@ async def test_a_replay_peer_that_never_speaks_zmq_times_out_and_live_events_sti
 
 
 async def test_scheduler_routes_to_the_decode_whose_events_hold_the_prefix(publisher: FakeKVPublisher) -> None:
-    holder = FakeWorker("decode", kv_events_endpoint=publisher.endpoint,
+    holder = StandInWorker("decode", kv_events_endpoint=publisher.endpoint,
                         kv_events_replay_endpoint=publisher.replay_endpoint).start()
-    other = FakeWorker("decode").start()
+    other = StandInWorker("decode").start()
     # The holder is busier, but it has the prompt's 8 blocks cached.
     holder.load.running = 3
     tokens = list(range(8 * BS))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from disagg.routing import EndpointPool, IncompatibleWorkerError
-from disagg.routing.fakes import make_info, make_layout
-from disagg.worker.protocol import EngineLoad
+from disagg.bench.standin import make_info, make_layout
+from disagg.messages import EngineLoad
 
 
 class Clock:
@@ -123,30 +123,3 @@ def test_replace_all_adds_compatible_and_reports_incompatible(pool: EndpointPool
     errors = pool.replace_all([make_info("decode", "10.0.0.1:8000"), make_info("decode", "10.0.0.2:8000", model="x")])
     assert [e.address for e in pool.endpoints()] == ["10.0.0.1:8000"]
     assert len(errors) == 1
-
-
-def test_role_signals_follow_loads_picks_and_membership(pool: EndpointPool, clock: Clock) -> None:
-    def assert_in_step(role: str) -> None:
-        signals, members = pool.signals(role), pool.endpoints(role, include_dead=True)
-        assert signals.endpoints == members
-        assert signals.queues == [e.queue for e in members]
-        assert signals.backlogs == [e.backlog for e in members]
-        assert signals.kv_free == [e.kv_free for e in members]
-        assert signals.slot_of == {e.engine_id: i for i, e in enumerate(members)}
-
-    d1 = pool.upsert(make_info("decode", "10.0.0.1:8000"))
-    d2 = pool.upsert(make_info("decode", "10.0.0.2:8000"))
-    pool.upsert(make_info("prefill", "10.0.0.3:8000"))
-    pool.update_load(d2.engine_id, EngineLoad(waiting=3, running=2, kv_usage=0.25))
-    d1.pending += 2
-    assert pool.signals("decode").queues == [2, 5] and pool.signals("decode").kv_free == [1.0, 0.75]
-    assert_in_step("decode")
-    assert_in_step("prefill")
-    pool.remove(d1.engine_id)
-    d1.pending += 1  # a removed endpoint writes nowhere the pool reads
-    assert_in_step("decode")
-    restarted = pool.upsert(make_info("decode", "10.0.0.2:8000"))  # same address, new engine
-    pool.update_load(restarted.engine_id, EngineLoad(waiting=1))
-    d2.pending += 7
-    assert pool.signals("decode").endpoints == [restarted] and pool.signals("decode").backlogs == [1]
-    assert_in_step("decode")

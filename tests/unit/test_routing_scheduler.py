@@ -8,8 +8,8 @@ import pytest
 
 from disagg.config import RoutingConfig
 from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler, block_hashes
-from disagg.routing.fakes import make_info
-from disagg.worker.protocol import EngineLoad
+from disagg.bench.standin import make_info
+from disagg.messages import EngineLoad
 
 BS = 32
 
@@ -285,39 +285,45 @@ def test_empty_prompt_still_picks_a_decode() -> None:
     assert pick.decode_addresses == ["d1:1"] and pick.decision == "local"
 
 
-def test_a_pick_over_the_whole_role_equals_one_over_a_filtered_list() -> None:
-    # The whole role reads the pool's signal lists; a subset hint, a dead or a saturated endpoint
-    # makes the pick build them from the endpoints (here forced by handing out a copy of the
-    # live list). Both must rank alike.
+def test_the_shortlist_picks_as_ranking_every_endpoint_whenever_the_winner_is_on_it() -> None:
+    # The pick ranks only the prefix holders and the least-loaded few; ranking every live
+    # endpoint instead (a shortlist as long as the role) must give the same pick whenever its
+    # winner was on the shortlist. Two schedulers, built alike, one of each.
     import random
 
-    def build() -> tuple[Scheduler, list[str]]:
-        rng = random.Random(7)
+    from disagg.routing.scheduler import SHORTLIST
+
+    def build(seed: int) -> tuple[Scheduler, list[int]]:
+        rng = random.Random(seed)
         s = make_scheduler(pd_threshold_tokens=64)
-        addresses = []
-        for i in range(24):
+        for i in range(rng.choice([3, 8, 24, 40])):
             role = "decode" if i % 3 else "prefill"
             add(s, role, f"{role[0]}{i}:1", waiting=rng.randint(0, 3), running=rng.randint(0, 6),
                 kv=rng.choice([0.0, 0.5, rng.random()]), node=f"n{i % 4}")
-            addresses.append(f"{role[0]}{i}:1")
-        return s, [a for a in addresses if a.startswith("d")]
+        prompts = [list(range(1000 * k, 1000 * k + 32 * rng.randint(1, 12))) for k in range(6)]
+        for _ in range(rng.randint(0, 10)):  # some prompts cached here and there
+            s.index.record(rng.choice(s.pool.endpoints()).engine_id, block_hashes(rng.choice(prompts), BS))
+        return s, rng.choice(prompts)[: rng.randint(0, 400)]
 
-    whole, decodes = build()
-    filtered, _ = build()
-    live = filtered.pool.live
-    filtered.pool.live = lambda role, now=None: list(live(role, now))  # type: ignore[method-assign]
-    rng = random.Random(11)
-    prompts = [list(range(1000 * k, 1000 * k + 32 * rng.randint(0, 12) + rng.randint(0, 31))) for k in range(12)]
-    for i in range(300):
-        tokens = rng.choice(prompts)[: rng.randint(0, 400)]
-        a = whole.pick(PickRequest(model="tiny", prompt_token_ids=tokens))
-        b = filtered.pick(PickRequest(model="tiny", prompt_token_ids=tokens, subset=decodes if i % 2 else None))
-        assert (a.decode_addresses, a.prefill_addresses, a.cached_tokens) == (
-            b.decode_addresses, b.prefill_addresses, b.cached_tokens), i
-        if i % 40 == 39:  # a scrape round: some picks are in the signal now
-            for s in (whole, filtered):
-                for e in s.pool.endpoints():
-                    s.pool.update_load(e.engine_id, EngineLoad(waiting=i % 3, running=e.queue // 2, kv_usage=0.1))
+    agreed = 0
+    for trial in range(80):
+        shortlisting, tokens = build(trial)
+        full, _ = build(trial)
+        short = full._shortlist
+        full._shortlist = lambda endpoints, hits, now, keep, ctx: short(endpoints, hits, now, len(endpoints), ctx)
+        a = shortlisting.pick(PickRequest(model="tiny", prompt_token_ids=tokens))
+        b = full.pick(PickRequest(model="tiny", prompt_token_ids=tokens))
+        listed = sorted(full.pool.live("decode", full.pool.clock()), key=lambda e: e.queue)
+        listed = {e.address for e in listed[:SHORTLIST + full.config.fallbacks + 1]}
+        if b.decode[0].address in listed or b.cached_tokens:
+            assert (a.decode[0].address, a.decision, a.cached_tokens) == (
+                b.decode[0].address, b.decision, b.cached_tokens), trial
+            if b.prefill and a.prefill:
+                assert a.prefill[0].address == b.prefill[0].address or b.prefill[0].address not in {
+                    e.address for e in sorted(full.pool.live("prefill", full.pool.clock()),
+                                              key=lambda e: e.queue)[:SHORTLIST + full.config.fallbacks + 1]}, trial
+            agreed += 1
+    assert agreed > 40  # the comparison ran on most trials
 
 
 def test_a_picks_metrics_count_once_its_answer_is_out() -> None:

@@ -1,13 +1,13 @@
-"""Stand-ins for workers, for tests and benchmarks of routing without an engine.
+"""Stand-in workers: the load targets of `disagg bench epp` (and of routing tests), without an
+engine.
 
-`FakeWorker` serves a worker's descriptor (`/v1/worker`), vLLM-named `/metrics` and `/health`
-from a thread; `hang()` makes it stop answering, as a stuck process would. `FakeKVPublisher`
-speaks vLLM's KV event wire protocol (PUB + ROUTER replay) from a thread.
+`StandInWorker` serves a worker's descriptor (`/v1/worker`), vLLM-named `/metrics` and `/health`
+from a thread, and answers every POST at once with who served it; `hang()` makes it stop
+answering, as a stuck process would.
 """
 
 from __future__ import annotations
 
-import itertools
 import socket
 import threading
 import time
@@ -16,16 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import msgspec
-import zmq
 
-from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
+from disagg.messages import EngineLoad, Role, WorkerInfo
 from kv_transfer.layout import KVLayout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_layout(model: str = "tiny", block_size: int = 32, dtype: str = "float32") -> KVLayout:
@@ -58,20 +51,23 @@ def metrics_text(load: EngineLoad, block_size: int = 32) -> str:
     )
 
 
-class FakeWorker:
+class StandInWorker:
     def __init__(self, role: Role, *, model: str = "tiny", block_size: int = 32, node_id: str = "",
-                 port: int | None = None, engine_id: str | None = None, **info_extra: Any) -> None:
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.info = make_info(role, self.address, model=model, block_size=block_size,
-                              engine_id=engine_id, node_id=node_id, **info_extra)
+                 port: int = 0, engine_id: str | None = None, **info_extra: Any) -> None:
+        self.port = port  # 0: the server binds a free one (read back at start)
+        self.role, self.model, self.block_size, self.node_id = role, model, block_size, node_id
+        self.engine_id, self.info_extra = engine_id, info_extra
         self.load = EngineLoad(num_blocks=1000)
         self.hung = threading.Event()
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
 
-    def start(self) -> "FakeWorker":
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "StandInWorker":
         worker = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -136,6 +132,9 @@ class FakeWorker:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.info = make_info(self.role, self.address, model=self.model, block_size=self.block_size,
+                              engine_id=self.engine_id, node_id=self.node_id, **self.info_extra)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -153,73 +152,3 @@ class FakeWorker:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-
-class FakeKVPublisher:
-    """vLLM's ZmqEventPublisher wire protocol: PUB binds `endpoint`, ROUTER binds
-    `replay_endpoint`; every published batch is kept for replay."""
-
-    def __init__(self, *, port: int | None = None, replay_port: int | None = None, topic: str = "") -> None:
-        self.port = port or free_port()
-        self.replay_port = replay_port or free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.replay_endpoint = f"tcp://127.0.0.1:{self.replay_port}"
-        self.topic = topic.encode()
-        self._seq = itertools.count()
-        self._buffer: list[tuple[int, bytes]] = []
-        self._lock = threading.Lock()
-        self._ctx = zmq.Context()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(f"tcp://127.0.0.1:{self.port}")
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(f"tcp://127.0.0.1:{self.replay_port}")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve_replay, daemon=True)
-        self._thread.start()
-
-    def publish(self, events: list[dict[str, Any]], *, send: bool = True) -> int:
-        """Publish one batch (each event a dict with "type"); `send=False` only buffers it, as if
-        the live message were lost. Returns its sequence number."""
-        payload = msgspec.msgpack.encode([time.time(), events, None])
-        with self._lock:
-            seq = next(self._seq)
-            self._buffer.append((seq, payload))
-            if send:
-                self._pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
-        return seq
-
-    def _serve_replay(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(50):
-                continue
-            client, _, start = self._router.recv_multipart()
-            first = int.from_bytes(start, "big")
-            with self._lock:
-                for seq, payload in self._buffer:
-                    if seq >= first:
-                        self._router.send_multipart([client, b"", self.topic, seq.to_bytes(8, "big"), payload])
-                self._router.send_multipart([client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._pub.close()
-        self._router.close()
-        self._ctx.term()
-
-
-def block_stored(block_hashes: list[int], token_ids: list[int], block_size: int,
-                 parent: int | None = None) -> dict[str, Any]:
-    event: dict[str, Any] = {"type": "BlockStored", "block_hashes": block_hashes, "token_ids": token_ids,
-                             "block_size": block_size, "medium": "GPU"}
-    if parent is not None:
-        event["parent_block_hash"] = parent
-    return event
-
-
-def block_removed(block_hashes: list[int]) -> dict[str, Any]:
-    return {"type": "BlockRemoved", "block_hashes": block_hashes, "medium": "GPU"}
