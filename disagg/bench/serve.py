@@ -32,8 +32,8 @@ from typing import Any
 
 from disagg.bench import driver, workloads
 from disagg.bench.progress import Progress, heartbeat, say
-from disagg.bench.report import fmt as _fmt
-from disagg.bench.stacks import EngineSettings, OursRay, native_dtype
+from disagg.bench.results import fmt, machine, versions
+from disagg.bench.stacks import EngineSettings, OursRay, ensure_model, native_dtype
 from disagg.config import AppConfig, RoutingConfig
 
 MODES = ("disagg", "aggregated")
@@ -238,18 +238,18 @@ def table(report: dict[str, Any]) -> str:
         if s is None:
             lines.append(f"| {mode} | - | - | - | - | - | {entry.get('error', '')[:120]} |")
             continue
-        lines.append(f"| {mode} | {_fmt(s['ttft_p50_ms'])}/{_fmt(s['ttft_p99_ms'])} | {_fmt(s['itl_p50_ms'])}/"
-                     f"{_fmt(s['itl_p99_ms'])} | {_fmt(s['tpot_p50_ms'])}/{_fmt(s['tpot_p99_ms'])} | "
-                     f"{_fmt(s['latency_p50_ms'])} | {_fmt(s['output_tok_s'])} | {s['failed']}/{s['requests']} |")
+        lines.append(f"| {mode} | {fmt(s['ttft_p50_ms'])}/{fmt(s['ttft_p99_ms'])} | {fmt(s['itl_p50_ms'])}/"
+                     f"{fmt(s['itl_p99_ms'])} | {fmt(s['tpot_p50_ms'])}/{fmt(s['tpot_p99_ms'])} | "
+                     f"{fmt(s['latency_p50_ms'])} | {fmt(s['output_tok_s'])} | {s['failed']}/{s['requests']} |")
     r = report.get("ratios")
     if r:
         lines += ["", "| disagg / aggregated | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | TPOT p50 | TPOT p99 | "
                   "output tok/s |", "|---|---|---|---|---|---|---|---|"]
         rows = [("all requests", r), *((f"{g} only", gr) for g, gr in report.get("group_ratios", {}).items())]
         for label, x in rows:
-            lines.append(f"| {label} | {_fmt(x['ttft_p50'])} | {_fmt(x['ttft_p99'])} | {_fmt(x['itl_p50'])} | "
-                         f"{_fmt(x['itl_p99'])} | {_fmt(x['tpot_p50'])} | {_fmt(x['tpot_p99'])} | "
-                         f"{_fmt(x['output_tok_s'])} |")
+            lines.append(f"| {label} | {fmt(x['ttft_p50'])} | {fmt(x['ttft_p99'])} | {fmt(x['itl_p50'])} | "
+                         f"{fmt(x['itl_p99'])} | {fmt(x['tpot_p50'])} | {fmt(x['tpot_p99'])} | "
+                         f"{fmt(x['output_tok_s'])} |")
     return "\n".join(lines)
 
 
@@ -279,9 +279,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             f"{report['load']}"
     r = report.get("ratios")
     if r:
-        title += (f"\ndisagg/aggregated: TTFT p50 {_fmt(r['ttft_p50'])}, p99 {_fmt(r['ttft_p99'])}; ITL p50 "
-                  f"{_fmt(r['itl_p50'])}, p99 {_fmt(r['itl_p99'])}; TPOT p50 {_fmt(r['tpot_p50'])}; "
-                  f"throughput {_fmt(r['output_tok_s'])}")
+        title += (f"\ndisagg/aggregated: TTFT p50 {fmt(r['ttft_p50'])}, p99 {fmt(r['ttft_p99'])}; ITL p50 "
+                  f"{fmt(r['itl_p50'])}, p99 {fmt(r['itl_p99'])}; TPOT p50 {fmt(r['tpot_p50'])}; "
+                  f"throughput {fmt(r['output_tok_s'])}")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from disagg.bench.compare import ensure_model, machine, versions
-
     started = time.monotonic()
     stamp = datetime.now(timezone.utc)
     model = ensure_model(args.model, "tiny") if args.url is None else str(Path(args.model).resolve())

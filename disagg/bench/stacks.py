@@ -1,11 +1,12 @@
-"""The serving stacks a benchmark brings up, one after another, each in its own processes:
+"""Our serving stacks, as a benchmark brings them up, one after another, each in its own processes:
 
     OursRay          `disagg serve` (our router, prefill and decode on a local Ray)
     OursGateway      standalone `disagg worker`s behind `disagg epp` + Envoy (the gateway path);
                      the router restarts in seconds with another routing config while the
                      engines keep running, which is what the P/D study sweeps
-    RayServeLLM      Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector
-    ReferenceProxy   two plain vLLM OpenAI servers behind `reference_proxy`
+
+The peers' stacks (Ray Serve LLM, vLLM's reference proxy) are built on the same `Stack` in the
+research harness beside the results (`benchmarks/peers.py`).
 
 Every stack pins its prefill engine to core 0 and its decode engine to core 1 (one OpenMP
 thread each), gives each engine 1 GiB of KV cache, and keeps all traffic on 127.0.0.1. A stack
@@ -16,6 +17,7 @@ is started with `start()` (blocks until it answers), measured through `url`, and
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import tempfile
@@ -29,20 +31,23 @@ import httpx
 from disagg.bench.processes import Launched, MemorySampler, free_port, terminate
 from disagg.bench.processes import launch as _launch_process
 
+log = logging.getLogger("disagg.bench.stacks")
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
 # On a shared, overloaded machine one engine step can take minutes; vLLM's defaults would then
 # declare the engine dead (300 s per step) or never ready (600 s). Same for every stack.
 PATIENT_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600", "VLLM_ENGINE_READY_TIMEOUT_S": "3600"}
-NIXL_QUIET_DIR = Path(__file__).resolve().parent / "nixl_quiet"
 
 
-def nixl_env(spin: bool) -> dict[str, str]:
-    """Env of a stack that runs vLLM's NixlConnector. Without `spin`, NIXL's progress thread
-    waits for UCX events instead of spinning (see `nixl_quiet/sitecustomize.py`): vLLM's default
-    keeps a spinning thread per engine, a core each, which a 2-core machine cannot spare."""
-    return {} if spin else {"PYTHONPATH": str(NIXL_QUIET_DIR)}
+def ensure_model(path: str, size: str) -> str:
+    """The model directory a stack serves, as an absolute path; a seeded random-weight model of
+    `size` (tiny, bench) is built there first if it holds none."""
+    from disagg.engine.tiny_model import build_tiny_model
+
+    if not (Path(path) / "config.json").exists():
+        log.info("building the %s model in %s", size, path)
+        build_tiny_model(path, size=size)
+    return str(Path(path).resolve())
 
 
 def native_dtype() -> str:
@@ -79,7 +84,7 @@ def launch(label: str, cmd: list[str], *, env: dict[str, str] | None = None, **k
     return _launch_process(label, cmd, env={**PATIENT_ENV, **(env or {})}, **kwargs)
 
 
-def _ray_component(cmdline: str) -> str | None:
+def ray_component(cmdline: str) -> str | None:
     """Components of a Ray Serve stack, from Ray's process titles."""
     if "Prefill" in cmdline:
         return "prefill"
@@ -93,15 +98,6 @@ def _ray_component(cmdline: str) -> str | None:
                                   "runtime_env", "default_worker.py")):
         return "ray"
     return None
-
-
-def _engine_env(core: str, settings: EngineSettings, nixl_port: int | None = None) -> dict[str, str]:
-    env = {"VLLM_CPU_OMP_THREADS_BIND": core, "OMP_NUM_THREADS": "1",
-           "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-           "UCX_NET_DEVICES": "lo", "TOKENIZERS_PARALLELISM": "false"}
-    if nixl_port is not None:
-        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_port)
-    return env
 
 
 def wait_ready(check: Any, launched: list[Launched], timeout_s: float, what: str) -> None:
@@ -135,7 +131,7 @@ def said_ready(log: str) -> bool:
     return ready_line(log) is not None
 
 
-def _get_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     return httpx.get(url, timeout=5).status_code == 200
 
 
@@ -232,7 +228,7 @@ class OursRay(Stack):
                "--decode-replicas", str(self.decode_replicas)]
         for item in sets:
             cmd += ["--set", item]
-        self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
+        self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=ray_component,
                                     env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled"}))
         self.url = f"http://127.0.0.1:{port}"
 
@@ -244,75 +240,6 @@ class OursRay(Stack):
             return body.get("decode", 0) >= self.decode_replicas and body.get("prefill", 0) >= self.prefill_replicas
 
         wait_ready(ready, self.launched, timeout_s, self.name)
-
-
-@dataclass
-class RayServeLLM(Stack):
-    """Ray Serve LLM's P/D app (see `disagg.bench.ray_serve_llm`)."""
-
-    stream_batching_ms: float = 50.0
-    nixl_spin: bool = False  # keep NIXL's spinning progress thread (vLLM's default)
-
-    @property
-    def description(self) -> str:  # type: ignore[override]
-        polling = "" if self.nixl_spin else " (NIXL progress thread not spinning)"
-        return f"Ray Serve LLM build_pd_openai_app, NixlConnector{polling}, stream batching {self.stream_batching_ms:g} ms"
-
-    def _start(self, timeout_s: float) -> None:
-        s = self.settings
-        port = free_port()
-        tmp = tempfile.mkdtemp(prefix="rsl-", dir="/tmp")
-        cmd = [PY, "-m", "disagg.bench.ray_serve_llm", "--model", self.model, "--port", str(port),
-               "--stream-batching-ms", str(self.stream_batching_ms), "--prefill-core", s.prefill_core,
-               "--decode-core", s.decode_core, "--dtype", s.dtype, "--block-size", str(s.block_size),
-               "--max-model-len", str(s.max_model_len), "--ray-tmpdir", tmp, "--timeout", str(timeout_s)]
-        self.launched.append(launch("driver", cmd, log_dir=self.log_dir, cwd=REPO, classify=_ray_component,
-                                    env={"TMPDIR": tmp, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled",
-                                         **nixl_env(self.nixl_spin)}))
-        self.url = f"http://127.0.0.1:{port}"
-        wait_ready(lambda: said_ready(self.launched[0].log_tail(100_000)), self.launched, timeout_s, self.name)
-
-
-def vllm_server_cmd(model: str, port: int, settings: EngineSettings, kv_transfer: dict | None) -> list[str]:
-    cmd = [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--served-model-name", Path(model).name, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", settings.dtype, "--block-size", str(settings.block_size),
-           "--max-model-len", str(settings.max_model_len),
-           "--max-num-seqs", str(settings.max_num_seqs), "--enforce-eager", "--enable-prefix-caching",
-           "--disable-uvicorn-access-log"]
-    if kv_transfer is not None:
-        cmd += ["--kv-transfer-config", json.dumps(kv_transfer)]
-    return cmd
-
-
-@dataclass
-class ReferenceProxy(Stack):
-    """Two vLLM OpenAI servers (prefill, decode) behind `disagg.bench.reference_proxy`."""
-
-    nixl_spin: bool = False  # keep NIXL's spinning progress thread (vLLM's default)
-    engine_urls: dict[str, str] = field(default_factory=dict)  # role -> the vLLM server's own URL
-
-    @property
-    def description(self) -> str:  # type: ignore[override]
-        polling = "" if self.nixl_spin else " (NIXL progress thread not spinning)"
-        return f"vLLM OpenAI servers x2 + reference P/D proxy (round robin, NixlConnector{polling})"
-
-    def _start(self, timeout_s: float) -> None:
-        s = self.settings
-        p_port, d_port, proxy_port = free_port(), free_port(), free_port()
-        self.engine_urls = {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}"}
-        self.launched.append(launch("prefill", vllm_server_cmd(self.model, p_port, s, NIXL), log_dir=self.log_dir,
-                                    cwd=REPO, env={**_engine_env(s.prefill_core, s, free_port()),
-                                                          **nixl_env(self.nixl_spin)}))
-        self.launched.append(launch("decode", vllm_server_cmd(self.model, d_port, s, NIXL), log_dir=self.log_dir,
-                                    cwd=REPO, env={**_engine_env(s.decode_core, s, free_port()),
-                                                          **nixl_env(self.nixl_spin)}))
-        self.launched.append(launch("router", [PY, "-m", "disagg.bench.reference_proxy", "--port", str(proxy_port),
-                                               "--prefill", f"127.0.0.1:{p_port}", "--decode", f"127.0.0.1:{d_port}"],
-                                    log_dir=self.log_dir, cwd=REPO))
-        self.url = f"http://127.0.0.1:{proxy_port}"
-        wait_ready(lambda: all(_get_ok(f"http://127.0.0.1:{p}/health") for p in (p_port, d_port, proxy_port)),
-              self.launched, timeout_s, self.name)
 
 
 @dataclass
@@ -354,7 +281,7 @@ class OursGateway(Stack):
             for item in base:
                 cmd += ["--set", item]
             self.launched.append(launch(w.label, cmd, log_dir=self.log_dir, cwd=REPO))
-        wait_ready(lambda: all(_get_ok(f"http://{w.address}/health") for w in self.workers), self.launched, timeout_s,
+        wait_ready(lambda: all(http_ok(f"http://{w.address}/health") for w in self.workers), self.launched, timeout_s,
               f"{self.name} workers")
         if self.initial_route:
             self.route(self.initial_route, self.router_settings)

@@ -4,7 +4,7 @@ Fast stand-ins check the client driver and the reference proxy's protocol; the r
 runs for real (two vLLM servers with NixlConnector behind the proxy); Ray Serve LLM's P/D app is
 built (not deployed: that takes minutes) from the arguments our launcher gives it; the report
 renders from a run's JSON; `disagg bench serve --mode both` runs our stack both ways for real.
-`disagg bench compare --quick` runs every stack for real.
+`python -m benchmarks.compare --quick` runs every stack for real.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from benchmarks.compare import ratios
+from benchmarks.peers import RayServeLLM, ReferenceProxy
+from benchmarks.reference_proxy import build_app as build_proxy
+from benchmarks.report import markdown, plots
 from disagg.bench import driver, workloads
-from disagg.bench.compare import ratios
-from disagg.bench.reference_proxy import build_app as build_proxy
-from disagg.bench.report import markdown, plots
-from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, RayServeLLM, ReferenceProxy, Stack
+from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, Stack
 from tests.support.workers import metric
 
 pytestmark = pytest.mark.integration
@@ -189,7 +190,7 @@ def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path
 
 def test_ray_serve_llm_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
     """Ray Serve LLM's P/D app as the benchmark starts it (its NixlConnector not spinning)."""
-    pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see disagg/bench/ray_serve_llm.py)")
+    pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see benchmarks/ray_serve_llm.py)")
     stack = RayServeLLM("ray-serve-llm", tiny_model, EngineSettings(), log_dir=tmp_path, stream_batching_ms=0.0)
     _serves_a_small_workload(stack, tiny_model, {"prefill", "decode"})
 
@@ -227,10 +228,10 @@ def test_bench_serve_measures_a_running_stack_given_by_url(tiny_model: str, tmp_
 
 
 def test_ray_serve_llm_pd_app_builds_from_our_arguments(tiny_model: str) -> None:
-    pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see disagg/bench/ray_serve_llm.py)")
+    pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see benchmarks/ray_serve_llm.py)")
     from ray.serve.llm import build_pd_openai_app
 
-    from disagg.bench.ray_serve_llm import pd_serving_args
+    from benchmarks.ray_serve_llm import pd_serving_args
 
     args = pd_serving_args(tiny_model, model_id="tiny", host="127.0.0.1", prefill_core="0", decode_core="1",
                            prefill_nixl_port=_free_port(), decode_nixl_port=_free_port(), stream_batching_ms=0.0)
@@ -251,7 +252,7 @@ def _fake_report() -> dict[str, Any]:
         return {"name": name, "runs": runs, "memory_mib": {"prefill": 900.0, "decode": 900.0}, "startup_s": 60}
 
     return {
-        "date": "2026-11-27T00:00:00+00:00", "command": "disagg bench compare --quick", "elapsed_s": 600,
+        "date": "2026-11-27T00:00:00+00:00", "command": "python -m benchmarks.compare --quick", "elapsed_s": 600,
         "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 24, "load_avg_at_start": [1, 1, 1], "platform": "linux"},
         "side_by_side": {"model": "tiny", "workloads": {}, "stacks": [stack("ours", 50, 300), stack("ray-serve-llm", 100, 200),
                                                                       stack("reference", 80, 250)]},
@@ -279,8 +280,8 @@ def test_report_gives_the_ratios_the_issue_asks_for_and_renders(tmp_path: Path) 
 
 
 def test_report_plots_go_where_plot_names_them(tmp_path: Path) -> None:
-    """`disagg bench compare --plot FILE`: the side by side at FILE, the others beside it."""
-    from disagg.bench.report import plots_at
+    """`python -m benchmarks.compare --plot FILE`: the side by side at FILE, the others beside it."""
+    from benchmarks.report import plots_at
 
     written = plots_at(_fake_report(), tmp_path / "out" / "cmp.png")
     assert [p.name for p in written] == ["cmp.png", "cmp-memory.png", "cmp-pd-study.png"]

