@@ -3,13 +3,14 @@
 1. Pick latency and picks per second at 8, 64 and 256 endpoints (half prefill, half decode), with
    100k blocks in the prefix index; prompts of 1024 tokens, half of them sharing an indexed prefix.
    The sizes take turns in rounds, so each sees the machine alike.
-2. What answering one ext_proc stream costs the EPP itself, in-process (`ext_proc_replay`), back
-   to back and after the core idled, beside the constant-answer floor.
+2. What answering one ext_proc stream costs the EPP itself, in-process, back to back and after
+   the core idled, beside the constant-answer floor (`benchmarks.ext_proc_replay`; from a checkout).
 3. The latency the ext_proc hop adds: the same small request to a stand-in worker that answers at
-   once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process;
-   ext_proc on our h2 server's C engine, on its Python engine, and on grpcio), in alternating
-   rounds, from a lean keep-alive client (the standard library's), so the client's own CPU
-   barely competes.
+   once, directly, through Envoy alone and through Envoy + EPP (`disagg epp`, its own process, over
+   TLS as by default and plaintext), in alternating rounds, from a lean keep-alive client (the
+   standard library's), so the client's own CPU barely competes. From a checkout, also the
+   research comparisons in `benchmarks/`: a constant-answer ext_proc server (the floor) and the
+   EPP with ext_proc served by grpclib instead of our server (`benchmarks.ext_proc_grpclib`).
 4. What keeping the state current costs: a scheduler scraping stand-in workers (their own
    process) every `scrape_interval_s`, as the EPP does; scrapes per second and CPU per scrape.
 
@@ -37,16 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from disagg.bench.progress import say
+from disagg.bench.standin import make_info
 from disagg.config import RoutingConfig
 from disagg.routing import PickRequest, Scheduler
-from disagg.routing.fakes import make_info
 from disagg.routing.prefix_index import block_hashes
-from disagg.worker.protocol import EngineLoad
+from disagg.messages import EngineLoad
 
 BLOCK = 32
 # The hop's request (and the in-process answer's): a small completion of token ids.
 HOP_MODEL = "bench"
 HOP_BODY = json.dumps({"model": HOP_MODEL, "prompt": list(range(200)), "max_tokens": 1}).encode()
+# The research harness (floors, other servers), where this runs from a checkout.
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = (REPO / "benchmarks" / "__init__.py").exists()
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -180,8 +184,8 @@ def _cpu_seconds(pid: int) -> float:
 # and /metrics; the first is a decode worker. Prints "READY addr,addr,...".
 _STAND_INS = (
     "import sys, time\n"
-    "from disagg.routing.fakes import FakeWorker\n"
-    "ws = [FakeWorker('prefill' if i % 2 else 'decode', model='bench').start() for i in range(int(sys.argv[1]))]\n"
+    "from disagg.bench.standin import StandInWorker\n"
+    "ws = [StandInWorker('prefill' if i % 2 else 'decode', model='bench').start() for i in range(int(sys.argv[1]))]\n"
     "print('READY', ','.join(w.address for w in ws), flush=True)\n"
     "time.sleep(1e9)\n"
 )
@@ -261,18 +265,29 @@ def _time_rounds(clients: dict[str, _KeepAliveClient], requests: int, rounds: in
                 epp_cpu[name] += _cpu_seconds(epp_pids[name]) - epp0
 
 
-async def bench_hop(requests: int, rounds: int = 20,
-                    servers: tuple[str, ...] = ("h2", "h2-python", "grpcio")) -> dict[str, Any]:
-    """The same small request sent directly to a stand-in worker, through Envoy alone, through
-    Envoy + a constant-answer ext_proc server (the floor: `disagg.bench.ext_proc_floor`), and
-    through Envoy + EPP (one EPP per ext_proc server: ours, h2, on its C engine where built and
-    on its Python one, and grpcio's), in alternating
-    rounds, so a change in the machine's load hits all alike. Each EPP runs as in production: its
-    own process (`disagg epp --gateway-port`), apart from the client and the worker."""
+def hop_paths(worker: str) -> dict[str, tuple[str, list[str]]]:
+    """The gateway processes the hop goes through, by result key: a label and the command, which
+    runs an Envoy in front of `worker` and prints its URL (`gateway=...`)."""
+    epp = [sys.executable, "-m", "disagg.cli", "epp", "--model", HOP_MODEL, "--set", f"block_size={BLOCK}",
+           "--endpoints", worker, "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
+           "--metrics-port", "0", "--gateway-port", "0", "--gateway-host", "127.0.0.1", "--log-level", "WARNING"]
+    paths = {"envoy_epp": ("epp", epp), "envoy_epp_plaintext": ("epp-plaintext", [*epp, "--secure-serving=false"])}
+    if HARNESS:
+        paths["envoy_floor"] = ("ext-proc-floor", [sys.executable, "-m", "benchmarks.ext_proc_floor", worker])
+        paths["envoy_epp_grpclib"] = ("epp-grpclib", [sys.executable, "-m", "benchmarks.ext_proc_grpclib", worker,
+                                                      "--model", HOP_MODEL, "--block-size", str(BLOCK)])
+    return paths
+
+
+async def bench_hop(requests: int, rounds: int = 20) -> dict[str, Any]:
+    """The same small request sent directly to a stand-in worker, through Envoy alone, and through
+    each of `hop_paths` (Envoy + an ext_proc server), in alternating rounds, so a change in the
+    machine's load hits all alike. Each EPP runs as in production: its own process, apart from
+    the client and the worker."""
     import psutil
 
     from disagg.bench.processes import launch, terminate
-    from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
+    from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
 
     log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-hop-"))
     launched = [launch("stand-in", [sys.executable, "-c", _STAND_INS, "1"], log_dir=log_dir)]
@@ -280,31 +295,18 @@ async def bench_hop(requests: int, rounds: int = 20,
     try:
         worker = _ready_line(launched[0]).split()[1]
         write_endpoints(log_dir, [worker])
-        port = free_port()
-        alone = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", 1, free_port(), log_dir, ext_proc=False))
+        alone = EnvoyProcess(EnvoySettings("127.0.0.1", 0, "127.0.0.1", 1, log_dir, ext_proc=False))
         await alone.start()
-        targets = {"direct": f"http://{worker}", "envoy": f"http://127.0.0.1:{port}"}
+        targets = {"direct": f"http://{worker}", "envoy": alone.url}
         watched = {"envoy": alone.process.pid}
         epp_pids: dict[str, int] = {}
-
-        def gateway(name: str, label: str, cmd: list[str]) -> None:
-            """Launch a process that runs an Envoy in front of the worker and prints its URL
-            (`gateway=...`); time requests through it, and count its CPU and its Envoy's."""
-            process = launch(label, cmd, log_dir=log_dir)
+        for name, (label, cmd) in hop_paths(worker).items():
+            process = launch(label, cmd, log_dir=log_dir, cwd=REPO)
             launched.append(process)
             targets[name] = next(f for f in _ready_line(process).split() if f.startswith("gateway=")).split("=", 1)[1]
             watched[name] = next(c.pid for c in psutil.Process(process.pid).children(recursive=True)
                                  if "envoy" in c.name())
             epp_pids[name] = process.pid
-
-        # The floor: the same Envoy calling a constant-answer server on our h2 stack.
-        gateway("envoy_floor", "ext-proc-floor", [sys.executable, "-m", "disagg.bench.ext_proc_floor", worker])
-        for server in servers:
-            gateway("envoy_epp" if server == "h2" else f"envoy_epp_{server.replace('-', '_')}", f"epp-{server}", [
-                sys.executable, "-m", "disagg.cli", "epp", "--model", HOP_MODEL, "--set", f"block_size={BLOCK}",
-                "--endpoints", worker, "--host", "127.0.0.1", "--grpc-port", "0", "--health-port", "0",
-                "--metrics-port", "0", "--gateway-port", "0", "--gateway-host", "127.0.0.1",
-                "--ext-proc-server", server, "--log-level", "WARNING"])
         latencies: dict[str, list[float]] = {name: [] for name in targets}
         cpu = {name: 0.0 for name in watched}
         epp_cpu = {name: 0.0 for name in epp_pids}
@@ -328,8 +330,7 @@ async def bench_hop(requests: int, rounds: int = 20,
         return out
 
     n = len(latencies["envoy"])
-    result: dict[str, Any] = {"requests": n, "rounds": rounds, "ext_proc_servers": list(servers),
-                              **{name: summary(name) for name in targets}}
+    result: dict[str, Any] = {"requests": n, "rounds": rounds, **{name: summary(name) for name in targets}}
     for name in epp_pids:
         suffix = _key_suffix(name)
         result[f"epp_hop_added_p50_ms{suffix}"] = result[name]["p50_ms"] - result["envoy"]["p50_ms"]
@@ -337,6 +338,10 @@ async def bench_hop(requests: int, rounds: int = 20,
         result[f"epp_cpu_ms_per_request{suffix}"] = epp_cpu[name] / n * 1e3
         result[f"envoy_ext_proc_cpu_ms_per_request{suffix}"] = (
             result[name]["envoy_cpu_ms_per_request"] - result["envoy"]["envoy_cpu_ms_per_request"])
+    if "envoy_epp_grpclib" in result:
+        # The server comparison: the same EPP, plaintext both, grpclib's server against ours.
+        result["grpclib_minus_ours_added_p50_ms"] = (result["epp_hop_added_p50_ms_grpclib"]
+                                                     - result["epp_hop_added_p50_ms_plaintext"])
     return result
 
 
@@ -380,11 +385,21 @@ async def bench_scrapes(workers: int, seconds: float = 5.0) -> dict[str, Any]:
 
 def _key_suffix(path: str) -> str | None:
     """The suffix of a hop path's result keys (`epp_hop_added_p50_ms...`): none for the default
-    EPP (h2), the server's name for the others, "_floor" for the constant-answer server; None for
-    the paths without an ext_proc server."""
+    EPP, "_plaintext", "_grpclib", "_floor" for the others; None for the paths without an
+    ext_proc server."""
     if path == "envoy_floor":
         return "_floor"
     return path.removeprefix("envoy_epp") if path.startswith("envoy_epp") else None
+
+
+HOP_LABELS = {
+    "direct": ("direct", "direct to the worker"),
+    "envoy": ("Envoy", "Envoy"),
+    "envoy_floor": ("Envoy+\nconstant\next_proc", "Envoy + a constant-answer ext_proc server on our h2 server (the floor)"),
+    "envoy_epp": ("Envoy+EPP\n(TLS)", "Envoy + EPP over TLS (the default)"),
+    "envoy_epp_plaintext": ("Envoy+EPP\n(plaintext)", "Envoy + EPP, plaintext (`--secure-serving=false`)"),
+    "envoy_epp_grpclib": ("Envoy+EPP\n(grpclib)", "Envoy + EPP with ext_proc on grpclib, plaintext"),
+}
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -411,9 +426,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     left.legend()
     hop = result.get("hop")
     if hop:
-        labels = {"direct": "direct", "envoy": "Envoy", "envoy_floor": "Envoy+\nconstant\next_proc",
-                  "envoy_epp": "Envoy+EPP\n(h2)", "envoy_epp_h2_python": "Envoy+EPP\n(h2, Python)",
-                  "envoy_epp_grpcio": "Envoy+EPP\n(grpcio)"}
+        labels = {name: short for name, (short, _) in HOP_LABELS.items()}
         names = [n for n in labels if n in hop]
         right.bar([labels[n] for n in names], [hop[n]["p50_ms"] for n in names], label="p50")
         right.scatter([labels[n] for n in names], [hop[n]["p99_ms"] for n in names], color="black",
@@ -422,7 +435,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         title = f"EPP hop adds {hop['epp_hop_added_p50_ms']:.2f} ms at p50"
         if "epp_hop_added_p50_ms_floor" in hop:
             title += f"\n(a constant-answer server: {hop['epp_hop_added_p50_ms_floor']:.2f}"
-            for name, label in (("_h2_python", "h2's Python engine"), ("_grpcio", "grpcio")):
+            for name, label in (("_plaintext", "plaintext"), ("_grpclib", "grpclib")):
                 if "epp_hop_added_p50_ms" + name in hop:
                     title += f"; on {label}: {hop['epp_hop_added_p50_ms' + name]:.2f}"
             title += ")"
@@ -457,23 +470,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   "sockets, no event loop), back to back and after the core idled "
                   f"{answer['idle_ms']:.0f} ms (as between requests in a live gateway):", "",
                   "| server | p50 (µs) | after idle, p50 (µs) |", "|---|---|---|"]
-        engines = answer.get("engines", ["python"])
-        for engine in engines:
-            suffix = "" if engine == engines[0] else f"_{engine}"
-            for name, label in (("epp", "EPP (parse, pick, answer)"), ("floor", "constant-answer floor")):
-                timed = answer[name + suffix]
-                lines.append(f"| {label}, {engine} engine | {timed['p50_us']:.0f} | {timed['after_idle_p50_us']:.0f} |")
+        for name, label in (("epp", "EPP (parse, pick, answer)"), ("floor", "constant-answer floor")):
+            timed = answer[name]
+            lines.append(f"| {label} | {timed['p50_us']:.0f} | {timed['after_idle_p50_us']:.0f} |")
     hop = result.get("hop")
     if hop:
         lines += ["", f"The hop, {hop['requests']} requests per path in {hop['rounds']} alternating rounds, one "
                   "at a time over a keep-alive connection:", "",
                   "| path | p50 (ms) | p99 (ms) | added over Envoy, p50 (ms) | EPP CPU per request (ms) |",
                   "|---|---|---|---|---|"]
-        for name, label in (("direct", "direct to the worker"), ("envoy", "Envoy"),
-                            ("envoy_floor", "Envoy + a constant-answer ext_proc server on h2 (the floor)"),
-                            ("envoy_epp", "Envoy + EPP (ext_proc on h2, ours)"),
-                            ("envoy_epp_h2_python", "Envoy + EPP (ext_proc on h2's Python engine)"),
-                            ("envoy_epp_grpcio", "Envoy + EPP (ext_proc on grpcio)")):
+        for name, (_, label) in HOP_LABELS.items():
             if name not in hop:
                 continue
             suffix = _key_suffix(name)
@@ -520,32 +526,37 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {r['p99_us']:.1f} µs, {r['picks_per_s']:.0f} picks/s; CPU p50 {r['cpu_p50_us']:.1f} µs "
               f"+ {r['record_after_answer_cpu_p50_us']:.1f} µs bookkeeping after the answer (indexing, metrics), "
               f"{r['picks_per_cpu_s']:.0f} picks per CPU second", flush=True)
-    if args.answer_requests:
-        from disagg.bench.ext_proc_replay import bench_answers
+    if args.answer_requests and HARNESS:
+        import subprocess
 
         say("epp", f"the ext_proc answer in-process: {args.answer_requests} Envoy-like streams to the EPP and the floor")
-        answer = result["answer"] = bench_answers(args.answer_requests, body=HOP_BODY, model=HOP_MODEL, block_size=BLOCK)
-        for name in ("epp", "floor", "epp_python", "floor_python"):
-            if name not in answer:
-                continue
+        out = subprocess.run([sys.executable, "-m", "benchmarks.ext_proc_replay", str(args.answer_requests), HOP_MODEL,
+                              str(BLOCK), HOP_BODY.decode()], cwd=REPO, check=True, capture_output=True, text=True)
+        answer = result["answer"] = json.loads(out.stdout)
+        for name in ("epp", "floor"):
             print(f"answer ({name}): p50 {answer[name]['p50_us']:.0f} µs back to back, "
                   f"{answer[name]['after_idle_p50_us']:.0f} µs after {answer['idle_ms']:.0f} ms idle", flush=True)
     if args.hop_requests:
-        say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy, through Envoy + a "
-                   "constant-answer ext_proc server, through Envoy + EPP")
+        say("epp", f"the ext_proc hop: {args.hop_requests} requests direct, through Envoy and through Envoy + each "
+                   "ext_proc server")
         hop = asyncio.run(bench_hop(args.hop_requests))
         print(f"hop: direct p50 {hop['direct']['p50_ms']:.2f} ms, Envoy {hop['envoy']['p50_ms']:.2f} ms, "
               f"Envoy+EPP {hop['envoy_epp']['p50_ms']:.2f} ms (EPP adds {hop['epp_hop_added_p50_ms']:.2f} ms p50); "
               f"CPU per request: EPP {hop['epp_cpu_ms_per_request']:.2f} ms, Envoy's ext_proc work "
               f"{hop['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
-        print(f"hop floor (a constant-answer ext_proc server on our h2 stack): adds "
-              f"{hop['epp_hop_added_p50_ms_floor']:.2f} ms p50, its CPU {hop['epp_cpu_ms_per_request_floor']:.2f} ms "
-              f"per request", flush=True)
-        for name, label in (("h2_python", "h2's Python engine"), ("grpcio", "grpcio")):
-            if f"envoy_epp_{name}" in hop:
+        for name, label in (("floor", "a constant-answer server (the floor)"), ("plaintext", "plaintext"),
+                            ("grpclib", "grpclib, plaintext")):
+            if f"epp_hop_added_p50_ms_{name}" in hop and name == "floor":
+                print(f"hop floor (a constant-answer ext_proc server on our h2 server): adds "
+                      f"{hop['epp_hop_added_p50_ms_floor']:.2f} ms p50, its CPU "
+                      f"{hop['epp_cpu_ms_per_request_floor']:.2f} ms per request", flush=True)
+            elif f"envoy_epp_{name}" in hop:
                 print(f"hop with the EPP on {label}: Envoy+EPP {hop[f'envoy_epp_{name}']['p50_ms']:.2f} ms (adds "
                       f"{hop[f'epp_hop_added_p50_ms_{name}']:.2f} ms p50); EPP CPU "
                       f"{hop[f'epp_cpu_ms_per_request_{name}']:.2f} ms per request", flush=True)
+        if "grpclib_minus_ours_added_p50_ms" in hop:
+            print(f"grpclib adds {hop['grpclib_minus_ours_added_p50_ms']:.2f} ms p50 more than our server "
+                  "(both plaintext)", flush=True)
         result["hop"] = hop
     if args.scrape_workers:
         say("epp", f"scrapes: a scheduler following {args.scrape_workers} stand-in workers")

@@ -18,10 +18,8 @@ import concurrent.futures
 import contextlib
 import logging
 import shutil
-import sys
 import tempfile
 import threading
-import traceback
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -66,13 +64,12 @@ STOP_STEP_S = 10.0
 
 
 async def _settle(tasks: list[asyncio.Task], timeout_s: float, what: str) -> None:
-    """Wait for `tasks` to end, at most `timeout_s`; log (with where they wait) those that did not."""
+    """Wait for `tasks` to end, at most `timeout_s`; log those that did not."""
     if not tasks:
         return
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in pending:
-        log.warning("%s: %s still running after %.0f s, left behind; waits in %s", what, task.get_name(),
-                    timeout_s, _waits_in(task.get_coro()))
+        log.warning("%s: %s still running after %.0f s, left behind", what, task.get_name(), timeout_s)
 
 
 class Gateway:
@@ -199,25 +196,13 @@ class GatewayThread:
         self._thread.start()
 
     def run(self, coro: Any, timeout: float | None = None) -> Any:
-        """Run a coroutine on the gateway's loop and wait for its result. On timeout the error
-        says where the loop's thread is (a blocked loop stalls every pick)."""
+        """Run a coroutine on the gateway's loop and wait for its result."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
-            where = self._whereabouts(coro)
             future.cancel()
-            raise concurrent.futures.TimeoutError(f"the gateway loop did not answer in {timeout} s\n{where}") from None
-
-    def _whereabouts(self, coro: Any) -> str:
-        """Where the loop's thread is, and where the awaited coroutine is suspended (read from
-        another thread: a best-effort snapshot for the error message)."""
-        frame = sys._current_frames().get(self._thread.ident or -1)
-        lines = ["loop thread at:", "".join(traceback.format_stack(frame)) if frame else "(thread gone)",
-                 f"the coroutine waits in: {_waits_in(coro)}", "other tasks wait in:"]
-        for task in list(asyncio.all_tasks(self.loop))[:30]:
-            lines.append(f" {task.get_name()}: {_waits_in(task.get_coro())}")
-        return "\n".join(lines)
+            raise
 
     def call(self, fn: Callable[[], T], timeout: float | None = 10) -> T:
         """Run `fn()` on the gateway's loop (where the scheduler's state lives)."""
@@ -243,18 +228,6 @@ class GatewayThread:
             log.warning("gateway stop: %s", exc)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
-
-
-def _waits_in(coro: Any) -> str:
-    """Where a suspended coroutine and those it awaits stand, innermost first ("a <- b <- c")."""
-    chain = []
-    while coro is not None and getattr(coro, "cr_frame", None) is not None:
-        frame = coro.cr_frame
-        chain.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
-        coro = coro.cr_await
-    if coro is not None:
-        chain.append(repr(coro)[:200])
-    return " <- ".join(reversed(chain))
 
 
 def start_gateway_thread(config: AppConfig, discovery: Discovery, *, gateway_port: int | None = 0,

@@ -290,10 +290,9 @@ def test_report_plots_go_where_plot_names_them(tmp_path: Path) -> None:
 
 def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     """`disagg bench epp` on a tiny run: picks at two pool sizes, the hop through a real Envoy
-    alone and with a real `disagg epp` process in front of a stand-in worker, and scrapes of
-    stand-in workers."""
+    alone and with real `disagg epp` processes (TLS and plaintext) and the harness's servers (the
+    floor, grpclib) in front of a stand-in worker, and scrapes of stand-in workers."""
     from disagg.bench.epp import main
-    from disagg.epp.h2grpc import ENGINES
 
     out = tmp_path / "epp.json"
     assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--answer-requests", "50",
@@ -303,22 +302,20 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
     assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
     # The in-process answers routed to the stand-in (checked as they ran), each taking some time.
     answer = report["answer"]
-    names = ["epp", "floor", "epp_python", "floor_python"] if "c" in ENGINES else ["epp", "floor"]
-    assert all(0 < answer[name][key] for name in names for key in ("p50_us", "after_idle_p50_us"))
+    assert all(0 < answer[name][key] for name in ("epp", "floor") for key in ("p50_us", "after_idle_p50_us"))
     hop = report["hop"]
     assert hop["requests"] == 40
-    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_floor", "envoy_epp", "envoy_epp_h2_python",
-                                                    "envoy_epp_grpcio"))
-    # Each EPP process (ours on h2's default engine and on its Python one, and on grpcio) did work
-    # for every request.
-    assert all(hop[f"epp_cpu_ms_per_request{suffix}"] > 0 for suffix in ("", "_h2_python", "_grpcio"))
+    assert all(0 < hop[name]["p50_ms"] for name in ("direct", "envoy", "envoy_floor", "envoy_epp",
+                                                    "envoy_epp_plaintext", "envoy_epp_grpclib"))
+    # Each EPP process (ours over TLS and plaintext, and on grpclib) did work for every request.
+    assert all(hop[f"epp_cpu_ms_per_request{suffix}"] > 0 for suffix in ("", "_plaintext", "_grpclib"))
+    assert "grpclib_minus_ours_added_p50_ms" in hop
     # The floor's CPU may read 0 over so few requests (/proc counts 10 ms ticks); it is there.
     assert hop["epp_cpu_ms_per_request_floor"] >= 0 and "epp_hop_added_p50_ms_floor" in hop
     assert (tmp_path / "epp.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "epp.md").read_text()
-    assert "| 8 |" in table and "Envoy + EPP (ext_proc on grpcio)" in table and "(the floor)" in table
-    assert "| EPP (parse, pick, answer), python engine |" in table
-    assert "Envoy + EPP (ext_proc on h2's Python engine)" in table
+    assert "| 8 |" in table and "Envoy + EPP with ext_proc on grpclib" in table and "(the floor)" in table
+    assert "| EPP (parse, pick, answer) |" in table and "Envoy + EPP over TLS (the default)" in table
     # Four workers scraped every 0.2 s: about 20 scrapes a second, each costing some CPU.
     scrapes = report["scrapes"]
     assert scrapes["workers"] == 4 and 10 < scrapes["scrapes_per_s"] <= 25 and scrapes["cpu_ms_per_scrape"] > 0

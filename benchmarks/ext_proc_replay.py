@@ -2,8 +2,7 @@
 loop: Envoy-like streams (the bytes Envoy writes for a small completion in FULL_DUPLEX_STREAMED
 mode: the gRPC HEADERS, then the request headers, body and end-of-stream messages) are handed to
 one connection of our HTTP/2 gRPC server in this process, answered by the EPP and, for
-comparison, by the hop floor's constant-answer server, each on both of the server's engines (C
-and Python).
+comparison, by the hop floor's constant-answer server.
 
 Each is timed twice: back to back (caches warm), and after the core sat idle for 1 ms, as it
 does between requests in a live gateway. On a shared VM the second is what the hop sees: there
@@ -22,18 +21,18 @@ import hpack
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from disagg.bench.ext_proc_floor import constant_server
+from benchmarks.ext_proc_floor import constant_server
 from disagg.config import RoutingConfig
 from disagg.epp.ext_proc import FULL_DUPLEX_STREAMED, ExternalProcessor
-from disagg.epp.h2grpc import ENGINES, GrpcServer
+from disagg.epp.h2grpc import GrpcServer
 from disagg.epp.h2wire import (DATA, DEFAULT_WINDOW, END_HEADERS, HEADERS, PREFACE, SETTINGS,
                                SETTINGS_INITIAL_WINDOW_SIZE, WINDOW_UPDATE, frame, grpc_frame)
 from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import RawPromptReader
 from disagg.epp.protocol import PROCESS_PATH
 from disagg.routing import Scheduler
-from disagg.routing.fakes import make_info
-from disagg.worker.protocol import EngineLoad
+from disagg.bench.standin import make_info
+from disagg.messages import EngineLoad
 
 WORKER = "127.0.0.1:8000"
 
@@ -114,8 +113,7 @@ def bench_answers(requests: int, *, body: bytes, model: str, block_size: int, id
                   idle_s: float = 1e-3) -> dict[str, Any]:
     """p50 microseconds per request, back to back and after `idle_s` idle, for the EPP (one
     decode endpoint serving `model`, no tokenizer: the hop's setup) and the constant-answer
-    floor, on each engine ("epp", "floor": the C engine where built; "epp_python",
-    "floor_python"), each stream carrying completion `body`. After idle: `idle_requests`
+    floor ("epp", "floor"), each stream carrying completion `body`. After idle: `idle_requests`
     (default: a sixth of `requests`, at least 10)."""
     idle_requests = idle_requests or max(10, requests // 6)
     scheduler = Scheduler(RoutingConfig(), model=model, block_size=block_size)
@@ -127,17 +125,22 @@ def bench_answers(requests: int, *, body: bytes, model: str, block_size: int, id
 
     bookkeeping()
     processor = ExternalProcessor(EndpointPicker(scheduler, RawPromptReader(model)))
-    servers: dict[str, tuple[GrpcServer, Callable[[], None]]] = {}
-    for engine in ENGINES:
-        suffix = "" if engine == ENGINES[0] else f"_{engine}"
-        servers["epp" + suffix] = (GrpcServer({PROCESS_PATH: processor.stream}, native=processor.native_method(),
-                                              engine=engine), bookkeeping)
-        servers["floor" + suffix] = (constant_server(WORKER, engine), lambda: None)
-    result: dict[str, Any] = {"requests": requests, "idle_requests": idle_requests, "idle_ms": idle_s * 1e3,
-                              "engines": list(ENGINES)}
+    servers: dict[str, tuple[GrpcServer, Callable[[], None]]] = {
+        "epp": (GrpcServer({PROCESS_PATH: processor.stream}), bookkeeping),
+        "floor": (constant_server(WORKER), lambda: None),
+    }
+    result: dict[str, Any] = {"requests": requests, "idle_requests": idle_requests, "idle_ms": idle_s * 1e3}
     for name, (server, between) in servers.items():
         _time_answers(server, envoy_like_streams(50, body), 0, between)  # warm-up
         hot = _time_answers(server, envoy_like_streams(requests, body), 0, between)
         idle = _time_answers(server, envoy_like_streams(idle_requests, body), idle_s, between)
         result[name] = {"p50_us": statistics.median(hot) * 1e6, "after_idle_p50_us": statistics.median(idle) * 1e6}
     return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    requests, model, block_size, body = sys.argv[1:5]
+    print(json.dumps(bench_answers(int(requests), body=body.encode(), model=model, block_size=int(block_size))))

@@ -1,13 +1,12 @@
 """The floor of the ext_proc hop for our EPP: Envoy in front of one worker, its ext_proc filter
-configured as the gateway's, calling a server on our HTTP/2 gRPC stack that routes every request
-to that worker with a constant answer (no reading of the body, no pick, no state). On the C
-engine the answer is one trivial Python call per request, where the EPP's is the pick.
+configured as the gateway's (plaintext), calling a server on our HTTP/2 gRPC stack that routes
+every request to that worker with a constant answer (no reading of the body, no pick, no state).
 
 `disagg bench epp` measures it beside the real EPP: the difference is what the EPP's own work
 costs; the floor itself is Envoy's ext_proc machinery plus what any Python server on this
 machine spends per stream.
 
-    python -m disagg.bench.ext_proc_floor WORKER_HOST:PORT   # prints "READY gateway=http://..."
+    python -m benchmarks.ext_proc_floor WORKER_HOST:PORT   # from a checkout; prints "READY gateway=http://..."
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
-from disagg.epp.envoy import EnvoyProcess, EnvoySettings, free_port, write_endpoints
-from disagg.epp.ext_proc import REQUEST_BODY, native_method, streamed_body
-from disagg.epp.h2grpc import Engine, GrpcServer
+from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
+from disagg.epp.ext_proc import streamed_body
+from disagg.epp.h2grpc import GrpcServer
 from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, PROCESS_PATH
 
 
@@ -41,9 +40,8 @@ def routed_headers(worker: str) -> bytes:
 
 
 class ConstantAnswer:
-    """One FULL_DUPLEX_STREAMED stream on the Python engine: at the body's end, the fixed headers
-    answer and the body echoed back in one chunk, written as the EPP writes it; then the stream
-    ends (as the EPP's do)."""
+    """One FULL_DUPLEX_STREAMED stream: at the body's end, the fixed headers answer and the body
+    echoed back in one chunk, as the EPP writes them; then the stream ends (as the EPP's do)."""
 
     def __init__(self, headers_answer: bytes) -> None:
         self.headers_answer = headers_answer
@@ -58,29 +56,26 @@ class ConstantAnswer:
         if not request.request_body.end_of_stream:
             return []
         self.finished = True
-        return [self.headers_answer, streamed_body(REQUEST_BODY, bytes(self.body), True)]
+        return [self.headers_answer, streamed_body(bytes(self.body), True).SerializeToString()]
 
     def end(self) -> list[bytes]:
         return []
 
 
-def constant_server(worker: str, engine: Engine | None = None) -> GrpcServer:
-    """A server routing every request to `worker` (the answer built once, as the EPP's are)."""
+def constant_server(worker: str) -> GrpcServer:
+    """A server routing every request to `worker` (the answer built once)."""
     answer = routed_headers(worker)
-    routed = (answer, True)
-    return GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answer)},
-                      native=native_method(lambda path, body, metadata, as_headers: routed), engine=engine)
+    return GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answer)})
 
 
 async def serve(worker: str) -> None:
     server = constant_server(worker)
-    grpc_port = await server.start("127.0.0.1", 0)
+    grpc_port = await server.listen("127.0.0.1", 0)
     eds_dir = Path(tempfile.mkdtemp(prefix="disagg-ext-proc-floor-"))
     write_endpoints(eds_dir, [worker])
-    port = free_port()
-    envoy = EnvoyProcess(EnvoySettings("127.0.0.1", port, "127.0.0.1", grpc_port, free_port(), eds_dir))
+    envoy = EnvoyProcess(EnvoySettings("127.0.0.1", 0, "127.0.0.1", grpc_port, eds_dir))
     await envoy.start()
-    print(f"READY gateway=http://127.0.0.1:{port}", flush=True)
+    print(f"READY gateway={envoy.url}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
