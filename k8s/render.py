@@ -24,6 +24,10 @@ RENDERED = K8S / "rendered"
 EXAMPLES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "disagg.yaml": ("disagg", "default", {}),
     "disagg-ray-only.yaml": ("disagg", "default", {"gateway": {"enabled": False}}),
+    # The EPP serves the certificate of the Secret disagg-epp-tls (e.g. cert-manager's), and an
+    # Istio DestinationRule makes the gateway speak TLS to it and verify it.
+    "disagg-istio-tls.yaml": ("disagg", "default", {
+        "epp": {"tls": {"certSecretName": "disagg-epp-tls", "istioDestinationRule": True}}}),
 }
 
 

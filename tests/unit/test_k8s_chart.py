@@ -6,6 +6,11 @@ in ../shared/crds (jsonschema on the served version's openAPIV3Schema, unknown f
 and the schemas' CEL rules evaluated), core kinds with kubernetes-validate, and the references
 between objects (selectors match pod labels, ports line up, the endpoint picker's Service is the
 one the InferencePool names, the Serve args parse as AppConfig).
+
+The Istio DestinationRule (epp.tls.istioDestinationRule) validates against Istio's CRD where
+one is found: in ../shared/crds or a directory named in $DISAGG_TEST_CRDS (os.pathsep between
+several), e.g. the DestinationRule document of istio/api's
+kubernetes/customresourcedefinitions.gen.yaml. Without it those checks skip, saying so.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import ast
 import importlib.util
 import copy
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +37,7 @@ from disagg.config import AppConfig
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "k8s" / "chart"
 CRDS = ROOT.parent / "shared" / "crds"
+EXTRA_CRDS = tuple(Path(p) for p in os.environ.get("DISAGG_TEST_CRDS", "").split(os.pathsep) if p)
 # The CRDs are large (the RayService's is 1 MB): parse them with libyaml where it is there.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 RELEASE = "demo"
@@ -41,7 +48,8 @@ ROLES = ("prefill", "decode")
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "gateway-off": {"gateway": {"enabled": False}},
+    # No gateway side, so no DestinationRule for it either, asked or not.
+    "gateway-off": {"gateway": {"enabled": False}, "epp": {"tls": {"istioDestinationRule": True}}},
     "multi-replica-gpu": {
         "fullnameOverride": "llama-70b",
         "image": {"repository": "registry.example.com/ml/disagg", "tag": "0.1.0-cu12"},
@@ -59,7 +67,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "nodeSelector": {"gpu": "h100"}},
         "decode": {"replicas": 2, "gpus": 4, "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]},
         "gateway": {"create": False, "name": "shared-gateway", "failureMode": "FailOpen"},
-        "epp": {"replicas": 2, "extraArgs": ["--log-level=DEBUG", "--discovery-interval=0.5"]},
+        "epp": {"replicas": 2, "extraArgs": ["--log-level=DEBUG", "--discovery-interval=0.5"],
+                "tls": {"istioDestinationRule": True}},
     },
     "cpu-only": {
         "prefill": {"replicas": 2, "gpus": 0, "resources": {"requests": {"cpu": "4", "memory": "8Gi"}}},
@@ -76,8 +85,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "grafanaDashboard": {"enabled": True},
         },
     },
+    # The EPP serves a certificate from a Secret (cert-manager's), and Istio verifies it.
+    "epp-tls-secret": {
+        "fullnameOverride": "llm",
+        "epp": {"tls": {"certSecretName": "llm-epp-tls", "istioDestinationRule": True}},
+    },
+    "epp-plaintext": {"epp": {"tls": {"secureServing": False}}},
 }
 GATEWAY_SETS = [name for name, v in VALUE_SETS.items() if v.get("gateway", {}).get("enabled", True)]
+ISTIO_TLS_SETS = [name for name in GATEWAY_SETS
+                  if VALUE_SETS[name].get("epp", {}).get("tls", {}).get("istioDestinationRule")]
 
 CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1"}
 CUSTOM_KINDS = {
@@ -85,6 +102,12 @@ CUSTOM_KINDS = {
     ("inference.networking.k8s.io/v1", "InferencePool"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
     ("gateway.networking.k8s.io/v1", "Gateway"),
+    ("networking.istio.io/v1", "DestinationRule"),
+}
+# Kinds the chart renders only on request, whose CRDs ../shared/crds may lack: checked where found.
+OPTIONAL_CRDS = {
+    ("networking.istio.io/v1", "DestinationRule"):
+        "networking.istio.io_destinationrules.yaml (istio/api, kubernetes/customresourcedefinitions.gen.yaml)",
 }
 
 
@@ -195,21 +218,45 @@ def _forbid_unknown_fields(schema: Any) -> Any:
 
 @cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> openAPIV3Schema of every served version in ../shared/crds."""
+    """(apiVersion, kind) -> openAPIV3Schema of every served version in ../shared/crds (and
+    $DISAGG_TEST_CRDS; a file may hold several CRDs)."""
     assert CRDS.is_dir(), f"CRD schemas not found at {CRDS}"
     out = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.load(path.read_text(), Loader=_YAML_LOADER)
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        for version in crd["spec"]["versions"]:
-            if version.get("served", True):
-                out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    for directory in (CRDS, *EXTRA_CRDS):
+        for path in sorted(directory.glob("*.yaml")):
+            for crd in yaml.load_all(path.read_text(), Loader=_YAML_LOADER):
+                if not crd or crd.get("kind") != "CustomResourceDefinition":
+                    continue
+                group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+                for version in crd["spec"]["versions"]:
+                    if version.get("served", True):
+                        out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
     return out
+
+
+def has_crd_schema(obj: dict[str, Any]) -> bool:
+    """Whether obj's CRD schema is here; fails for a kind whose schema must be (not OPTIONAL_CRDS)."""
+    key = (obj["apiVersion"], obj["kind"])
+    if key in crd_schemas():
+        return True
+    assert key in OPTIONAL_CRDS, f"no CRD schema for {obj['apiVersion']} {obj['kind']}"
+    return False
+
+
+def skip_without_crds(objects: list[dict[str, Any]]) -> None:
+    missing = sorted({OPTIONAL_CRDS[(o["apiVersion"], o["kind"])] for o in objects if not has_crd_schema(o)})
+    if missing:
+        pytest.skip(f"CRD schema not found in {CRDS} or $DISAGG_TEST_CRDS: {', '.join(missing)}")
 
 
 @cache
 def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(_forbid_unknown_fields(crd_schemas()[(api_version, kind)]))
+    schema = copy.deepcopy(crd_schemas()[(api_version, kind)])
+    # The API server takes apiVersion, kind and metadata at the root whether a CRD's schema names
+    # them or not (Istio's do not).
+    implicit = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
+    schema["properties"] = {**implicit, **schema.get("properties", {})}
+    return jsonschema.Draft7Validator(_forbid_unknown_fields(schema))
 
 
 def crd_errors(obj: dict[str, Any]) -> list[str]:
@@ -355,9 +402,18 @@ def test_values_schema_refuses_unknown_and_malformed_values() -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values({}))
         for bad in ({"gatway": {"enabled": False}}, {"prefill": {"gpus": "two"}},
-                    {"engine": {"blockSize": 24}}, {"gateway": {"failureMode": "Open"}}):
+                    {"engine": {"blockSize": 24}}, {"gateway": {"failureMode": "Open"}},
+                    # TLS: wrong types, an unknown key, a name no Secret can have, contradictions.
+                    {"epp": {"tls": {"secureServing": "false"}}}, {"epp": {"tls": {"certSecretName": True}}},
+                    {"epp": {"tls": {"istioDestinationRule": "yes"}}}, {"epp": {"tls": {"certSecret": "x"}}},
+                    {"epp": {"tls": {"certSecretName": "EPP_TLS"}}},
+                    {"epp": {"tls": {"secureServing": False, "certSecretName": "epp-tls"}}},
+                    {"epp": {"tls": {"secureServing": False, "istioDestinationRule": True}}}):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(chart.merge_values(bad))
+        for good in ({"epp": {"tls": {"secureServing": False}}},
+                     {"epp": {"tls": {"certSecretName": "epp-tls.v2", "istioDestinationRule": True}}}):
+            chart.validate_schema(chart.merge_values(good))
 
 
 # --- every object, validated --------------------------------------------------------------------
@@ -374,6 +430,8 @@ def test_renders_the_expected_objects(manifests: Manifests) -> None:
         }
         if v["gateway"]["create"]:
             expected.add(("gateway.networking.k8s.io/v1", "Gateway"))
+        if v["epp"]["tls"]["istioDestinationRule"]:
+            expected.add(("networking.istio.io/v1", "DestinationRule"))
     assert {(o["apiVersion"], o["kind"]) for o in manifests.objects} == expected
     configmaps = 2 if v["monitoring"]["grafanaDashboard"]["enabled"] else 1
     assert len(manifests.of_kind("ConfigMap")) == configmaps
@@ -385,14 +443,17 @@ def test_custom_resources_match_their_crd_schemas(manifests: Manifests) -> None:
     custom = [o for o in manifests.objects if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS]
     assert custom
     for obj in custom:
-        assert (obj["apiVersion"], obj["kind"]) in crd_schemas(), f"no CRD schema for {obj['apiVersion']} {obj['kind']}"
-        assert crd_errors(obj) == [], obj["kind"]
+        if has_crd_schema(obj):
+            assert crd_errors(obj) == [], obj["kind"]
+    skip_without_crds(custom)
 
 
 def test_custom_resources_satisfy_their_crd_cel_rules(manifests: Manifests) -> None:
-    for obj in manifests.objects:
-        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+    custom = [o for o in manifests.objects if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS]
+    for obj in custom:
+        if has_crd_schema(obj):
             assert cel_failures(obj) == []
+    skip_without_crds(custom)
 
 
 def test_core_objects_pass_kubernetes_validate(manifests: Manifests) -> None:
@@ -622,7 +683,7 @@ def test_model_volume_is_mounted_in_every_ray_pod(manifests: Manifests) -> None:
 
 def test_gateway_off_renders_no_gateway_objects() -> None:
     kinds = {o["kind"] for o in render("gateway-off").objects}
-    assert kinds.isdisjoint({"InferencePool", "HTTPRoute", "Gateway", "Deployment", "Service", "Role"})
+    assert kinds.isdisjoint({"InferencePool", "HTTPRoute", "Gateway", "Deployment", "Service", "Role", "DestinationRule"})
 
 
 def test_inference_pool_selects_the_decode_pods_and_nothing_else(gateway_manifests: Manifests) -> None:
@@ -665,6 +726,8 @@ def test_epp_service_exposes_grpc_health_and_metrics(gateway_manifests: Manifest
     ports = {p["name"]: p for p in m.one("Service")["spec"]["ports"]}
     assert {n: p["port"] for n, p in ports.items()} == {
         "grpc-ext-proc": epp["grpcPort"], "grpc-health": epp["healthPort"], "metrics": epp["metricsPort"]}
+    # HTTP/2 on both gRPC ports, as GIE's chart declares the ext_proc port (TLS or not).
+    assert ports["grpc-ext-proc"]["appProtocol"] == ports["grpc-health"]["appProtocol"] == "http2"
     assert (epp["grpcPort"], epp["healthPort"], epp["metricsPort"]) == (9002, 9003, 9090)
     for port in ports.values():
         assert container_port(template, port["targetPort"]) == port["port"]
@@ -687,7 +750,7 @@ def test_epp_discovers_the_workers_by_pod_label(gateway_manifests: Manifests) ->
     assert args.k8s_namespace == "$(POD_NAMESPACE)"
     assert {e["name"] for e in container["env"]} >= {"POD_NAMESPACE"}
     template = m.one("Deployment")["spec"]["template"]
-    assert args.grpc_port == container_port(template, "grpc-ext-proc")
+    assert args.grpc_port == container_port(template, ext_proc_port_name(m))
     assert args.health_port == container_port(template, "grpc-health")
     assert args.metrics_port == container_port(template, "metrics")
     assert args.host == "0.0.0.0"
@@ -743,6 +806,127 @@ def test_http_route_sends_gateway_traffic_to_the_pool(gateway_manifests: Manifes
         assert rule["timeouts"]["request"] == gateway["requestTimeout"]
     else:
         assert "timeouts" not in rule
+
+
+# --- TLS on the endpoint picker's ext_proc port ---------------------------------------------------
+
+
+def ext_proc_port_name(m: Manifests) -> str:
+    """The container port the EPP Service's ext_proc port targets."""
+    (port,) = [p for p in m.one("Service")["spec"]["ports"] if p["name"] == "grpc-ext-proc"]
+    return port["targetPort"]
+
+
+def epp_container(m: Manifests) -> dict[str, Any]:
+    (container,) = m.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def secret_volumes(m: Manifests) -> list[dict[str, Any]]:
+    return [v for v in m.one("Deployment")["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+
+
+def test_epp_serves_ext_proc_over_tls_by_default_with_its_self_signed_certificate() -> None:
+    from disagg.epp.cli import parse_args
+
+    m = render("default")
+    container = epp_container(m)
+    assert "--secure-serving=true" in container["args"]
+    assert not [a for a in container["args"] if a.startswith("--cert-path")]
+    args = parse_args(container["args"])
+    assert args.secure_serving is True and args.cert_path is None
+    assert secret_volumes(m) == []
+    assert ext_proc_port_name(m) == "ext-proc-tls"
+    assert not m.of_kind("DestinationRule")
+
+
+def test_epp_serves_the_certificate_of_its_secret_mounted_read_only() -> None:
+    from disagg.epp.cli import parse_args
+
+    m = render("epp-tls-secret")
+    container = epp_container(m)
+    (volume,) = secret_volumes(m)
+    assert volume["secret"] == {"secretName": "llm-epp-tls"} == {"secretName": m.values["epp"]["tls"]["certSecretName"]}
+    (mount,) = [vm for vm in container["volumeMounts"] if vm["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    args = parse_args(container["args"])
+    assert args.secure_serving is True
+    assert args.cert_path == Path(mount["mountPath"]) == Path("/etc/disagg-epp-tls")
+    # Beside the config mount, not inside it: a volume nested in a configMap volume is fragile.
+    config_dir = Path(args.config).parent
+    assert not args.cert_path.is_relative_to(config_dir) and not config_dir.is_relative_to(args.cert_path)
+    assert ext_proc_port_name(m) == "ext-proc-tls"
+
+
+def test_secure_serving_false_serves_plaintext_h2c() -> None:
+    from disagg.epp.cli import parse_args
+
+    m = render("epp-plaintext")
+    container = epp_container(m)
+    assert "--secure-serving=false" in container["args"]
+    args = parse_args(container["args"])
+    assert args.secure_serving is False and args.cert_path is None
+    assert secret_volumes(m) == [] and not m.of_kind("DestinationRule")
+    assert ext_proc_port_name(m) == "ext-proc-h2c"
+
+
+def test_epp_tls_follows_the_values_and_the_probes_stay_plaintext(gateway_manifests: Manifests) -> None:
+    from disagg.epp.cli import parse_args
+
+    m = gateway_manifests
+    tls, epp = m.values["epp"]["tls"], m.values["epp"]
+    container = epp_container(m)
+    args = parse_args(container["args"])
+    assert args.secure_serving is tls["secureServing"]
+    assert (args.cert_path is not None) == bool(tls["certSecretName"]) == bool(secret_volumes(m))
+    assert ext_proc_port_name(m) == ("ext-proc-tls" if tls["secureServing"] else "ext-proc-h2c")
+    # The kubelet's gRPC probes speak plaintext: they ask the health port, never the ext_proc one.
+    for probe in (container["livenessProbe"], container["readinessProbe"]):
+        assert probe["grpc"]["port"] == args.health_port == epp["healthPort"] != args.grpc_port
+
+
+def test_destination_rule_renders_only_when_asked(manifests: Manifests) -> None:
+    v = manifests.values
+    asked = v["gateway"]["enabled"] and v["epp"]["tls"]["istioDestinationRule"]
+    assert len(manifests.of_kind("DestinationRule")) == (1 if asked else 0)
+
+
+@pytest.mark.parametrize("name", ISTIO_TLS_SETS)
+def test_destination_rule_makes_the_gateway_speak_tls_to_the_ext_proc_port_only(name: str) -> None:
+    m = render(name)
+    ref = m.one("InferencePool")["spec"]["endpointPickerRef"]
+    service = m.named("Service", ref["name"])
+    rule = m.one("DestinationRule")
+    assert rule["metadata"]["name"] == service["metadata"]["name"]
+    spec = rule["spec"]
+    host = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert spec["host"] == host
+    # One port-level policy, for the port the InferencePool names: health and metrics stay plaintext.
+    assert set(spec) == {"host", "trafficPolicy"} and set(spec["trafficPolicy"]) == {"portLevelSettings"}
+    (setting,) = spec["trafficPolicy"]["portLevelSettings"]
+    assert setting["port"] == {"number": ref["port"]["number"]} == {"number": m.values["epp"]["grpcPort"]}
+    tls = setting["tls"]
+    secret = m.values["epp"]["tls"]["certSecretName"]
+    if secret:
+        # Verified against the mounted Secret's CA, for the Service's name.
+        assert tls == {"mode": "SIMPLE", "credentialName": secret, "sni": host,
+                       "subjectAltNames": [host, host.removesuffix(".cluster.local")]}
+        assert [v["secret"]["secretName"] for v in secret_volumes(m)] == [secret]
+    else:
+        # GIE's documented rule for the self-signed certificate: nothing to verify it against.
+        assert tls == {"mode": "SIMPLE", "insecureSkipVerify": True}
+
+
+def test_destination_rule_validation_catches_a_wrong_field_and_value() -> None:
+    rule = copy.deepcopy(render("epp-tls-secret").one("DestinationRule"))
+    skip_without_crds([rule])
+    assert crd_errors(rule) == []
+    tls = rule["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]
+    tls["caCertificate"] = tls.pop("credentialName")
+    tls["mode"] = "TLS"
+    errors = crd_errors(rule)
+    assert any("caCertificate" in e for e in errors), errors
+    assert any(e.endswith("'TLS' is not one of ['DISABLE', 'SIMPLE', 'MUTUAL', 'ISTIO_MUTUAL']") for e in errors), errors
 
 
 # --- the dashboard ConfigMap ---------------------------------------------------------------------

@@ -24,6 +24,23 @@ RayService's name, and those must stay valid 63-character DNS labels.
 {{- printf "%s-epp" (include "disagg.fullname" .) -}}
 {{- end -}}
 
+{{/*
+The endpoint picker's ext_proc port: its container port's name says whether it serves TLS
+(--secure-serving) or plaintext HTTP/2; the Service's port (grpc-ext-proc) targets it by name.
+The certificate Secret (epp.tls.certSecretName) is mounted at eppCertPath, beside the config
+mount rather than under it: a volume nested in a configMap volume is fragile.
+*/}}
+{{- define "disagg.eppExtProcPortName" -}}
+{{- ternary "ext-proc-tls" "ext-proc-h2c" .Values.epp.tls.secureServing -}}
+{{- end -}}
+
+{{- define "disagg.eppCertPath" -}}/etc/disagg-epp-tls{{- end -}}
+
+{{/* The endpoint picker Service's name in the cluster's DNS. */}}
+{{- define "disagg.eppServiceHost" -}}
+{{- printf "%s.%s.svc.cluster.local" (include "disagg.eppName" .) .Release.Namespace -}}
+{{- end -}}
+
 {{- define "disagg.gatewayName" -}}
 {{- default (include "disagg.fullname" .) .Values.gateway.name -}}
 {{- end -}}
