@@ -430,7 +430,7 @@ def test_renders_the_expected_objects(manifests: Manifests) -> None:
         }
         if v["gateway"]["create"]:
             expected.add(("gateway.networking.k8s.io/v1", "Gateway"))
-        if v["epp"]["tls"]["istioDestinationRule"]:
+        if istio_tls(v):
             expected.add(("networking.istio.io/v1", "DestinationRule"))
     assert {(o["apiVersion"], o["kind"]) for o in manifests.objects} == expected
     configmaps = 2 if v["monitoring"]["grafanaDashboard"]["enabled"] else 1
@@ -837,7 +837,10 @@ def test_epp_serves_ext_proc_over_tls_by_default_with_its_self_signed_certificat
     assert args.secure_serving is True and args.cert_path is None
     assert secret_volumes(m) == []
     assert ext_proc_port_name(m) == "ext-proc-tls"
-    assert not m.of_kind("DestinationRule")
+    # The default gateway class is Istio's: it is told to speak TLS to the EPP, without verifying
+    # a self-signed certificate.
+    (rule,) = m.of_kind("DestinationRule")
+    assert rule["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"] == {"mode": "SIMPLE", "insecureSkipVerify": True}
 
 
 def test_epp_serves_the_certificate_of_its_secret_mounted_read_only() -> None:
@@ -885,10 +888,16 @@ def test_epp_tls_follows_the_values_and_the_probes_stay_plaintext(gateway_manife
         assert probe["grpc"]["port"] == args.health_port == epp["healthPort"] != args.grpc_port
 
 
-def test_destination_rule_renders_only_when_asked(manifests: Manifests) -> None:
-    v = manifests.values
-    asked = v["gateway"]["enabled"] and v["epp"]["tls"]["istioDestinationRule"]
-    assert len(manifests.of_kind("DestinationRule")) == (1 if asked else 0)
+def istio_tls(v: dict) -> bool:
+    """Whether the chart must make an Istio gateway speak TLS to the EPP: a TLS EPP behind an
+    Istio gateway class (the default class, or one the values say is Istio)."""
+    tls = v["epp"]["tls"]
+    return bool(v["gateway"]["enabled"] and tls["secureServing"]
+                and (tls["istioDestinationRule"] or v["gateway"]["className"] == "istio"))
+
+
+def test_destination_rule_renders_only_for_a_tls_epp_behind_istio(manifests: Manifests) -> None:
+    assert len(manifests.of_kind("DestinationRule")) == (1 if istio_tls(manifests.values) else 0)
 
 
 @pytest.mark.parametrize("name", ISTIO_TLS_SETS)
