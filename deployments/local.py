@@ -77,17 +77,24 @@ def _init_ray(config: AppConfig, tmp: str, dashboard_port: int, num_cpus: int | 
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:
-    import httpx
+    import asyncio
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the stack at {url} was not ready after {timeout_s:.0f} s")
+    import aiohttp
+
+    async def wait() -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while time.monotonic() < deadline:
+                try:
+                    async with session.get(f"{url}/health") as response:
+                        if response.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"the stack at {url} was not ready after {timeout_s:.0f} s")
+
+    asyncio.run(wait())
 
 
 def serve_forever(stack: LocalStack) -> None:

@@ -7,7 +7,7 @@ import time
 
 from ray import serve
 
-from disagg.worker.protocol import WorkerInfo
+from disagg.messages import WorkerInfo
 
 # A worker that missed this many seconds of heartbeats is dropped from the list.
 HEARTBEAT_TTL_S = 5.0

@@ -19,7 +19,7 @@ from disagg.engine.base import GenerateOutput, GenerateRequest
 from disagg.engine.coalesce import coalesce
 from disagg.worker.launch import RunningWorker, start_worker
 from deployments.metrics_bridge import MetricsBridge
-from disagg.worker.protocol import EngineLoad, Role, WorkerInfo
+from disagg.messages import EngineLoad, Role, WorkerInfo
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
