@@ -36,7 +36,7 @@ from kv_transfer.descriptors import DescList, MemType
 from kv_transfer.errors import AccessError, LeaseError, PeerError, TransferError
 from kv_transfer.lease import DEFAULT_LEASE_S, Lease, LeaseEvent, LeaseStatus, LeaseTable, LeaseToken
 from kv_transfer.messages import (AgentMetadata, ErrorReply, Hello, LeaseCheck, LeaseRenew, LeaseReply,
-                                  RegionsAck, RegionsUpdate)
+                                  RegionsAck, RegionsUpdate, Reply, Request)
 from kv_transfer.metrics import TransferStats
 from kv_transfer.regions import Region, RegionTable
 
@@ -73,7 +73,7 @@ class XferHandle:
     posted: bool = False
     xfer_id: int = 0
     _backend_handle: Any = None
-    _confirm: Future[dict[str, Any]] | None = None
+    _confirm: Future[Reply] | None = None
     _invalidated: str | None = None
     _started_at: float = 0.0
     _incarnation: str = ""
@@ -147,7 +147,7 @@ class Agent:
         return self._control.host, self._control.port
 
     def get_agent_metadata(self) -> bytes:
-        return msgspec.msgpack.encode(self._metadata().model_dump())
+        return msgspec.msgpack.encode(self._metadata())
 
     def _metadata(self) -> AgentMetadata:
         return AgentMetadata(name=self.name, incarnation=self.incarnation, backend=self._backend.name,
@@ -188,7 +188,7 @@ class Agent:
                                regions=[r.to_wire() for r in self.regions.regions()],
                                regions_generation=self.regions.generation,
                                backend_metadata=self._backend.metadata())
-        dropped = self._control.push(update.model_dump(), self._push_timeout_s)
+        dropped = self._control.push(update, self._push_timeout_s)
         if dropped:
             log.warning("agent %s cut off peers that did not apply its region update: %s", self.name, dropped)
 
@@ -200,7 +200,7 @@ class Agent:
         Connects to the peer's control channel to subscribe to its region changes. Metadata from
         a new incarnation of a known name replaces the old one; the old one's transfers fail.
         """
-        md = AgentMetadata.model_validate(msgspec.msgpack.decode(metadata))
+        md = msgspec.msgpack.decode(metadata, type=AgentMetadata)
         return self._add_remote(md, None)
 
     def fetch_remote_metadata(self, host: str, port: int, timeout_s: float = 5.0) -> str:
@@ -223,8 +223,7 @@ class Agent:
     def _fetch(self, host: str, port: int, timeout_s: float) -> FetchedMetadata:
         client = ControlClient(host, port, self._apply_push, timeout_s=timeout_s, on_lost=self._peer_lost)
         try:
-            reply = client.call(Hello(requester=self.name).model_dump(), timeout_s)
-            return FetchedMetadata(AgentMetadata.model_validate(reply), client)
+            return FetchedMetadata(client.call(Hello(requester=self.name), timeout_s, AgentMetadata), client)
         except Exception:
             client.close()
             raise
@@ -250,7 +249,7 @@ class Agent:
             # Metadata passed by hand: still subscribe to the peer's region changes.
             client = ControlClient(md.control_host, md.control_port, self._apply_push, on_lost=self._peer_lost)
             try:
-                md = AgentMetadata.model_validate(client.call(Hello(requester=self.name).model_dump()))
+                md = client.call(Hello(requester=self.name), expect=AgentMetadata)
             except Exception:
                 client.close()
                 raise
@@ -307,8 +306,7 @@ class Agent:
         for h in inflight:
             h._invalidated = f"lost agent {h.remote_agent!r} during the transfer"
 
-    def _apply_push(self, body: dict[str, Any]) -> dict[str, Any]:
-        update = RegionsUpdate.model_validate(body)
+    def _apply_push(self, update: RegionsUpdate) -> RegionsAck:
         with self._lock:
             remote = self._remotes.get(update.name)
             if remote is None:
@@ -325,7 +323,7 @@ class Agent:
                 for h in inflight:
                     if remote.regions.overlaps(h.remote, gone):
                         h._invalidated = f"agent {update.name!r} deregistered memory this transfer used"
-        return RegionsAck(regions_generation=update.regions_generation).model_dump()
+        return RegionsAck(regions_generation=update.regions_generation)
 
     # -- transfers --
 
@@ -404,7 +402,7 @@ class Agent:
                 return self._fail(handle, LeaseError("cannot confirm the lease: no control channel to its owner"))
             check = LeaseCheck(lease_id=handle.lease.lease_id, generation=handle.lease.generation,
                                release=handle.release_lease, wait_s=_CONFIRM_WAIT_S)
-            handle._confirm = remote.control.call_async(check.model_dump())
+            handle._confirm = remote.control.call_async(check)
             return XferState.PROC
         if not handle._confirm.done():
             if time.perf_counter() - handle._started_at > _CONFIRM_TIMEOUT_S + _CONFIRM_WAIT_S:
@@ -414,9 +412,10 @@ class Agent:
             reply = handle._confirm.result()
         except Exception as e:
             return self._fail(handle, LeaseError(f"lease confirmation failed: {e}"))
-        if "error" in reply:
-            return self._fail(handle, LeaseError(ErrorReply.model_validate(reply).error))
-        status = LeaseReply.model_validate(reply).status
+        if not isinstance(reply, LeaseReply):
+            error = reply.error if isinstance(reply, ErrorReply) else f"unexpected {type(reply).__name__}"
+            return self._fail(handle, LeaseError(error))
+        status = reply.status
         if status in (LeaseStatus.HELD, LeaseStatus.RELEASED):
             return self._done(handle)
         return self._fail(handle, LeaseError(
@@ -534,9 +533,8 @@ class Agent:
         remote = self._remote(remote_agent)
         if remote.control is None:
             raise PeerError(f"agent {remote_agent!r} has no control channel")
-        reply = remote.control.call(LeaseCheck(lease_id=token.lease_id, generation=token.generation,
-                                               release=release).model_dump(), timeout_s)
-        return LeaseReply.model_validate(reply).status
+        check = LeaseCheck(lease_id=token.lease_id, generation=token.generation, release=release)
+        return remote.control.call(check, timeout_s, LeaseReply).status
 
     def renew_remote_lease(self, remote_agent: str, token: LeaseToken, ttl_s: float | None = None,
                            timeout_s: float = 5.0) -> float:
@@ -544,32 +542,25 @@ class Agent:
         remote = self._remote(remote_agent)
         if remote.control is None:
             raise PeerError(f"agent {remote_agent!r} has no control channel")
-        reply = LeaseReply.model_validate(remote.control.call(
-            LeaseRenew(lease_id=token.lease_id, generation=token.generation, ttl_s=ttl_s).model_dump(), timeout_s))
+        renew = LeaseRenew(lease_id=token.lease_id, generation=token.generation, ttl_s=ttl_s)
+        reply = remote.control.call(renew, timeout_s, LeaseReply)
         if reply.status is not LeaseStatus.HELD or reply.expires_at is None:
             raise LeaseError(f"lease {token.lease_id} cannot be renewed: {reply.status.value}")
         return reply.expires_at
 
     # -- control channel, server side (its threads) --
 
-    def _handle_control(self, conn: Connection, body: dict[str, Any]) -> dict[str, Any]:
-        kind = body.get("type")
-        if kind == "hello":
-            hello = Hello.model_validate(body)
-            conn.peer_name = hello.requester
-            if hello.subscribe:
+    def _handle_control(self, conn: Connection, request: Request) -> Reply:
+        if isinstance(request, Hello):
+            conn.peer_name = request.requester
+            if request.subscribe:
                 self._control.subscribe(conn)
-            return self._metadata().model_dump()
-        if kind == "lease_check":
-            check = LeaseCheck.model_validate(body)
-            status = self.leases.check(LeaseToken(check.lease_id, check.generation), check.release,
-                                       wait_s=min(check.wait_s, 10.0))
-            return LeaseReply(status=status).model_dump()
-        if kind == "lease_renew":
-            renew = LeaseRenew.model_validate(body)
-            status, lease = self.leases.renew(LeaseToken(renew.lease_id, renew.generation), renew.ttl_s)
-            return LeaseReply(status=status, expires_at=lease.expires_at if lease else None).model_dump()
-        return ErrorReply(error=f"unknown request {kind!r}").model_dump()
+            return self._metadata()
+        token = LeaseToken(request.lease_id, request.generation)
+        if isinstance(request, LeaseCheck):
+            return LeaseReply(status=self.leases.check(token, request.release, wait_s=min(request.wait_s, 10.0)))
+        status, lease = self.leases.renew(token, request.ttl_s)
+        return LeaseReply(status=status, expires_at=lease.expires_at if lease else None)
 
     # -- lifecycle --
 

@@ -1,19 +1,21 @@
-"""Messages that cross the control channel between two agents (pydantic, msgpack on the wire)."""
+"""Messages that cross the control channel between two agents: msgspec Structs, tagged by `type`.
+
+Requests (`Hello`, `LeaseCheck`, `LeaseRenew`) are answered by a `Reply`; a target pushes
+`RegionsUpdate` to its subscribers, which answer `RegionsAck`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict
+import msgspec
 
 from kv_transfer.lease import LeaseStatus
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    pass
 
 
-class AgentMetadata(_Message):
+class AgentMetadata(_Message, tag="metadata"):
     """Everything a peer needs to reach an agent and check accesses against its memory."""
 
     name: str
@@ -29,40 +31,40 @@ class AgentMetadata(_Message):
     app_metadata: bytes = b""
 
 
-class Hello(_Message):
+class Hello(_Message, tag="hello"):
     """A peer asks for our metadata; `subscribe` asks us to push region-table changes to it."""
 
-    type: Literal["hello"] = "hello"
     requester: str
     subscribe: bool = True
 
 
-class LeaseCheck(_Message):
+class LeaseCheck(_Message, tag="lease_check"):
     """Is this lease still held? With `release`, end it (the peer's acknowledgement)."""
 
-    type: Literal["lease_check"] = "lease_check"
     lease_id: str
     generation: int
     release: bool = False
     wait_s: float = 0.0
 
 
-class LeaseRenew(_Message):
-    type: Literal["lease_renew"] = "lease_renew"
+class LeaseRenew(_Message, tag="lease_renew"):
     lease_id: str
     generation: int
     ttl_s: float | None = None
 
 
-class LeaseReply(_Message):
+class LeaseReply(_Message, tag="lease_reply"):
     status: LeaseStatus
     expires_at: float | None = None
 
 
-class RegionsUpdate(_Message):
+class ErrorReply(_Message, tag="error"):
+    error: str
+
+
+class RegionsUpdate(_Message, tag="regions"):
     """Pushed by a target after it registered or deregistered memory."""
 
-    type: Literal["regions"] = "regions"
     name: str
     incarnation: str
     regions: list[list[int | str]]
@@ -71,10 +73,9 @@ class RegionsUpdate(_Message):
     backend_metadata: bytes = b""
 
 
-class RegionsAck(_Message):
-    type: Literal["regions_ack"] = "regions_ack"
+class RegionsAck(_Message, tag="regions_ack"):
     regions_generation: int
 
 
-class ErrorReply(_Message):
-    error: str
+Request = Hello | LeaseCheck | LeaseRenew
+Reply = AgentMetadata | LeaseReply | ErrorReply

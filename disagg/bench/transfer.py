@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from disagg.bench.agent_process import AgentOps, AgentProcess
 from disagg.bench.progress import say
 from kv_transfer.backends import available_backends
-from kv_transfer.peer_process import AgentOps, AgentProcess
 
 MiB = 1 << 20
 BLOCK = 64 << 10

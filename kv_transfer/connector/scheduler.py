@@ -140,14 +140,14 @@ class SchedulerSide:
 
 def _release(remote: RemotePrefill) -> None:
     try:
-        client = ControlClient(remote.remote_host, remote.remote_port, on_push=lambda body: {}, timeout_s=2.0)
+        client = ControlClient(remote.remote_host, remote.remote_port, timeout_s=2.0)
     except Exception as e:
         log.info("could not release lease %s at %s:%s (its prefill is gone?): %s",
                  remote.lease_id, remote.remote_host, remote.remote_port, e)
         return
     try:
         check = LeaseCheck(lease_id=remote.lease_id, generation=remote.lease_generation, release=True, wait_s=2.0)
-        client.call(check.model_dump(), timeout_s=5.0)
+        client.call(check, timeout_s=5.0)
     except Exception as e:
         log.info("releasing lease %s failed: %s", remote.lease_id, e)
     finally:

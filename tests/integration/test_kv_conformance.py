@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kv_transfer.backends import available_backends
-from kv_transfer.peer_process import AgentProcess, pattern
+from disagg.bench.agent_process import AgentProcess, pattern
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,6 @@
-"""An Agent in a child process, driven over a pipe: how cross-process tests and the transfer
-benchmark put two agents in two real processes (and keep each process to one UCX copy).
+"""An Agent in a child process, driven over a pipe: the transfer benchmark's process harness
+(`disagg bench transfer`), which the cross-process conformance tests use too. It puts two agents
+in two real processes and keeps each process to one UCX copy.
 
 The parent calls `AgentProcess.call(method, *args)`; the child runs `AgentOps.<method>` and sends
 back the result, or the exception's type name and message.
