@@ -159,12 +159,13 @@ class _PickBench:
         }
 
 
-def bench_picks(sizes: list[int], *, indexed_blocks: int, picks: int, prompt_tokens: int,
+def bench_picks(sizes: list[tuple[int, int]], *, picks: int, prompt_tokens: int,
                 rounds: int = 10) -> list[dict[str, Any]]:
-    """Pick latency at each pool size, the sizes taking turns round by round (order reversed
-    every other round), so a change in the machine's speed hits every size alike."""
+    """Pick latency at each pool size (endpoints, indexed blocks), the sizes taking turns round by
+    round (order reversed every other round), so a change in the machine's speed hits every size
+    alike."""
     benches = []
-    for n in sizes:
+    for n, indexed_blocks in sizes:
         say("epp", f"pool of {n} endpoints: indexing {indexed_blocks} blocks, preparing {picks} prompts")
         benches.append(_PickBench(n, indexed_blocks=indexed_blocks, picks=picks, prompt_tokens=prompt_tokens))
     per_round = max(1, picks // rounds)
@@ -497,7 +498,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disagg bench epp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--endpoints", default="8,64,256")
+    p.add_argument("--endpoints", default="8,64,256,1000:1000000",
+                   help="pool sizes to time picks at, each N or N:BLOCKS (blocks in the index; default --indexed-blocks)")
     p.add_argument("--indexed-blocks", type=int, default=100_000)
     p.add_argument("--picks", type=int, default=5000)
     p.add_argument("--prompt-tokens", type=int, default=1024)
@@ -518,9 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                     "reference_loop_ms": reference_loop_ms()},
         "pick": [],
     }
-    sizes = [int(x) for x in args.endpoints.split(",")]
-    result["pick"] = bench_picks(sizes, indexed_blocks=args.indexed_blocks, picks=args.picks,
-                                 prompt_tokens=args.prompt_tokens)
+    sizes = [(int(n), int(blocks or args.indexed_blocks)) for n, _, blocks in
+             (item.partition(":") for item in args.endpoints.split(","))]
+    result["pick"] = bench_picks(sizes, picks=args.picks, prompt_tokens=args.prompt_tokens)
     for r in result["pick"]:
         print(f"pick @ {r['endpoints']:4d} endpoints: p50 {r['p50_us']:.1f} µs (best round {r['best_round_p50_us']:.1f}), "
               f"p99 {r['p99_us']:.1f} µs, {r['picks_per_s']:.0f} picks/s; CPU p50 {r['cpu_p50_us']:.1f} µs "

@@ -1,6 +1,7 @@
 """What keeps a pool and its prefix index current while picks are served: discovery snapshots,
-one scrape loop and one KV event subscriber per endpoint, and the sweep of dead endpoints and
-expired approximate prefix entries. Runs in the pickers' event loop; `pick()` never waits on it."""
+each endpoint's load (pushed over its load channel, or scraped from /metrics when it has none),
+one KV event subscriber per endpoint, and the sweep of dead endpoints and expired approximate
+prefix entries. Runs in the pickers' event loop; `pick()` never waits on it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from disagg.routing import metrics
 from disagg.routing.discovery import Discovery
 from disagg.routing.endpoint import Endpoint
 from disagg.routing.kv_events import KVEventBatch, KVEventSubscriber, apply_batch, subscriber_endpoint
+from disagg.routing.load_channel import LoadSubscriber
 from disagg.routing.pool import EndpointPool
 from disagg.routing.prefix_index import PrefixIndex
 from disagg.routing.scraper import ScrapeError, scrape
@@ -28,7 +30,9 @@ class Background:
         self.config = config
         self.sweep_interval_s = min(0.1, config.dead_after_s / 10)
         self._tasks: dict[str, list[asyncio.Task]] = {}
+        self._followed: dict[str, str] = {}  # engine id -> load channel it is followed on
         self._session: aiohttp.ClientSession | None = None
+        self.loads = LoadSubscriber(pool)
         pool.on_remove(lambda endpoint, reason: self._stop_endpoint(endpoint.engine_id))
 
     async def run(self, discovery: Discovery) -> None:
@@ -38,6 +42,7 @@ class Background:
         timeout = aiohttp.ClientTimeout(total=self.config.dead_after_s)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         sweep = asyncio.create_task(self._sweep_loop(), name="disagg-sweep")
+        loads = asyncio.create_task(self.loads.run(), name="disagg-load-reports")
         try:
             self._follow_pool()  # endpoints registered before run() (by upsert) are followed too
             async for snapshot in discovery.watch():
@@ -47,7 +52,7 @@ class Background:
                 self._follow_pool()
             await asyncio.Event().wait()  # discovery ended: keep scraping what we have
         finally:
-            tasks = [sweep, *(t for ts in self._tasks.values() for t in ts)]
+            tasks = [sweep, loads, *(t for ts in self._tasks.values() for t in ts)]
             self._tasks.clear()
             for task in tasks:
                 task.cancel()
@@ -57,6 +62,9 @@ class Background:
     def _stop_endpoint(self, engine_id: str) -> None:
         for task in self._tasks.pop(engine_id, []):
             task.cancel()
+        if engine_id in self._followed:
+            self.loads.unfollow(self._followed.pop(engine_id))
+            self.loads.forget(engine_id)
 
     def _follow_pool(self) -> None:
         for endpoint in self.pool.endpoints(include_dead=True):
@@ -64,8 +72,14 @@ class Background:
                 self._tasks[endpoint.engine_id] = self._start_endpoint(endpoint)
 
     def _start_endpoint(self, endpoint: Endpoint) -> list[asyncio.Task]:
-        tasks = [asyncio.create_task(self._scrape_loop(endpoint), name=f"disagg-scrape-{endpoint.address}")]
         info = endpoint.info
+        tasks = []
+        if info.load_endpoint:
+            channel = subscriber_endpoint(info.load_endpoint, endpoint.address.rpartition(":")[0])
+            self.loads.follow(channel)
+            self._followed[endpoint.engine_id] = channel
+        else:  # a model server that does not push (plain vLLM): scrape its /metrics
+            tasks.append(asyncio.create_task(self._scrape_loop(endpoint), name=f"disagg-scrape-{endpoint.address}"))
         if self.config.kv_events and info.kv_events_endpoint:
             host = endpoint.address.rpartition(":")[0]
             replay = subscriber_endpoint(info.kv_events_replay_endpoint, host) if info.kv_events_replay_endpoint else None

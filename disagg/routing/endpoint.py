@@ -2,39 +2,68 @@
 
 from __future__ import annotations
 
+from bisect import insort
+from typing import Iterator
+
 from disagg.messages import EngineLoad, Role, WorkerInfo
 
 
 class Endpoint:
     """A registered worker. Times are `time.monotonic()` seconds.
 
-    `seen_at` moves when the worker answers (registration, a scrape, a KV event); `load_at`
-    moves when a new load signal arrives. `pending` counts picks sent its way since that signal,
-    so a burst between two scrapes does not pile onto the endpoint that looked idlest.
+    `seen_at` moves when the worker answers (registration, a load report or scrape, a KV event);
+    `load_at` moves when a new load signal arrives. `pending` counts picks sent its way since that
+    signal (by this scheduler or, reported, by its peers), so a burst between two signals does not
+    pile onto the endpoint that looked idlest. A change of `queue` moves the endpoint in its
+    role's `LoadOrder`.
     """
 
-    __slots__ = ("info", "fingerprint", "load", "load_at", "seen_at", "pending")
+    __slots__ = ("info", "fingerprint", "_load", "load_at", "seen_at", "_pending", "queue", "order")
 
     def __init__(self, info: WorkerInfo, load: EngineLoad | None = None, *, load_at: float = 0.0,
                  seen_at: float = 0.0, pending: int = 0) -> None:
         self.info = info
         self.fingerprint = info.layout.fingerprint()
-        self.load = load if load is not None else EngineLoad()
+        self._load = load if load is not None else EngineLoad()
         self.load_at = load_at
         self.seen_at = seen_at
-        self.pending = pending
+        self._pending = pending
+        # Requests ahead of a new one, as far as we know: waiting + running + pending.
+        self.queue = self._load.waiting + self._load.running + pending
+        self.order: LoadOrder | None = None
+
+    @property
+    def load(self) -> EngineLoad:
+        return self._load
+
+    @load.setter
+    def load(self, load: EngineLoad) -> None:
+        self._load = load
+        self._requeue()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @pending.setter
+    def pending(self, n: int) -> None:
+        self._pending = n
+        self._requeue()
 
     def signal(self, load: EngineLoad, at: float) -> None:
         """A fresh load signal at `at`: the worker answered, and picks before it are in it."""
-        self.load = load
-        self.pending = 0
+        self._load = load
+        self._pending = 0
         self.load_at = at
         self.seen_at = max(self.seen_at, at)
+        self._requeue()
 
-    @property
-    def queue(self) -> int:
-        """Requests ahead of a new one, as far as we know."""
-        return self.load.waiting + self.load.running + self.pending
+    def _requeue(self) -> None:
+        queue = self._load.waiting + self._load.running + self._pending
+        if queue != self.queue:
+            if self.order is not None:
+                self.order.move(self, self.queue, queue)
+            self.queue = queue
 
     @property
     def backlog(self) -> int:
@@ -74,3 +103,48 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.role} {self.address} {self.engine_id})"
+
+
+class LoadOrder:
+    """One role's endpoints bucketed by queue length, kept as their loads change, so that a pick
+    finds the least-loaded few without a walk over the role (1,000 endpoints: a walk alone costs
+    more than the pick's budget). Endpoints move themselves (`Endpoint._requeue`)."""
+
+    def __init__(self, endpoints: list[Endpoint]) -> None:
+        self._buckets: dict[int, dict[str, Endpoint]] = {}
+        self._keys: list[int] = []  # the buckets' queue lengths, ascending
+        for endpoint in endpoints:
+            endpoint.order = self
+            self._add(endpoint, endpoint.queue)
+
+    def move(self, endpoint: Endpoint, old: int, new: int) -> None:
+        bucket = self._buckets[old]
+        del bucket[endpoint.engine_id]
+        if not bucket:
+            del self._buckets[old]
+            self._keys.remove(old)
+        self._add(endpoint, new)
+
+    def _add(self, endpoint: Endpoint, queue: int) -> None:
+        bucket = self._buckets.get(queue)
+        if bucket is None:
+            bucket = self._buckets[queue] = {}
+            insort(self._keys, queue)
+        bucket[endpoint.engine_id] = endpoint
+
+    def ascending(self) -> Iterator[Endpoint]:
+        """Every endpoint, shortest queue first (equal queues in the order they joined the bucket).
+        The caller must not change queues while it iterates."""
+        for queue in self._keys:
+            yield from self._buckets[queue].values()
+
+    def queue_range(self) -> tuple[int, int]:
+        """The shortest and longest queue of the role."""
+        return (self._keys[0], self._keys[-1]) if self._keys else (0, 0)
+
+    def release(self) -> None:
+        """The role's membership changed: its endpoints stop moving here."""
+        for bucket in self._buckets.values():
+            for endpoint in bucket.values():
+                if endpoint.order is self:
+                    endpoint.order = None

@@ -46,6 +46,8 @@ REGISTRATION_ERRORS = Counter(
     "disagg_registration_errors", "Workers refused at registration (model or KV layout mismatch)."
 )
 SCRAPES = Counter("disagg_scrapes", "Scrapes of workers' /metrics, by result.", ["result"])
+LOAD_REPORTS = Counter("disagg_load_reports", "Load reports pushed by workers and applied to the pool.")
+LOAD_REPORT_GAPS = Counter("disagg_load_report_gaps", "Load reports lost (gaps in a worker's sequence).")
 KV_EVENTS = Counter("disagg_kv_events", "KV events applied to the prefix index, by type.", ["type"])
 KV_EVENT_GAPS = Counter(
     "disagg_kv_event_gaps", "Sequence gaps in KV event streams (events lost; a replay was asked)."

@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Callable, Iterable
 
-from disagg.routing.endpoint import Endpoint
+from disagg.routing.endpoint import Endpoint, LoadOrder
 from disagg.routing.errors import IncompatibleWorkerError
 from disagg.messages import EngineLoad, Role, WorkerInfo
 
@@ -47,8 +47,10 @@ class EndpointPool:
         self.layout_fingerprint: str | None = None
         self._by_engine: dict[str, Endpoint] = {}
         self._by_address: dict[str, str] = {}
-        # Per role, the members (rebuilt on membership changes only: picks read them every time).
+        # Per role, the members and their load order (rebuilt on membership changes only).
         self._by_role: dict[str, list[Endpoint]] = {"prefill": [], "decode": []}
+        self._orders: dict[str, LoadOrder] = {"prefill": LoadOrder([]), "decode": LoadOrder([])}
+        self._batching = False
         self._listeners: list[RemovalListener] = []
         # engine ids removed as dead (bounded), so rediscovery is no revival.
         self._tombstones: dict[str, float] = {}
@@ -62,8 +64,10 @@ class EndpointPool:
         self._check_compatible(info)
         known = self._by_engine.get(info.engine_id)
         if known is not None:
-            if known.address != info.address:
-                self._by_address.pop(known.address, None)
+            if known.address == info.address and known.role == info.role:
+                known.info = info  # the usual rediscovery: nothing moves
+                return known
+            self._by_address.pop(known.address, None)
             known.info = info
         else:
             now = self.clock()
@@ -105,14 +109,19 @@ class EndpointPool:
         their errors returned, so one bad worker does not stop the others from registering."""
         errors: list[IncompatibleWorkerError] = []
         listed: set[str] = set()
-        for info in infos:
-            try:
-                self.upsert(info)
-            except IncompatibleWorkerError as exc:
-                log.error("%s", exc)
-                errors.append(exc)
-                continue
-            listed.add(info.engine_id)
+        self._batching = True  # one rebuild of the roles for the whole snapshot
+        try:
+            for info in infos:
+                try:
+                    self.upsert(info)
+                except IncompatibleWorkerError as exc:
+                    log.error("%s", exc)
+                    errors.append(exc)
+                    continue
+                listed.add(info.engine_id)
+        finally:
+            self._batching = False
+            self._rebuild_roles()
         for engine_id in [e for e in self._by_engine if e not in listed]:
             self.remove(engine_id, reason="gone from discovery")
         return errors
@@ -165,10 +174,22 @@ class EndpointPool:
         oldest = self.clock() - self.dead_after_s
         return sorted((e for e in self._by_role[role] if e.seen_at < oldest), key=lambda e: -e.seen_at)
 
+    def order(self, role: Role) -> LoadOrder:
+        """The role's endpoints by queue length (dead ones included: callers check liveness)."""
+        return self._orders[role]
+
+    def alive(self, endpoint: Endpoint, now: float) -> bool:
+        return endpoint.seen_at >= now - self.dead_after_s
+
     def _rebuild_roles(self) -> None:
+        if self._batching:
+            return
         self._by_role = {"prefill": [], "decode": []}
         for e in self._by_engine.values():
             self._by_role.setdefault(e.role, []).append(e)
+        for order in self._orders.values():
+            order.release()
+        self._orders = {role: LoadOrder(members) for role, members in self._by_role.items()}
 
     def get(self, engine_id: str) -> Endpoint | None:
         return self._by_engine.get(engine_id)

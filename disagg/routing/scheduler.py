@@ -10,8 +10,9 @@ prefill endpoint (design rule 4 of ARCHITECTURE.md).
        hold the prompt's blocks (approximate index entries, until KV events say otherwise).
 
 Only the candidates that can win are ranked: the endpoints holding a prefix of the prompt, plus
-the least-loaded few (`SHORTLIST` besides the fallbacks). An endpoint outside them has no prefix
-hit and a longer queue than every listed one, so it could only win on its free KV cache.
+the least-loaded few (`SHORTLIST` besides the fallbacks), found in the role's `LoadOrder`
+without a walk over the role. An endpoint outside them has no prefix hit and a queue no shorter
+than every listed one, so it could only win on its free KV cache.
 
 `pick()` is synchronous and touches only in-memory state; `run()` keeps that state current. It hashes the prompt's blocks only as
 far as the prefix walk goes (a prompt nobody has seen costs one block); the rest of step 4 (the
@@ -24,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 
 import msgspec
 
 from disagg.config import RoutingConfig
+from disagg.messages import Role
 from disagg.routing import metrics
 from disagg.routing.background import Background
 from disagg.routing.discovery import Discovery
@@ -136,6 +139,7 @@ class Scheduler:
             SameNodeScorer(config.same_node_weight),
         ])
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
+        self.shortlist = SHORTLIST
         self._deferred = _Deferred()
         self._panic_logged_at = -1e9
         metrics.watch(self.pool, self.index)
@@ -172,26 +176,25 @@ class Scheduler:
         keep = self.config.fallbacks + 1
 
         subset = SubsetFilter(frozenset(req.subset)) if req.subset is not None else None
-        decodes = self.pool.live("decode", now)
-        if subset is not None:
-            decodes = subset.keep(decodes)
-        if not decodes:
-            return self._panic_pick(req, subset, _Unrecorded([], hashes, walk))
-        open_decodes = self.saturation.keep(decodes)
-        if not open_decodes:
+        ctx = ScoringContext(num_blocks=len(tokens) // self.block_size, num_tokens=len(tokens))
+        shortlist = self._shortlist("decode", hits, now, keep, ctx, subset)
+        if not shortlist:
+            decodes = self.pool.live("decode", now)  # why none: a walk, on this rare path only
+            if subset is not None:
+                decodes = subset.keep(decodes)
+            if not decodes:
+                return self._panic_pick(req, subset, _Unrecorded([], hashes, walk))
             raise OverloadedError(
                 f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests")
-        ctx = ScoringContext(num_blocks=len(tokens) // self.block_size, num_tokens=len(tokens))
-        best = self.decode_ranker.rank(self._shortlist(open_decodes, hits, now, keep, ctx), ctx, keep)
+        best = self.decode_ranker.rank(shortlist, ctx, keep)
         cached = min(best[0].prefix_blocks * self.block_size, len(tokens))
         uncached = len(tokens) - cached
 
         prefill: list[Endpoint] = []
         if uncached > self.config.pd_threshold_tokens:
-            prefills = self.saturation.keep(self.pool.live("prefill", now))
-            if prefills:
-                ctx.decode = best[0].endpoint
-                shortlist = self._shortlist(prefills, hits, now, keep, ctx)
+            ctx.decode = best[0].endpoint
+            shortlist = self._shortlist("prefill", hits, now, keep, ctx, None)
+            if shortlist:
                 prefill = [c.endpoint for c in self.prefill_ranker.rank(shortlist, ctx, keep)]
 
         result = Pick(decode=[c.endpoint for c in best], prefill=prefill, uncached_tokens=uncached,
@@ -199,14 +202,26 @@ class Scheduler:
         self._record(result, _Unrecorded([], hashes, walk))
         return result
 
-    def _shortlist(self, endpoints: Sequence[Endpoint], hits: dict[str, int], now: float, keep: int,
-                   ctx: ScoringContext) -> list[Candidate]:
-        """The prefix holders and the least-loaded others; sets `ctx.queue_range` to the role's."""
-        by_queue = sorted(endpoints, key=_queue)
-        ctx.queue_range = (by_queue[0].queue, by_queue[-1].queue)
-        holders = [e for e in endpoints if e.engine_id in hits] if hits else []
-        listed = holders + [e for e in by_queue[:keep + SHORTLIST] if e.engine_id not in hits]
-        return [Candidate(e, hits.get(e.engine_id, 0), self.pool.freshness(e, now)) for e in listed]
+    def _shortlist(self, role: Role, hits: dict[str, int], now: float, keep: int, ctx: ScoringContext,
+                   subset: SubsetFilter | None) -> list[Candidate]:
+        """The live, unsaturated endpoints of `role` that can win: those holding a prefix of the
+        prompt, and the `keep + shortlist` least-loaded others (from the role's load order, or
+        among the subset hint's). Sets `ctx.queue_range` to the role's."""
+        pool, limit = self.pool, self.saturation.max_waiting
+
+        def eligible(e: Endpoint | None) -> bool:
+            return (e is not None and e.role == role and pool.alive(e, now) and e.backlog < limit
+                    and (subset is None or e.address in subset.addresses))
+
+        order = pool.order(role)
+        ctx.queue_range = order.queue_range()
+        holders = [e for e in map(pool.get, hits) if eligible(e)] if hits else []
+        if subset is not None:  # a short explicit list: its members, by queue
+            others = sorted((e for e in map(pool.by_address, subset.addresses) if eligible(e)), key=_queue)
+        else:
+            others = (e for e in order.ascending() if eligible(e))
+        least = list(islice((e for e in others if e.engine_id not in hits), keep + self.shortlist))
+        return [Candidate(e, hits.get(e.engine_id, 0), pool.freshness(e, now)) for e in holders + least]
 
     def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, unrecorded: _Unrecorded) -> Pick:
         """No live decode: route to the most recently seen of those not yet forgotten (they may
