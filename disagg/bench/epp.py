@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 from disagg.bench.progress import say
 from disagg.bench.standin import make_info
@@ -181,13 +182,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# Stand-in workers (argv: how many), in their own process: they answer every request at once,
-# and /metrics; the first is a decode worker. Prints "READY addr,addr,...".
+# Stand-in workers (argv: how many, and "push" to publish their loads), in their own process:
+# they answer every request at once, and /metrics; the first is a decode worker. Prints
+# "READY addr,addr,...".
 _STAND_INS = (
     "import sys, time\n"
-    "from disagg.bench.standin import StandInWorker\n"
-    "ws = [StandInWorker('prefill' if i % 2 else 'decode', model='bench').start() for i in range(int(sys.argv[1]))]\n"
-    "print('READY', ','.join(w.address for w in ws), flush=True)\n"
+    "from disagg.bench.standin import StandInFleet\n"
+    "n, push = int(sys.argv[1]), sys.argv[2:] == ['push']\n"
+    "fleet = StandInFleet(['prefill' if i % 2 else 'decode' for i in range(n)], publish=push, model='bench').start()\n"
+    "print('READY', ','.join(w.address for w in fleet.workers), flush=True)\n"
     "time.sleep(1e9)\n"
 )
 
@@ -384,6 +387,39 @@ async def bench_scrapes(workers: int, seconds: float = 5.0) -> dict[str, Any]:
             "cpu_ms_per_s": cpu / wall * 1e3, "cpu_ms_per_scrape": cpu / n * 1e3 if n else None}
 
 
+async def bench_idle(workers: int, seconds: float = 10.0) -> dict[str, Any]:
+    """CPU of one EPP process (`disagg epp`, its own process) keeping the state of `workers`
+    stand-in workers current with no requests: the workers (one process) push their loads, a
+    heartbeat a second each, and are described by discovery."""
+    from disagg.bench.processes import launch, terminate
+
+    log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-idle-"))
+    launched = [launch("stand-ins", [sys.executable, "-c", _STAND_INS, str(workers), "push"], log_dir=log_dir)]
+    try:
+        addresses = _ready_line(launched[0], timeout_s=300).split()[1]
+        epp = launch("epp", [sys.executable, "-m", "disagg.cli", "epp", "--model", HOP_MODEL, "--set",
+                             f"block_size={BLOCK}", "--endpoints", addresses, "--host", "127.0.0.1",
+                             "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0",
+                             "--log-level", "WARNING"], log_dir=log_dir)
+        launched.append(epp)
+        metrics_port = next(f for f in _ready_line(epp).split() if f.startswith("metrics=")).split("=", 1)[1]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # every worker in the pool, its reports flowing
+            pool = json.loads(urlopen(f"http://127.0.0.1:{metrics_port}/v1/pool", timeout=10).read())
+            if len(pool) >= workers:
+                break
+            await asyncio.sleep(1)
+        await asyncio.sleep(3)  # the first descriptions and connections are done
+        c0, t0 = _cpu_seconds(epp.pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu, wall = _cpu_seconds(epp.pid) - c0, time.monotonic() - t0
+        pool = json.loads(urlopen(f"http://127.0.0.1:{metrics_port}/v1/pool", timeout=10).read())
+    finally:
+        terminate(launched, None, grace_s=10)
+    return {"endpoints": workers, "live": len(pool), "seconds": wall, "cpu_percent": 100 * cpu / wall,
+            "oldest_signal_age_s": max((w["signal_age_s"] for w in pool), default=None)}
+
+
 def _key_suffix(path: str) -> str | None:
     """The suffix of a hop path's result keys (`epp_hop_added_p50_ms...`): none for the default
     EPP, "_plaintext", "_grpclib", "_floor" for the others; None for the paths without an
@@ -507,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-requests", type=int, default=2000,
                    help="0 skips timing the ext_proc answer in-process (no Envoy, no sockets)")
     p.add_argument("--scrape-workers", type=int, default=32, help="0 skips the scrape measurement")
+    p.add_argument("--idle-workers", type=int, default=1000,
+                   help="stand-in workers pushing their loads to one idle EPP (0 skips the idle measurement)")
     p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png (when --json and "
                                                        "--plot are not given)")
     p.add_argument("--json", type=Path, help="write the report here (default: OUT/epp.json)")
@@ -565,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         sc = result["scrapes"] = asyncio.run(bench_scrapes(args.scrape_workers))
         print(f"scrapes: {sc['workers']} workers, {sc['scrapes_per_s']:.0f} scrapes/s, {sc['cpu_ms_per_s']:.0f} ms "
               f"CPU per s ({sc['cpu_ms_per_scrape']:.2f} ms per scrape)", flush=True)
+    if args.idle_workers:
+        say("epp", f"idle: one EPP keeping {args.idle_workers} stand-in workers current, no requests")
+        idle = result["idle"] = asyncio.run(bench_idle(args.idle_workers))
+        print(f"idle: {idle['live']} of {idle['endpoints']} workers live, EPP CPU {idle['cpu_percent']:.1f}% of one "
+              f"core, oldest load signal {idle['oldest_signal_age_s']} s", flush=True)
     result["machine"]["load_avg_after"] = os.getloadavg()
     result["machine"]["reference_loop_ms_after"] = reference_loop_ms()
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from disagg.messages import EngineLoad, Role, WorkerInfo
+from disagg.messages import EngineLoad, LoadReport, Role, WorkerInfo
 from kv_transfer.layout import KVLayout
 
 
@@ -152,3 +152,44 @@ class StandInWorker:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class StandInFleet:
+    """Stand-in workers in one process sharing one load channel, as a multi-engine model server
+    would: each worker's `load` goes out as a `LoadReport` when it changes and every second
+    (`publish=False`: no channel, the workers are scraped). `mute(worker)` stops a worker's
+    reports, as a hung publisher would."""
+
+    def __init__(self, roles: list[Role], *, publish: bool = True, **worker_options: Any) -> None:
+        from disagg.routing.load_channel import LoadPublisher
+
+        self.publisher = LoadPublisher("127.0.0.1", self._reports) if publish else None
+        extra = {"load_endpoint": self.publisher.endpoint} if self.publisher else {}
+        self.workers = [StandInWorker(role, **worker_options, **extra) for role in roles]
+        self.muted: set[str] = set()
+        self._stop = threading.Event()
+
+    def start(self) -> "StandInFleet":
+        for worker in self.workers:
+            worker.start()
+        if self.publisher is not None:
+            threading.Thread(target=self._publish, daemon=True, name="standin-loads").start()
+        return self
+
+    def mute(self, worker: StandInWorker) -> None:
+        self.muted.add(worker.info.engine_id)
+
+    def _reports(self) -> list[LoadReport]:
+        return [LoadReport(w.info.engine_id, 0, 0.0, w.load.waiting, w.load.running, w.load.kv_usage, w.load.num_blocks)
+                for w in self.workers if w.info.engine_id not in self.muted]
+
+    def _publish(self) -> None:
+        assert self.publisher is not None
+        while not self._stop.wait(self.publisher.min_interval_s):
+            self.publisher.publish_due(time.monotonic())
+        self.publisher.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self.workers:
+            worker.stop()

@@ -64,20 +64,31 @@ def parse_endpoints(text: str | Iterable[str]) -> list[str]:
 
 
 class StaticDiscovery:
-    """A fixed list of worker addresses, asked for their descriptors every `interval_s`
-    (a restarted worker shows up with its new engine id at the next poll). A worker that does not
-    answer one poll keeps its last descriptor: whether it is alive is for the scrapes to say."""
+    """A fixed list of worker addresses, asked for their descriptors: those not described yet
+    every `interval_s`, the others in turn, at most `describes_per_s` a second (a restarted
+    worker shows up with its new engine id when its turn comes: within `interval_s` for up to
+    `describes_per_s x interval_s` workers; 1,000 workers are not each asked every second). A
+    worker that does not answer keeps its last descriptor: whether it is alive is for its load
+    signal to say."""
 
-    def __init__(self, addresses: Iterable[str], *, interval_s: float = 1.0, timeout_s: float = 1.0) -> None:
+    def __init__(self, addresses: Iterable[str], *, interval_s: float = 1.0, timeout_s: float = 1.0,
+                 describes_per_s: float = 20.0) -> None:
         self.addresses = parse_endpoints(list(addresses))
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.describes_per_s = describes_per_s
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
         known: dict[str, WorkerInfo] = {}
+        turn = 0  # where the next round of re-descriptions starts
+        per_round = max(1, int(self.describes_per_s * self.interval_s))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
             while True:
-                for info in await fetch_all(session, self.addresses):
+                described = [a for a in self.addresses if a in known]
+                again = [described[(turn + i) % len(described)] for i in range(min(per_round, len(described)))]
+                turn = (turn + len(again)) % max(len(described), 1)
+                asked = [a for a in self.addresses if a not in known] + again
+                for info in await fetch_all(session, asked):
                     known[info.address] = info
                 yield list(known.values())
                 await asyncio.sleep(self.interval_s)

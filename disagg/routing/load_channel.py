@@ -22,7 +22,6 @@ from typing import Callable
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from disagg.messages import LoadReport
 from disagg.routing import metrics
@@ -41,7 +40,7 @@ class LoadSubscriber:
 
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._followers: Counter[str] = Counter()
@@ -63,11 +62,20 @@ class LoadSubscriber:
                 pass
 
     async def run(self) -> None:
-        """Until cancelled; closes the socket then."""
+        """Until cancelled; closes the socket then. Each wakeup takes every report waiting (ZMQ's
+        file descriptor only says that the socket's state changed)."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        fd = self._socket.getsockopt(zmq.FD)
+        loop.add_reader(fd, ready.set)
         try:
             while True:
-                self.apply(await self._socket.recv())
+                ready.clear()
+                while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self.apply(self._socket.recv(zmq.NOBLOCK))
+                await ready.wait()
         finally:
+            loop.remove_reader(fd)
             self._socket.close(linger=0)
 
     def apply(self, payload: bytes) -> None:
@@ -92,14 +100,16 @@ class LoadSubscriber:
 class LoadPublisher:
     """A worker's side: binds a PUB socket on `host` (a free port, read back: `endpoint`) and
     publishes `LoadReport`s of the engines `read_loads()` returns, each when it changed (at most
-    every `min_interval_s`) or every `heartbeat_s`."""
+    every `min_interval_s`) or every `heartbeat_s`. `run()` on an event loop, or `publish_due()`
+    from any one thread (the socket never blocks: a report a slow subscriber cannot take is
+    dropped)."""
 
     def __init__(self, host: str, read_loads: Callable[[], list[LoadReport]], *, min_interval_s: float = 0.05,
                  heartbeat_s: float = 1.0) -> None:
         self.read_loads = read_loads
         self.min_interval_s = min_interval_s
         self.heartbeat_s = heartbeat_s
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.PUB)
+        self._socket = zmq.Context.instance().socket(zmq.PUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 1000)  # a slow subscriber loses reports, never blocks us
         port = self._socket.bind_to_random_port(f"tcp://{host}")
@@ -114,7 +124,10 @@ class LoadPublisher:
                 self.publish_due(time.monotonic())
                 await asyncio.sleep(self.min_interval_s)
         finally:
-            self._socket.close(linger=0)
+            self.close()
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
 
     def publish_due(self, now: float) -> int:
         """Publish every report that changed or whose heartbeat is due; how many went out."""
@@ -127,7 +140,10 @@ class LoadPublisher:
             seq = self._seq[report.engine_id]
             self._seq[report.engine_id] += 1
             stamped = msgspec.structs.replace(report, seq=seq, sent_at=time.time())
-            self._socket.send(_encode(stamped), zmq.NOBLOCK)
+            try:
+                self._socket.send(_encode(stamped), zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # dropped; the subscriber sees the gap
             self._last[report.engine_id] = (state, now)
             sent += 1
         return sent

@@ -17,6 +17,8 @@ import logging
 import time
 from typing import Callable, Iterable
 
+import msgspec
+
 from disagg.routing.endpoint import Endpoint, LoadOrder
 from disagg.routing.errors import IncompatibleWorkerError
 from disagg.messages import EngineLoad, Role, WorkerInfo
@@ -138,7 +140,7 @@ class EndpointPool:
         if endpoint is None:
             return
         if not 0.0 <= load.kv_usage <= 1.0:
-            load = load.model_copy(update={"kv_usage": min(max(load.kv_usage, 0.0), 1.0)})
+            load = msgspec.structs.replace(load, kv_usage=min(max(load.kv_usage, 0.0), 1.0))
         endpoint.signal(load, self.clock() if at is None else at)
 
     def touch(self, engine_id: str) -> None:
@@ -213,7 +215,7 @@ class EndpointPool:
         """Every live endpoint with its load and how fresh that knowledge is (`GET /v1/pool`)."""
         now = self.clock() if now is None else now
         return [
-            {"role": e.role, "address": e.address, "engine_id": e.engine_id, **e.load.model_dump(),
+            {"role": e.role, "address": e.address, "engine_id": e.engine_id, **msgspec.structs.asdict(e.load),
              "signal_age_s": round(e.signal_age(now), 3), "silence_s": round(e.silence(now), 3)}
             for e in self.endpoints()
         ]

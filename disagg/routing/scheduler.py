@@ -87,12 +87,14 @@ class Pick:
         return [e.address for e in self.prefill]
 
 
-class _Unrecorded(NamedTuple):
-    """A pick whose prompt blocks are not indexed yet (approximate entries)."""
+class Booked(NamedTuple):
+    """A pick as its bookkeeping sees it, once its answer is out: where the prompt went, and its
+    blocks (the prompt's full blocks once `flush()` resumed the walk)."""
 
-    engine_ids: list[str]  # where the prompt was sent
+    engine_ids: list[str]  # decode, then prefill when disaggregating
     hashes: list[int]  # the blocks the pick's prefix walk hashed
     rest: Iterator[int]  # the walk, suspended where the pick stopped it; resuming appends to `hashes`
+    request: PickRequest
 
 
 class _Unobserved(NamedTuple):
@@ -106,7 +108,7 @@ class _Unobserved(NamedTuple):
 
 @dataclass
 class _Deferred:
-    unrecorded: list[_Unrecorded] = field(default_factory=list)
+    booked: list[Booked] = field(default_factory=list)
     unobserved: list[_Unobserved] = field(default_factory=list)
     scheduled: bool = False
 
@@ -141,6 +143,7 @@ class Scheduler:
         self.saturation = SaturationFilter(config.max_waiting_per_worker)
         self.shortlist = SHORTLIST
         self._deferred = _Deferred()
+        self._listeners: list[Callable[[list[Booked]], None]] = []
         self._panic_logged_at = -1e9
         metrics.watch(self.pool, self.index)
 
@@ -150,7 +153,7 @@ class Scheduler:
         """Choose decode (and maybe prefill) endpoints for one request. Raises NoEndpointError
         (nothing can serve it: 503) or OverloadedError (all saturated: 429)."""
         started = time.perf_counter()
-        if self._deferred.unobserved:
+        if self._deferred.booked or self._deferred.unobserved:
             self.flush()
         try:
             result = self._pick(req)
@@ -165,7 +168,15 @@ class Scheduler:
         self._flush_soon()
         return result
 
-    def _pick(self, req: PickRequest) -> Pick:
+    def would_pick(self, req: PickRequest) -> Pick | None:
+        """The pick `pick(req)` would make now, without booking it (no pending request, no index
+        entry, no metrics): how replicas compare their views. None when it would refuse."""
+        try:
+            return self._pick(req, book=False)
+        except (NoEndpointError, OverloadedError):
+            return None
+
+    def _pick(self, req: PickRequest, book: bool = True) -> Pick:
         if req.model != self.model:
             raise NoEndpointError(f"model {req.model!r} is not served here (this pool serves {self.model!r})")
         tokens = req.prompt_token_ids
@@ -182,10 +193,13 @@ class Scheduler:
             decodes = self.pool.live("decode", now)  # why none: a walk, on this rare path only
             if subset is not None:
                 decodes = subset.keep(decodes)
+            if not decodes and book:
+                return self._panic_pick(req, subset, Booked([], hashes, walk, req))
             if not decodes:
-                return self._panic_pick(req, subset, _Unrecorded([], hashes, walk))
+                raise NoEndpointError("no live decode endpoint")
             raise OverloadedError(
                 f"all {len(decodes)} decode endpoints have {self.config.max_waiting_per_worker}+ waiting requests")
+        ctx.tiebreak = hash(tuple(tokens[:self.block_size]))  # the same on every replica
         best = self.decode_ranker.rank(shortlist, ctx, keep)
         cached = min(best[0].prefix_blocks * self.block_size, len(tokens))
         uncached = len(tokens) - cached
@@ -199,7 +213,8 @@ class Scheduler:
 
         result = Pick(decode=[c.endpoint for c in best], prefill=prefill, uncached_tokens=uncached,
                       decision="remote" if prefill else "local", cached_tokens=cached)
-        self._record(result, _Unrecorded([], hashes, walk))
+        if book:
+            self._book(result, Booked([], hashes, walk, req))
         return result
 
     def _shortlist(self, role: Role, hits: dict[str, int], now: float, keep: int, ctx: ScoringContext,
@@ -223,7 +238,7 @@ class Scheduler:
         least = list(islice((e for e in others if e.engine_id not in hits), keep + self.shortlist))
         return [Candidate(e, hits.get(e.engine_id, 0), pool.freshness(e, now)) for e in holders + least]
 
-    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, unrecorded: _Unrecorded) -> Pick:
+    def _panic_pick(self, req: PickRequest, subset: SubsetFilter | None, booked: Booked) -> Pick:
         """No live decode: route to the most recently seen of those not yet forgotten (they may
         only look dead because this process or the machine stalled), or refuse with 503."""
         recent: Sequence[Endpoint] = self.pool.dead_endpoints("decode")
@@ -240,18 +255,21 @@ class Scheduler:
                         recent[0].address, recent[0].silence(now))
         result = Pick(decode=list(recent[: self.config.fallbacks + 1]), prefill=[],
                       uncached_tokens=len(req.prompt_token_ids), decision="local")
-        self._record(result, unrecorded)
+        self._book(result, booked)
         return result
 
-    def _record(self, result: Pick, unrecorded: _Unrecorded) -> None:
-        """What the pick implies: one more request on each chosen endpoint now, and (approximate
-        mode) the prompt's blocks cached on both, at the next `flush()`."""
+    def _book(self, result: Pick, booked: Booked) -> None:
+        """What the pick implies: one more request on each chosen endpoint now; at the next
+        `flush()`, (approximate mode) the prompt's blocks cached on both, and the listeners told."""
         chosen = result.decode[:1] + result.prefill[:1]
         for endpoint in chosen:
             endpoint.pending += 1
-        if self.config.approximate_prefix and unrecorded.hashes:  # the walk reaches block 0 of any full block
-            unrecorded.engine_ids.extend(e.engine_id for e in chosen)
-            self._deferred.unrecorded.append(unrecorded)
+        booked.engine_ids.extend(e.engine_id for e in chosen)
+        self._deferred.booked.append(booked)
+
+    def on_booked(self, listener: Callable[[list[Booked]], None]) -> None:
+        """Call `listener(picks)` with each flush's picks, their hashes complete (peer sync)."""
+        self._listeners.append(listener)
 
     def _flush_soon(self) -> None:
         if self._deferred.scheduled:
@@ -273,12 +291,16 @@ class Scheduler:
             (metrics.PD_REMOTE if seen.remote else metrics.PD_LOCAL).inc()
             metrics.PROMPT_TOKENS.inc(seen.prompt_tokens)
             metrics.PREFIX_HIT_TOKENS.inc(seen.cached_tokens)
-        for pick in deferred.unrecorded:
+        for pick in deferred.booked:
+            if not pick.hashes:  # the walk reaches block 0 of any full block: none here
+                continue
+            for _ in pick.rest:  # resume: the blocks past where the pick stopped, appended to hashes
+                pass
             present = [e for e in pick.engine_ids if e in self.pool]
-            if present:
-                for _ in pick.rest:  # resume: the blocks past where the pick stopped, appended to hashes
-                    pass
+            if present and self.config.approximate_prefix:
                 self.index.record_pick(present, pick.hashes)
+        for listener in self._listeners:
+            listener(deferred.booked)
 
     # -- keeping state current --------------------------------------------------------------
 

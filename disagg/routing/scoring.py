@@ -10,6 +10,7 @@ candidates, and the scheduler records the pick's consequences afterwards.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -35,6 +36,9 @@ class ScoringContext:
     # a candidate's queue rating is the same whichever others made the shortlist.
     queue_range: tuple[int, int] = (0, 0)
     decode: Endpoint | None = None  # when ranking prefill: the decode already chosen
+    # Settles ties between equal candidates: derived from the request, so that every replica of
+    # the picker settles them alike, and different requests spread over equal endpoints.
+    tiebreak: int = 0
 
 
 class Scorer(Protocol):
@@ -144,12 +148,12 @@ class SaturationFilter:
 
 class Ranker:
     """Orders candidates best first by sum(weight x rating), load-signal ratings times the
-    signal's freshness. Ties go to the shorter queue, then to whichever comes first from a start
-    that rotates with every pick, so equal endpoints share the load."""
+    signal's freshness. Ties go to the shorter queue, then by the request's tiebreak mixed with
+    each endpoint's own stable number (not a counter, nor a position in the list, which differ
+    between replicas), so that equal endpoints share the load and replicas agree."""
 
     def __init__(self, scorers: Sequence[Scorer]) -> None:
         self.scorers = [s for s in scorers if s.weight]
-        self._turn = 0
 
     def rank(self, candidates: Sequence[Candidate], ctx: ScoringContext, top: int) -> list[Candidate]:
         """The best `top` candidates, best first."""
@@ -159,6 +163,12 @@ class Ranker:
             ratings = scorer.score(candidates, ctx)
             for i, c in enumerate(candidates):
                 totals[i] += scorer.weight * ratings[i] * (c.freshness if scorer.uses_load_signal else 1.0)
-        self._turn = turn = (self._turn + 1) % max(n, 1)
-        order = sorted(range(n), key=lambda i: (-totals[i], candidates[i].endpoint.queue, (i - turn) % n))
+        mix = ctx.tiebreak
+        order = sorted(range(n), key=lambda i: (-totals[i], candidates[i].endpoint.queue,
+                                                _stable_hash(candidates[i].endpoint.engine_id) ^ mix))
         return [candidates[i] for i in order[:top]]
+
+
+def _stable_hash(text: str) -> int:
+    """The same number in every process (Python's str hash is salted per process)."""
+    return zlib.crc32(text.encode())

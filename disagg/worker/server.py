@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 import prometheus_client
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from disagg.openai.body import parse_json, shorten
 from disagg.openai.errors import APIError, from_validation_error
-from disagg.openai.http import install_error_handlers, respond, until_disconnect
+from disagg.openai.http import install_error_handlers, read_json_body, respond, until_disconnect
 from disagg.openai.serving import Kind, Preprocessor
 from disagg.worker import metrics
 from disagg.worker.protocol import PREFILLER_HEADER, PrefillRequest
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
     app = FastAPI(title=f"disagg {worker.role} worker", docs_url=None, redoc_url=None)
+    max_bytes = worker.config.max_request_bytes
 
     install_error_handlers(app)
 
@@ -32,7 +35,7 @@ def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
 
     @app.get("/v1/worker")
     async def describe() -> dict[str, Any]:
-        return {**worker.info.model_dump(), "load": worker.load().model_dump()}
+        return {**worker.info.model_dump(), "load": msgspec.structs.asdict(worker.load())}
 
     @app.get("/metrics")
     async def metrics_text(request: Request) -> Response:
@@ -52,10 +55,12 @@ def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
     async def prefill(request: Request) -> dict[str, Any]:
         if worker.role != "prefill":
             raise APIError(409, f"this is a {worker.role} worker; send prefills to a prefill worker")
+        data = parse_json(await read_json_body(request, max_bytes))
         try:
-            body = PrefillRequest.model_validate_json(await request.body())
+            body = PrefillRequest.model_validate(data)
         except ValidationError as e:
             raise from_validation_error(e) from None
+        preprocessor.check_token_ids(body.prompt_token_ids, "prompt_token_ids")
 
         async def abandon(result: Any) -> None:
             await worker.release_prefill(f"{body.request_id}-abandoned", result.kv_transfer_params)
@@ -67,14 +72,14 @@ def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
     async def openai(kind: Kind, request: Request) -> Response:
         # Taken off the request whatever happens: the header is for this hop only.
         prefiller = request.headers.get(PREFILLER_HEADER)
-        prepared = preprocessor.prepare(kind, await request.body())
+        prepared = await preprocessor.prepare_async(kind, await read_json_body(request, max_bytes))
         candidates: list[str] = []
         if prefiller:
             candidates = [a.strip() for a in prefiller.split(",") if a.strip()]
             unknown = [a for a in candidates if not worker.is_registered_prefill(a)]
             if unknown:
-                raise APIError(403, f"{PREFILLER_HEADER} names {', '.join(unknown)}, not a registered prefill worker",
-                               param=PREFILLER_HEADER)
+                raise APIError(403, f"{PREFILLER_HEADER} names {shorten(', '.join(unknown))}, not a registered "
+                                    f"prefill worker", param=PREFILLER_HEADER)
         outputs = worker.generate(prepared.generate, candidates)
         metrics.REQUESTS.labels(role=worker.role, status="ok").inc()
         return await respond(request, prepared, outputs, preprocessor.model_name,

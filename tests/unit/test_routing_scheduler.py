@@ -26,8 +26,9 @@ def make_scheduler(clock: Clock | None = None, **routing) -> Scheduler:
     return Scheduler(RoutingConfig(**routing), model="tiny", block_size=BS, clock=clock or Clock())
 
 
-def add(s: Scheduler, role: str, address: str, *, waiting: int = 0, running: int = 0, kv: float = 0.0, node: str = ""):
-    e = s.pool.upsert(make_info(role, address, node_id=node))
+def add(s: Scheduler, role: str, address: str, *, waiting: int = 0, running: int = 0, kv: float = 0.0, node: str = "",
+        engine_id: str | None = None):
+    e = s.pool.upsert(make_info(role, address, node_id=node, engine_id=engine_id))
     s.pool.update_load(e.engine_id, EngineLoad(waiting=waiting, running=running, kv_usage=kv))
     return e
 
@@ -299,7 +300,7 @@ def test_the_shortlist_picks_as_ranking_every_endpoint_whenever_the_winner_is_on
         for i in range(rng.choice([3, 8, 24, 40])):
             role = "decode" if i % 3 else "prefill"
             add(s, role, f"{role[0]}{i}:1", waiting=rng.randint(0, 3), running=rng.randint(0, 6),
-                kv=rng.choice([0.0, 0.5, rng.random()]), node=f"n{i % 4}")
+                kv=rng.choice([0.0, 0.5, rng.random()]), node=f"n{i % 4}", engine_id=f"{role}-{i}")
         prompts = [list(range(1000 * k, 1000 * k + 32 * rng.randint(1, 12))) for k in range(6)]
         for _ in range(rng.randint(0, 10)):  # some prompts cached here and there
             s.index.record(rng.choice(s.pool.endpoints()).engine_id, block_hashes(rng.choice(prompts), BS))
