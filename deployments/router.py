@@ -20,7 +20,7 @@ from disagg.config import AppConfig
 from disagg.heap import freeze_startup_heap
 from disagg.engine.base import GenerateOutput
 from disagg.openai.errors import APIError
-from disagg.openai.http import install_error_handlers, respond
+from disagg.openai.http import install_error_handlers, read_json_body, respond
 from disagg.openai.serving import Kind, Prepared, Preprocessor, ResponseBuilder
 from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
 from disagg.worker.protocol import WorkerInfo
@@ -108,21 +108,24 @@ class Router:
         return await self._serve("completion", request)
 
     async def _serve(self, kind: Kind, request: Request) -> Response:
-        prepared, stream, headers = self._dispatch(kind, await request.body())
+        body = await read_json_body(request, self.config.max_request_bytes)
+        prepared, stream, headers = await self._dispatch(kind, body)
         return await respond(request, prepared, stream, self.config.model_name, headers)
 
     async def openai(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         """The same API for Python callers holding a handle (no HTTP): a non-streaming OpenAI
         response body; errors raise APIError with the status a client would see."""
-        prepared, stream, _ = self._dispatch(kind, json.dumps(body).encode())
+        prepared, stream, _ = await self._dispatch(kind, json.dumps(body).encode())
         builder = ResponseBuilder(prepared, self.config.model_name)
         async for out in stream:
             builder.add(out)
         return builder.response()
 
-    def _dispatch(self, kind: Kind, raw: bytes) -> tuple[Prepared, AsyncIterator[GenerateOutput], dict[str, str]]:
-        """Validate, tokenize, pick a pair, and start streaming from the picked decode replica."""
-        prepared = self.preprocessor.prepare(kind, raw)
+    async def _dispatch(self, kind: Kind, raw: bytes
+                        ) -> tuple[Prepared, AsyncIterator[GenerateOutput], dict[str, str]]:
+        """Validate, tokenize (off the event loop), pick a pair, and start streaming from the
+        picked decode replica."""
+        prepared = await self.preprocessor.prepare_async(kind, raw)
         try:
             pick = self.scheduler.pick(PickRequest(model=self.config.model_name,
                                                    prompt_token_ids=prepared.generate.prompt_token_ids))

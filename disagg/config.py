@@ -3,15 +3,35 @@
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
+import re
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping, NoReturn
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 KVConnectorName = Literal["disagg", "nixl", "none"]
 KVBackendName = Literal["auto", "nixl", "ucxx", "tcp"]
 Role = Literal["prefill", "decode"]
+
+
+# VLLM_CPU_OMP_THREADS_BIND's syntax: cores and ranges, `,`-separated (`|` between TP ranks).
+_CPU_LIST = re.compile(r"\d+(-\d+)?([,|]\d+(-\d+)?)*")
+
+
+class BadValue(ValueError, argparse.ArgumentTypeError):
+    """A value a setting or flag cannot take: pydantic and argparse both report its message."""
+
+
+def cpu_list(text: str) -> str:
+    """A core list such as `0`, `0-3` or `0,2-3` (a validator and an argparse type)."""
+    if not _CPU_LIST.fullmatch(text) or any(int(lo) > int(hi) for lo, hi in re.findall(r"(\d+)-(\d+)", text)):
+        raise BadValue(f"expected cores like 0, 0-3 or 0,2-3, got {text!r}")
+    return text
 
 
 class _Strict(BaseModel):
@@ -25,7 +45,7 @@ class RoleConfig(_Strict):
     replicas: int = Field(1, ge=0)
     # CPU cores for each replica's engine threads (VLLM_CPU_OMP_THREADS_BIND), replica i gets
     # cpu_bind[i % len]. Empty: no pinning (GPU machines, or a pod that owns its cores).
-    cpu_bind: list[Annotated[str, BeforeValidator(str)]] = Field(default_factory=list)
+    cpu_bind: list[Annotated[str, BeforeValidator(str), AfterValidator(cpu_list)]] = Field(default_factory=list)
     # The worker's own HTTP endpoint (gateway path). 0 picks a free port on each replica.
     http_port: int = Field(0, ge=0, le=65535)
     # Logical CPUs Ray reserves per replica (0 lets many engines share a small machine).
@@ -96,6 +116,14 @@ class AppConfig(_Strict):
     prefill_timeout_s: float = Field(30.0, gt=0)
     prefill_attempts: int = Field(2, ge=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    # Larger request bodies get a 413 before they are parsed (a few MB holds any prompt that
+    # fits a long context).
+    max_request_bytes: int = Field(4 * 2**20, ge=1024)
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_an_address(cls, v: str) -> str:
+        return host_name(v)
 
     @field_validator("block_size")
     @classmethod
@@ -125,13 +153,25 @@ class AppConfig(_Strict):
              settings: list[str] | None = None) -> "AppConfig":
         """YAML file (optional), then overrides, then `KEY=VALUE` settings (dotted keys reach
         nested fields; values are YAML scalars)."""
-        data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+        data: Any = {}
+        if path:
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"--config {path}: not valid YAML ({_first_line(e)})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"--config {path}: expected a mapping of settings, got a {type(data).__name__}")
         data = _merge(data, overrides or {})
         for item in settings or []:
             key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"expected KEY=VALUE, got {item!r}")
-            data = _merge(data, {key.strip(): yaml.safe_load(value)})
+            if not sep or not key.strip():
+                raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+            try:
+                data = _merge(data, {key.strip(): yaml.safe_load(value)})
+            except yaml.YAMLError as e:
+                raise ValueError(f"--set {key.strip()}: the value is not YAML ({_first_line(e)})") from None
+            except (TypeError, ValueError):
+                raise ValueError(f"--set {key.strip()}: {key.strip().rpartition('.')[0]} is not a section") from None
         return cls.model_validate(data)
 
     def with_overrides(self, **overrides: Any) -> "AppConfig":
@@ -152,3 +192,109 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             out[head] = value
     return out
+
+
+# Command lines (`disagg serve`, `disagg worker`, `disagg epp`): a bad flag or config value is
+# one line that names the option and says what it expects, and exit status 2.
+
+CONFIG_ERRORS = (ValidationError, ValueError, OSError)
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(self.prog, message)
+        raise SystemExit(2)
+
+
+def usage_error(prog: str, message: str) -> int:
+    """Print `prog: error: message` (one line) and return the exit status for it, 2."""
+    print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+    return 2
+
+
+def config_error(exc: BaseException, flags: Mapping[str, str] | None = None) -> str:
+    """A config that does not load, in one line: the setting (as the flag that sets it, when
+    one does) and what it expects."""
+    if not isinstance(exc, ValidationError):
+        if isinstance(exc, OSError) and exc.filename:
+            return f"--config {exc.filename}: {exc.strerror}"
+        return _first_line(exc)
+    errors = exc.errors()
+    first = errors[0]
+    key = ".".join(str(p) for p in first["loc"])
+    name = (flags or {}).get(key, key) or "config"
+    if first["type"] == "missing":
+        field = AppConfig.model_fields.get(key)
+        hint = field.description.rstrip(".") if field and field.description else ""
+        what = "is required" + (f" ({hint[:1].lower() + hint[1:]})" if hint else "")
+    elif first["type"] == "extra_forbidden":
+        what = "is not a setting"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        what = message[:1].lower() + message[1:]
+        if key and "got " not in what:
+            what += f", got {_short(first.get('input'))}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{name}: {what}{more}"
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def host_name(text: str) -> str:
+    """An IP address or a DNS name to bind or reach (a validator and an argparse type)."""
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit() or len(text) > 253:
+        raise BadValue(f"expected an IP address or a host name, got {text!r}")
+    return text
+
+
+def check_model_dir(model: str) -> None:
+    """Commands that start engines on this machine need the model directory here."""
+    if not Path(model, "config.json").is_file():
+        raise ValueError(f"model: expected a model directory with a config.json, got {model!r} "
+                         f"(`disagg model tiny DIR` builds a small one)")
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (an argparse type)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise BadValue(f"expected a port number 0-65535, got {text!r}")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, more than 0 (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise BadValue(f"expected seconds (a number above 0), got {text!r}")
+    return value
+
+
+def host_ports(text: str) -> str:
+    """`host:port,host:port` or nothing (an argparse type)."""
+    for item in (a.strip() for a in text.split(",") if a.strip()):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise BadValue(f"expected host:port[,host:port...], got {item!r}")
+    return text
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:1]) or type(exc).__name__

@@ -9,26 +9,34 @@ from typing import AsyncIterator
 
 import httpx
 
-from disagg.config import AppConfig
+from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, check_model_dir, config_error, port_number,
+                           usage_error)
 from disagg.routing.discovery import fetch_all
 from disagg.routing.http1 import Http1Clients
 from disagg.worker.protocol import WorkerInfo
 
 
+PROG = "disagg serve"
+# The flags that set config fields, to name them in a config error.
+FLAGS = {"model": "--model", "port": "--port", "host": "--host", "kv_connector": "--kv-connector",
+         "prefill.replicas": "--prefill-replicas", "decode.replicas": "--decode-replicas",
+         "routing.pd_threshold_tokens": "--pd-threshold"}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="disagg serve", description=__doc__)
+    p = CommandLineParser(prog=PROG, description=__doc__)
     p.add_argument("--config", help="AppConfig YAML file")
     p.add_argument("--model", help="model directory (e.g. models/tiny from `disagg model tiny`)")
-    p.add_argument("--port", type=int, help="OpenAI API port (default 8000)")
+    p.add_argument("--port", type=port_number, help="OpenAI API port (default 8000)")
     p.add_argument("--host", help="address to serve on (default 127.0.0.1)")
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
     p.add_argument("--kv-connector", choices=["disagg", "nixl", "none"])
     p.add_argument("--pd-threshold", type=int, help="routing.pd_threshold_tokens")
-    p.add_argument("--dashboard-port", type=int, default=0,
+    p.add_argument("--dashboard-port", type=port_number, default=0,
                    help="Ray dashboard port (default: 8265, or the next free one when taken)")
     p.add_argument("--gateway", action="store_true", help="also start the EPP and Envoy in front of the workers")
-    p.add_argument("--gateway-port", type=int, default=8080)
+    p.add_argument("--gateway-port", type=port_number, default=8080)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any AppConfig field, dotted for nested ones: --set decode.cpu_bind=[1]")
     return p.parse_args(argv)
@@ -72,7 +80,13 @@ class PoolDiscovery:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+        check_model_dir(config.model)
+        if config.decode.replicas < 1:
+            raise ValueError("decode.replicas: at least 1 decode replica is needed")
+    except CONFIG_ERRORS as e:
+        return usage_error(PROG, config_error(e, FLAGS))
     from deployments.local import serve_forever, start_local
 
     print(f"starting disagg: model {config.model}, {config.prefill.replicas} prefill + "

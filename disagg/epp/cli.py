@@ -13,39 +13,43 @@ import signal
 import sys
 from pathlib import Path
 
-from disagg.config import AppConfig
+from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, config_error, host_name, host_ports,
+                           port_number, positive_seconds, usage_error)
 from disagg.heap import freeze_startup_heap
 from disagg.epp.protocol import DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT
 from disagg.routing import Discovery, StaticDiscovery
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="disagg epp", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(prog="disagg epp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="AppConfig YAML (model, block_size, routing...)")
     p.add_argument("--model", help="model directory (overrides the config); its tokenizer is used when present")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any AppConfig field, e.g. routing.pd_threshold_tokens=512")
-    p.add_argument("--endpoints", default="", help="static worker list host:port,host:port")
-    p.add_argument("--discovery-interval", type=float, default=1.0, help="seconds between descriptor polls")
+    p.add_argument("--endpoints", type=host_ports, default="", help="static worker list host:port,host:port")
+    p.add_argument("--discovery-interval", type=positive_seconds, default=1.0, help="seconds between descriptor polls")
     p.add_argument("--k8s-selector", help="watch pods with this label selector instead of --endpoints")
     p.add_argument("--k8s-namespace", default=None, help="namespace to watch (default: the pod's own)")
-    p.add_argument("--k8s-port", type=int, default=8000, help="the workers' HTTP port in their pods")
+    p.add_argument("--k8s-port", type=port_number, default=8000, help="the workers' HTTP port in their pods")
     p.add_argument("--k8s-role-label", default="disagg.io/role", help="pod label naming the role")
-    p.add_argument("--host", default="0.0.0.0", help="address the EPP's servers bind")
-    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
-    p.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT)
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
-    p.add_argument("--gateway-port", type=int, default=None,
+    p.add_argument("--host", type=host_name, default="0.0.0.0", help="address the EPP's servers bind")
+    p.add_argument("--grpc-port", type=port_number, default=DEFAULT_GRPC_PORT)
+    p.add_argument("--health-port", type=port_number, default=DEFAULT_HEALTH_PORT)
+    p.add_argument("--metrics-port", type=port_number, default=DEFAULT_METRICS_PORT)
+    p.add_argument("--gateway-port", type=port_number, default=None,
                    help="also run Envoy listening on this port (0: a free one) in front of the workers")
-    p.add_argument("--gateway-host", default=None, help="Envoy's listen address (default: the config's host)")
+    p.add_argument("--gateway-host", type=host_name, default=None, help="Envoy's listen address (default: the config's host)")
     p.add_argument("--eds-dir", default=None,
                    help="keep an Envoy EDS file of the decode endpoints in this directory (for an external Envoy)")
     p.add_argument("--ext-proc-server", choices=["h2", "h2-python", "grpcio"], default="h2",
                    help="what serves ext_proc: our HTTP/2 server on the event loop (h2, the fast one: its C "
                         "engine where built), the same with its Python engine (h2-python), or grpcio")
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
+    args = p.parse_args(argv)
+    if not args.endpoints and not args.k8s_selector:
+        p.error("give --endpoints host:port,... or --k8s-selector")
+    return args
 
 
 def make_discovery(args: argparse.Namespace) -> Discovery:
@@ -85,6 +89,10 @@ async def run_epp(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # a config that does not load: one line, before anything starts (run_epp loads it again)
+        AppConfig.load(args.config, {"model": args.model}, args.set)
+    except CONFIG_ERRORS as e:
+        return usage_error("disagg epp", config_error(e, {"model": "--model"}))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(run_epp(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,5 +50,13 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 def from_validation_error(err: ValidationError) -> APIError:
     """The first problem of a pydantic validation, as a 400 that names the field."""
     first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    param = ".".join(str(p) for p in first.get("loc", ()) if not _union_member(p)) or None
     return APIError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param)
+
+
+# pydantic names the member of a union it tried (`prompt.str`, `prompt.list[int].0`): not a field.
+_UNION_MEMBER = re.compile(r"str|int|float|bool|none|.*[\[\]\-].*")
+
+
+def _union_member(part: Any) -> bool:
+    return isinstance(part, str) and _UNION_MEMBER.fullmatch(part) is not None

@@ -1,16 +1,22 @@
-"""FastAPI glue the router and the worker endpoint share: error handlers, and turning an engine
-output stream into an OpenAI response (JSON or SSE) that stops the work when the client leaves."""
+"""FastAPI glue the router and the worker endpoint share: error handlers (every error in
+OpenAI's body), reading a JSON body within its size limit, and turning an engine output stream
+into an OpenAI response (JSON or SSE) that stops the work when the client leaves."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from disagg.engine.base import GenerateOutput
+from disagg.openai.body import check_json_content_type, shorten
 from disagg.openai.errors import APIError, error_body
 from disagg.openai.serving import Prepared, ResponseBuilder
 
@@ -18,15 +24,73 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class ErrorResponse(JSONResponse):
+    """An error body, ASCII-escaped: a message quoting what a client sent always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return ErrorResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        # Starlette's own answers (no such path, wrong method) in OpenAI's words and body.
+        where = f"{request.method} {shorten(request.url.path)}"
+        message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(e.status_code,
+                                                                                          str(e.detail))
+        return ErrorResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = (e.errors() or [{}])[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        return ErrorResponse(error_body(400, f"{param}: {first.get('msg')}", param=param), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+        return ErrorResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+
+
+async def read_json_body(request: Request, max_bytes: int) -> bytes:
+    """A POST's JSON body: 415 unless it says it is JSON, 413 past `max_bytes` (from its
+    Content-Length before reading a byte, or as the bytes arrive)."""
+    check_json_content_type(request.headers.get("content-type"))
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"request body is larger than {max_bytes} bytes (max_request_bytes)",
+                    code="request_too_large")
+
+
+class OpenAIHTTPProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol (httptools or h11), answering bytes that are not HTTP with
+    OpenAI's error body instead of text/plain. Pass it as `uvicorn.Config(http=...)`, with
+    `ws="none"` (no endpoint of ours speaks WebSocket)."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(error_body(400, msg)).encode()
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                 b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T],

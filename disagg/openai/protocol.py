@@ -6,15 +6,28 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# vLLM's sampler seeds a torch generator: the seed is an int64.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Request(BaseModel):
     # Unknown OpenAI fields (user, n=1, logit_bias...) are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # OpenAI's API reads `null` for an optional field as "not given".
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
-class StreamOptions(BaseModel):
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
@@ -26,7 +39,7 @@ class SamplingFields(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

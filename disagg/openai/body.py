@@ -1,0 +1,111 @@
+"""Request bodies as the edge accepts them, before any model reads them: the JSON media type,
+UTF-8, a bounded nesting depth, no non-finite numbers, and strings that encode (no lone UTF-16
+surrogates). Anything else is a 4xx with OpenAI's error body. The Router, the workers' endpoints
+and the EPP's tokenizing reader all parse through `parse_json`."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import accumulate
+from typing import Any
+
+from disagg.openai.errors import APIError
+
+# Deeper than any OpenAI body needs (tool schemas nest a dozen levels), far below the C parser's
+# recursion limit: 2,000 levels raised RecursionError (a 500) from json.loads.
+MAX_DEPTH = 64
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+# A \uD800-\uDFFF escape somewhere in the text: only then can json.loads build a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    """POST bodies must say they are JSON (415 otherwise): a browser page cannot send
+    `application/json` cross-origin without a CORS preflight, which we never grant."""
+    media, _, params = (content_type or "").partition(";")
+    if media.strip().lower() != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {shorten(content_type or 'none')!r}",
+                       code="unsupported_media_type")
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise APIError(415, f"the JSON body must be UTF-8, got charset {shorten(value.strip())!r}",
+                           code="unsupported_media_type")
+
+
+def parse_json(body: bytes, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it (and names the
+    field for a string that does not encode)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {e.start})") from None
+    if nesting_depth(body) > max_depth:
+        raise APIError(400, f"request body is nested deeper than {max_depth} levels")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # unreachable past the depth check; kept so it can never be a 500
+        raise APIError(400, f"request body is nested deeper than {max_depth} levels") from None
+    except ValueError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        where = lone_surrogate_path(data)
+        if where is not None:
+            path, char = where
+            raise APIError(400, f"{path or 'body'}: invalid string: lone UTF-16 surrogate \\u{ord(char):04x} "
+                                f"(a surrogate must be one half of a pair)", param=path or None)
+    return data
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, without parsing it: strings
+    removed, then the running count of brackets. Exact for valid JSON; for invalid JSON it
+    counts at least as deep as a parser gets before it fails."""
+    structure = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    opened = structure.count(b"[") + structure.count(b"{")
+    if opened <= MAX_DEPTH:
+        return opened
+    return max(accumulate(map(_STEP.__getitem__, structure)))
+
+
+def lone_surrogate_path(data: Any) -> tuple[str, str] | None:
+    """The dotted path of the first string (value or key) holding a lone surrogate, and that
+    surrogate; None when every string encodes."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            hit = _SURROGATE.search(value)
+            if hit:
+                return path, hit.group()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                hit = _SURROGATE.search(key)
+                sub = f"{path}.{_safe(key)}" if path else _safe(key)
+                if hit:
+                    return sub, hit.group()
+                stack.append((sub, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+    return None
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """User input quoted in an error message: bounded, and always encodable."""
+    text = _SURROGATE.sub("\ufffd", text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _safe(key: str) -> str:
+    return shorten(key, 40)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")

@@ -1,0 +1,69 @@
+"""`disagg serve` as a subprocess on its own Ray (own RAY_TMPDIR, free ports), for a test
+module's fixture: start, find its URLs and workers, stop by its process group."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.support.workers import REPO, free_port
+
+
+@dataclass
+class ServeStack:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    ray_tmp: str
+
+    def workers(self, role: str) -> list[str]:
+        """host:port of each worker's own HTTP endpoint in this role."""
+        return [w["address"] for w in httpx.get(f"{self.url}/v1/pool", timeout=10).json() if w["role"] == role]
+
+    def stop(self) -> None:
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        finally:
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def start_serve_stack(model: str, log_dir: Path, settings: list[str] = (), timeout_s: float = 600) -> ServeStack:
+    """Start `disagg serve` (1 prefill + 1 decode) and wait until its router and pool are ready."""
+    # Ray's unix socket paths must stay short: pytest's tmp paths are too long for them.
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    log = log_dir / "serve.log"
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "disagg.cli", "serve", "--model", model, "--port", str(free_port()),
+           "--pd-threshold", "64", "--set", "block_size=32", "--set", "max_model_len=1024"]
+    for s in settings:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = re.search(r"ready: (http://\S+)/v1 ", log.read_text(errors="replace"))
+        if m:
+            stack = ServeStack(proc, m.group(1), log, ray_tmp)
+            while time.monotonic() < deadline:
+                if stack.workers("decode") and stack.workers("prefill"):
+                    return stack
+                time.sleep(0.5)
+        time.sleep(1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    raise RuntimeError(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")
