@@ -1,4 +1,4 @@
-"""The `disagg` command: model tiny | serve | worker | epp | bench | status."""
+"""The `disagg` command: model tiny | serve | worker | epp | bench | status | profile | simulate | plan."""
 
 from __future__ import annotations
 
@@ -60,8 +60,27 @@ def _status(argv: list[str]) -> int:
     return main(argv)
 
 
+def _profile(argv: list[str]) -> int:
+    from disagg.sim.profile import main
+
+    return main(argv)
+
+
+def _simulate(argv: list[str]) -> int:
+    from disagg.sim.simulate import main
+
+    return main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from disagg.sim.plan import main
+
+    return main(argv)
+
+
 # Subcommands with their own argument parsers get the rest of the command line untouched.
-_PASSTHROUGH = {"serve": _serve, "worker": _worker, "epp": _epp, "bench": _bench, "status": _status}
+_PASSTHROUGH = {"serve": _serve, "worker": _worker, "epp": _epp, "bench": _bench, "status": _status,
+                "profile": _profile, "simulate": _simulate, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

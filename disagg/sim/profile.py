@@ -1,0 +1,240 @@
+"""`disagg profile`: measure one vLLM engine on this machine and fit the cost model.
+
+The engine runs in this process (`disagg.engine.VllmEngine`), pinned to one core with one OpenMP
+thread as the stack pins its engines. It is timed as the stack sees it, through AsyncLLM's
+stream, so each point includes the engine's own per-step overhead:
+
+    prefill  one request of `new` prompt tokens after `cached` ones already in the prefix cache,
+             max_tokens=1: submit to the end of the stream;
+    decode   `batch` requests of `context` prompt tokens decoding together: the time per step
+             while all of them decode (the window between the last first token and the first
+             last token, over the tokens one request produced in it);
+    mixed    (a check, not fitted) a long prompt arriving while a batch decodes: the prompt's
+             time against the model's step with both parts.
+
+Each part is fitted by least squares (numpy) over its points; the fit's error is kept in the
+profile. Transfer costs per backend come from `disagg bench transfer`'s JSON: latency from its
+one-block case, bandwidth from its coalesced READ (consecutive block ids are coalesced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from disagg.bench.progress import say
+from disagg.sim.cost import (CostModel, DecodeCost, EngineLimits, FitError, PrefillCost, StackCost, TransferCost,
+                             attention)
+
+PREFILL_POINTS = [(0, 16), (0, 128), (0, 512), (0, 1024), (0, 1536), (0, 2000), (512, 512), (1024, 512),
+                  (1024, 1000), (1536, 256)]  # (cached, new)
+DECODE_POINTS = [(1, 32), (1, 1024), (4, 32), (4, 768), (8, 256), (16, 32), (16, 512), (16, 1024)]  # (batch, context)
+DECODE_TOKENS = 24
+TRANSFER_JSON = Path("benchmarks/transfer/transfer.json")
+
+
+class Point(NamedTuple):
+    features: tuple[float, ...]
+    seconds: float
+
+
+def fit(points: Sequence[Point]) -> tuple[list[float], FitError]:
+    """Least squares with non-negative coefficients: a feature whose coefficient comes out
+    negative (noise on a small term) is dropped and the rest refitted."""
+    x = np.array([p.features for p in points], dtype=float)
+    y = np.array([p.seconds for p in points], dtype=float)
+    keep = list(range(x.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    full = np.zeros(x.shape[1])
+    full[keep] = np.maximum(coef, 0)
+    rel = (x @ full - y) / y
+    return full.tolist(), FitError(points=len(points), rms_relative=round(float(np.sqrt(np.mean(rel ** 2))), 4),
+                                   max_relative=round(float(np.max(np.abs(rel))), 4))
+
+
+def transfer_costs(path: Path) -> dict[str, TransferCost]:
+    """Per backend, from `disagg bench transfer --json`: one-block latency, coalesced READ bandwidth."""
+    results = json.loads(path.read_text())["results"]
+    out: dict[str, TransferCost] = {}
+    for backend in sorted({r["backend"] for r in results} - {"nixl-raw"}):
+        mine = {r["case"]: r for r in results if r["backend"] == backend and r["op"] == "READ"}
+        if "latency" in mine and "coalesced" in mine:
+            out[backend] = TransferCost(latency_s=mine["latency"]["median_s"],
+                                        bandwidth_bytes_s=mine["coalesced"]["gbps"] * 1e9)
+    return out
+
+
+class Profiler:
+    """Times requests on one running engine; never reuses prompt tokens unless asked to."""
+
+    def __init__(self, engine, vocab: int, seed: int = 0) -> None:
+        self.engine = engine
+        self.vocab = vocab
+        self.rng = random.Random(seed)
+
+    def tokens(self, n: int) -> list[int]:
+        return [self.rng.randrange(3, self.vocab) for _ in range(n)]  # 0-2: special tokens
+
+    async def run(self, tokens: list[int], max_tokens: int) -> list[float]:
+        """perf_counter() of the submit and of every streamed output."""
+        from disagg.engine.base import GenerateRequest, SamplingOptions
+
+        req = GenerateRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tokens,
+                              sampling=SamplingOptions(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
+        times = [time.perf_counter()]
+        async for out in self.engine.generate(req):
+            times.extend([time.perf_counter()] * max(len(out.token_ids), 1))
+        return times
+
+    async def prefill(self, cached: int, new: int, repeat: int = 3) -> float:
+        samples = []
+        for _ in range(repeat):
+            prefix = self.tokens(cached)
+            if cached:
+                await self.run(prefix + self.tokens(1), 1)  # puts the prefix's blocks in the cache
+            times = await self.run(prefix + self.tokens(new), 1)
+            samples.append(times[-1] - times[0])
+        return statistics.median(samples)
+
+    async def decode(self, batch: int, context: int) -> float:
+        runs = await asyncio.gather(*(self.run(self.tokens(context), DECODE_TOKENS) for _ in range(batch)))
+        start = max(r[1] for r in runs)  # every request has its first token
+        end = min(r[-1] for r in runs)  # none has finished
+        steps = sum(1 for t in runs[0] if start < t <= end)
+        return (end - start) / steps if steps else (runs[0][-1] - runs[0][1]) / (DECODE_TOKENS - 1)
+
+    async def mixed(self, batch: int, context: int, prompt: int) -> float:
+        """A `prompt`-token request's time while `batch` requests decode."""
+        decoding = [asyncio.ensure_future(self.run(self.tokens(context), 4 * DECODE_TOKENS)) for _ in range(batch)]
+        await asyncio.sleep(0.5)
+        times = await self.run(self.tokens(prompt), 1)
+        await asyncio.gather(*decoding)
+        return times[-1] - times[0]
+
+
+async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_gib: int, max_model_len: int,
+                  transfer: dict[str, TransferCost], name: str) -> CostModel:
+    from disagg.config import AppConfig
+    from disagg.engine.vllm_engine import VllmEngine
+
+    config = AppConfig(model=model, dtype=dtype, block_size=block_size, kv_cache_gib=kv_cache_gib,
+                       max_model_len=max_model_len, kv_connector="none", max_num_seqs=16,
+                       routing={"kv_events": False})
+    engine = VllmEngine(config, cpu_bind=core)
+    say("profile", f"starting the engine on core {core} ({dtype}, block size {block_size}, {kv_cache_gib} GiB KV)")
+    await engine.start()
+    try:
+        vc = engine._llm.vllm_config
+        vocab = vc.model_config.get_vocab_size()
+        profiler = Profiler(engine, vocab)
+        await profiler.prefill(0, 256, repeat=2)  # warm-up: first-call costs
+        prefill_points = []
+        for i, (cached, new) in enumerate(PREFILL_POINTS):
+            s = await profiler.prefill(cached, new)
+            prefill_points.append(Point((1.0, new, attention(cached, new)), s))
+            say("profile", f"prefill {i + 1}/{len(PREFILL_POINTS)}: {new} new after {cached} cached: {s * 1e3:.1f} ms")
+        decode_points = []
+        for i, (batch, context) in enumerate(DECODE_POINTS):
+            s = await profiler.decode(batch, context)
+            decode_points.append(Point((1.0, batch, batch * (context + DECODE_TOKENS / 2)), s))
+            say("profile", f"decode {i + 1}/{len(DECODE_POINTS)}: batch {batch}, context {context}: {s * 1e3:.1f} ms/step")
+        mixed = (4, 64, 1024)
+        mixed_s = await profiler.mixed(*mixed)
+        say("profile", f"mixed check: a {mixed[2]}-token prompt while {mixed[0]} decode: {mixed_s * 1e3:.1f} ms")
+        limits = EngineLimits(block_size=engine.layout.block_size, num_blocks=max(engine.num_blocks - 1, 1),
+                              max_num_seqs=vc.scheduler_config.max_num_seqs,
+                              max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens)
+        layout = engine.layout
+    finally:
+        await engine.shutdown()
+    (p0, p1, p2), prefill_error = fit(prefill_points)
+    (d0, d1, d2), decode_error = fit(decode_points)
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(layout.dtype, 2)
+    cost = CostModel(
+        name=name, model=Path(model).name, hardware=_hardware(core), dtype=layout.dtype,
+        kv_bytes_per_token=2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * dtype_bytes,
+        prefill=PrefillCost(base_s=p0, per_token_s=p1, per_attention_s=p2),
+        decode=DecodeCost(base_s=d0, per_seq_s=d1, per_context_token_s=d2),
+        limits=limits, transfer=transfer or {"tcp": TransferCost(latency_s=1e-3, bandwidth_bytes_s=1.5e9)},
+        backend="nixl" if "nixl" in transfer else next(iter(transfer), "tcp"),
+        stack=StackCost(),
+        fit={"prefill": prefill_error, "decode": decode_error},
+        sources={"prefill": f"measured: {len(prefill_points)} points, median of 3 (disagg profile)",
+                 "decode": f"measured: {len(decode_points)} batches of {DECODE_TOKENS} tokens (disagg profile)",
+                 "limits": "the engine's vLLM config", "kv_bytes_per_token": "2 x layers x KV heads x head dim x dtype",
+                 "transfer": "disagg bench transfer JSON" if transfer else "assumed (asyncio TCP on this host class)",
+                 "stack": "not measured by profile (0): see disagg/sim/README-section.md"},
+    )
+    cost.points = {"prefill [cached, new, s]": [[c, n, round(pt.seconds, 6)] for (c, n), pt in
+                                                zip(PREFILL_POINTS, prefill_points)],
+                   "decode [batch, context, s/step]": [[b, c, round(pt.seconds, 6)] for (b, c), pt in
+                                                       zip(DECODE_POINTS, decode_points)],
+                   "mixed [batch, context, prompt, s]": [[*mixed, round(mixed_s, 6)]]}
+    predicted = cost.step_s(mixed[2], attention(0, mixed[2]), mixed[0], mixed[0] * (mixed[1] + 2 * DECODE_TOKENS))
+    cost.fit["mixed_check"] = FitError(points=1, rms_relative=round(abs(predicted - mixed_s) / mixed_s, 4),
+                                       max_relative=round(abs(predicted - mixed_s) / mixed_s, 4))
+    return cost
+
+
+def _hardware(core: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, 1 core (core {core}, OMP_NUM_THREADS=1) of {os.cpu_count()}, load {os.getloadavg()[0]:.1f} at start"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from disagg.bench.stacks import ensure_model, native_dtype
+
+    p = argparse.ArgumentParser(prog="disagg profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/tiny", help="model directory (built if missing)")
+    p.add_argument("--json", type=Path, required=True, help="write the cost model here")
+    p.add_argument("--plot", type=Path, help="PNG of the measured points against the fit")
+    p.add_argument("--name", help="the profile's name (default: the JSON file's stem)")
+    p.add_argument("--core", default="1", help="the core the engine is pinned to")
+    p.add_argument("--dtype", help="default: the model's own, float32 on CPUs without bf16")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--kv-cache-gib", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--transfer", type=Path, default=TRANSFER_JSON, help="`disagg bench transfer --json` output")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    model = ensure_model(args.model, "tiny")
+    transfer = transfer_costs(args.transfer) if args.transfer.exists() else {}
+    started = time.monotonic()
+    cost = asyncio.run(measure(model, args.core, args.dtype or native_dtype(), args.block_size, args.kv_cache_gib,
+                               args.max_model_len, transfer, args.name or args.json.stem))
+    cost.save(args.json)
+    if args.plot:
+        from disagg.sim.plots import plot_profile
+
+        plot_profile(cost, args.plot)
+    print(json.dumps({"prefill": cost.prefill.model_dump(), "decode": cost.decode.model_dump(),
+                      "fit": {k: v.model_dump() for k, v in cost.fit.items()}}, indent=1))
+    say("profile", f"wrote {args.json} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
