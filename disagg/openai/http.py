@@ -9,7 +9,7 @@ import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -49,6 +49,16 @@ def install_error_handlers(app: FastAPI) -> None:
         first = (e.errors() or [{}])[0]
         param = ".".join(str(p) for p in first.get("loc", ())) or None
         return ErrorResponse(error_body(400, f"{param}: {first.get('msg')}", param=param), status_code=400)
+
+    @app.websocket_route("/{path:path}")
+    async def _no_websocket(websocket: WebSocket) -> None:
+        # No endpoint of ours speaks WebSocket; uvicorn's own refusal of the handshake is a bare 403.
+        refusal = ErrorResponse(error_body(404, f"Invalid URL (WebSocket {shorten(websocket.url.path)})"),
+                                status_code=404)
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            await websocket.send_denial_response(refusal)
+        else:
+            await websocket.close()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

@@ -50,8 +50,9 @@ def timed(url: str, cases: list[Case]) -> list[Outcome]:
     start = time.monotonic()
     outcomes = drive(url, cases, timeout_s=30, concurrency=4)
     slowest = max(outcomes, key=lambda o: o.seconds)
+    statuses = sorted(collections.Counter(o.status or 0 for o in outcomes).items())
     print(f"{len(cases)} cases against {url} in {time.monotonic() - start:.1f} s; slowest "
-          f"{slowest.seconds:.2f} s ({slowest.case.kind})")
+          f"{slowest.seconds:.2f} s ({slowest.case.kind}); statuses {statuses}")
     return outcomes
 
 

@@ -183,6 +183,17 @@ def test_malformed_http_is_a_400_with_openai_body_from_the_worker(decode):
         assert set(json.loads(body)["error"]) == ERROR_KEYS
 
 
+def test_a_websocket_handshake_is_refused_in_an_openai_body(url):
+    status, ctype, body = raw_answer(url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+    # 404 in OpenAI's body; or, from a uvicorn that does not speak WebSocket at all (ws="none"),
+    # the plain GET it then is.
+    assert status in (200, 404), (status, ctype, body[:200])
+    if status == 404:
+        assert ctype.startswith("application/json") and set(json.loads(body)["error"]) == ERROR_KEYS
+
+
 # -- 7 ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ids", [[-1], [512], [10**12], [1] * 1024, [1] * 5000, [], ["a"]])

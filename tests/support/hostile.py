@@ -427,9 +427,8 @@ def problems(o: Outcome, *, raw_bodies_may_be_plain: bool) -> list[str]:
         if o.case.method == "HEAD":
             return []
         if o.case.raw is not None and raw_bodies_may_be_plain and not o.content_type.startswith(JSON):
-            # uvicorn's own answers: 400 to what is not HTTP, 403 to a WebSocket handshake (ws="auto").
-            allowed = {400, 403} if o.case.kind.endswith("websocket") else {400}
-            return [] if o.status in allowed else [f"raw answer {o.status} {o.content_type}: {o.body[:200]!r}"]
+            # uvicorn's own answer to what is not HTTP.
+            return [] if o.status == 400 else [f"raw answer {o.status} {o.content_type}: {o.body[:200]!r}"]
         return _error_body_problems(o)
     if o.content_type.startswith("text/event-stream"):
         return _stream_problems(o.body)

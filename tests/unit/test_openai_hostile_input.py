@@ -353,33 +353,48 @@ def test_content_type_check_is_case_and_parameter_tolerant():
     assert e.value.status == 415 and e.value.code == "unsupported_media_type"
 
 
-def test_malformed_http_gets_an_openai_body_from_the_protocol_class():
-    """What a uvicorn serving with `http=OpenAIHTTPProtocol` answers bytes that are not HTTP."""
+@pytest.fixture(scope="module")
+def uvicorn_port() -> AsyncIterator[int]:
+    """A real uvicorn serving the shared handlers with `http=OpenAIHTTPProtocol` (its default ws)."""
     app = FastAPI()
+    install_error_handlers(app)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, http=OpenAIHTTPProtocol, ws="none", log_level="critical",
-                                           lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, http=OpenAIHTTPProtocol, log_level="critical", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        for garbage in (b"\x00\x01\x02 NOT HTTP\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-                        b"GET /\x7f HTTP/1.1\r\n\r\n"):
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-                c.sendall(garbage)
-                answer = b""
-                while chunk := c.recv(4096):
-                    answer += chunk
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 400"), answer
-            assert b"content-type: application/json" in head
-            assert set(json.loads(body)["error"]) == ERROR_KEYS
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    while not server.started:
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(10)
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := c.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x01\x02 NOT HTTP\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                                     b"GET /\x7f HTTP/1.1\r\n\r\n"])
+def test_malformed_http_gets_an_openai_body_from_the_protocol_class(uvicorn_port, garbage):
+    head, body = raw_exchange(uvicorn_port, garbage)
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head, head
+    assert set(json.loads(body)["error"]) == ERROR_KEYS
+
+
+def test_a_websocket_handshake_is_refused_in_an_openai_body(uvicorn_port):
+    head, body = raw_exchange(uvicorn_port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                            b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404"), head
+    assert json.loads(body)["error"]["message"] == "Invalid URL (WebSocket /v1/models)"
 
 
 # -- a worker's own endpoint, with a stand-in engine ----------------------------------------------
