@@ -115,6 +115,10 @@ class Cluster:
         self.counters = Counters()
         self.outcomes: list[Outcome] = []
         self.sent_all = env.event()  # the last request has arrived
+        self._all_done = env.event()  # ... and every request has an outcome
+        self._in_flight = 0
+        self.last_outcome_s = 0.0
+        self.open_leases = 0  # blocks a prefill holds for a load that will not come
         self.engines: dict[str, Engine] = {}
         layout = KVLayout(model=MODEL, dtype=cost.dtype, block_size=cost.limits.block_size, num_layers=1,
                           num_kv_heads=1, head_dim=cost.kv_bytes_per_token, tp_size=1)
@@ -143,17 +147,23 @@ class Cluster:
         return self.env.process(self._replay(iter(requests), progress))
 
     def _replay(self, requests: Iterator[SimRequest], progress: "Progress | None"):
-        pending = []
         for req in requests:
             if req.arrival_s > self.env.now:
                 yield self.env.timeout(req.arrival_s - self.env.now)
-            pending.append(self.env.process(self.serve(req)))
+            self._in_flight += 1
+            self.env.process(self._serve_one(req))
             if progress is not None:
                 progress.tick(self)
-            if len(pending) >= 4096:
-                pending = [p for p in pending if p.is_alive]
         self.sent_all.succeed()
-        yield self.env.all_of(pending)
+        if self._in_flight:
+            yield self._all_done
+
+    def _serve_one(self, req: SimRequest):
+        yield from self.serve(req)
+        self.last_outcome_s = self.env.now
+        self._in_flight -= 1
+        if not self._in_flight and self.sent_all.triggered:
+            self._all_done.succeed()
 
     def serve(self, req: SimRequest):
         """One request, as the stack serves it (the module docstring)."""
@@ -248,8 +258,10 @@ class Cluster:
         decode.loaded(seq, ok)
 
     def _lease(self, prefill: Engine, held: Seq):
+        self.open_leases += 1
         yield self.env.timeout(self.cost.stack.kv_lease_s)
-        if held.state == "held":
+        self.open_leases -= 1
+        if held.state == "held" and prefill.alive:
             self.counters.leases_expired += 1
         prefill.release(held)
 

@@ -101,6 +101,7 @@ class Engine:
         self.waiting: deque[Seq] = deque()
         self.loading: set[Seq] = set()
         self.running: dict[Seq, None] = {}  # admission order: the last is preempted first
+        self.prefilling: dict[Seq, None] = {}  # the running ones whose prompt is not all in yet
         self.steps = 0
         # the decoding sequences, all at once
         self.decoding = 0
@@ -156,6 +157,7 @@ class Engine:
         self.waiting.clear()
         self.loading.clear()
         self.running.clear()
+        self.prefilling.clear()
         self.finishing.clear()
         self.decoding = 0
         for seq in seqs:
@@ -202,7 +204,7 @@ class Engine:
             batch.decode_seqs = self.decoding
             batch.context = self.decode_len + self.decoding
             budget -= self.decoding
-        for seq in [s for s in self.running if s.state == "running"]:
+        for seq in list(self.prefilling):
             if seq.state != "running" or budget <= 0:
                 continue  # preempted meanwhile, or no budget left
             chunk = min(seq.num_tokens - seq.computed, budget)
@@ -234,6 +236,7 @@ class Engine:
             self.waiting.popleft()
             seq.state = "running"
             self.running[seq] = None
+            self.prefilling[seq] = None
             self._add_chunk(batch, seq, chunk)
             budget -= chunk
         if not batch.chunks and not batch.decode_seqs:
@@ -262,6 +265,7 @@ class Engine:
                 continue
             seq.generated += 1  # the prompt is in: sample a token
             seq.num_tokens += 1
+            del self.prefilling[seq]
             if seq.first_token_s is None:
                 seq.first_token_s = now
             if seq.generated >= seq.max_tokens:
@@ -388,6 +392,7 @@ class Engine:
         """Recompute a running sequence (the newest) later: free its blocks, back to the queue's front."""
         seq = seq if seq is not None else next(reversed(self.running))
         del self.running[seq]
+        self.prefilling.pop(seq, None)
         if seq.state == "decoding":
             self._leave_decoding(seq)
         self._free(seq)

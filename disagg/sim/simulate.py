@@ -84,6 +84,8 @@ def simulate(cost: CostModel, deployment: Deployment, requests: Iterable[SimRequ
     env.run(until=cluster.sent_all)
     env.run(until=replay | env.timeout(drain_s))  # every request has an outcome, or the drain ends
     cluster.settle()
+    if cluster.open_leases:  # let the leases of loads that never came run out
+        env.run(until=env.now + cost.stack.kv_lease_s + 1e-6)
     return _result(cluster, deployment, slo, time.monotonic() - started)
 
 
@@ -97,7 +99,7 @@ def _result(cluster: Cluster, d: Deployment, slo: Slo, wall_s: float) -> SimResu
     engines = cluster.engines.values()
     queries = sum(e.prefix_queries for e in engines)
     tokens = sum(o.output_tokens for o in done)
-    horizon = cluster.env.now or 1.0
+    horizon = cluster.last_outcome_s or cluster.env.now or 1.0
 
     def ms(v: float | None) -> float | None:
         return None if v is None else round(v * 1000, 2)
