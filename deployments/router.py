@@ -23,7 +23,7 @@ from disagg.openai.errors import APIError
 from disagg.openai.http import install_error_handlers, read_json_body, respond
 from disagg.openai.serving import Kind, Prepared, Preprocessor, ResponseBuilder
 from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
-from disagg.worker.protocol import WorkerInfo
+from disagg.messages import WorkerInfo
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="disagg router", docs_url=None, redoc_url=None)

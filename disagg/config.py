@@ -16,7 +16,6 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 KVConnectorName = Literal["disagg", "nixl", "none"]
 KVBackendName = Literal["auto", "nixl", "ucxx", "tcp"]
-Role = Literal["prefill", "decode"]
 
 
 # VLLM_CPU_OMP_THREADS_BIND's syntax: cores and ranges, `,`-separated (`|` between TP ranks).

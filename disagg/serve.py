@@ -5,15 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import AsyncIterator
-
-import httpx
 
 from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, check_model_dir, config_error, port_number,
                            usage_error)
-from disagg.routing.discovery import fetch_all
-from disagg.routing.http1 import Http1Clients
-from disagg.worker.protocol import WorkerInfo
+from disagg.epp.replicas import ReplicaPorts
+from disagg.routing.discovery import RouterPoolDiscovery
 
 
 PROG = "disagg serve"
@@ -37,9 +33,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Ray dashboard port (default: 8265, or the next free one when taken)")
     p.add_argument("--gateway", action="store_true", help="also start the EPP and Envoy in front of the workers")
     p.add_argument("--gateway-port", type=port_number, default=8080)
+    p.add_argument("--epp-replicas", type=int, default=1,
+                   help="picker replicas behind the gateway (active-active; replica i on the EPP ports + 100*i)")
+    p.add_argument("--epp-ports", type=_ports, default=ReplicaPorts(), metavar="GRPC,HEALTH,METRICS,PEER",
+                   help="replica 0's ports with --epp-replicas > 1 (default 9002,9003,9090,9004)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any AppConfig field, dotted for nested ones: --set decode.cpu_bind=[1]")
     return p.parse_args(argv)
+
+
+def _ports(text: str) -> ReplicaPorts:
+    try:
+        return ReplicaPorts(*(int(p) for p in text.split(",")))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected four ports GRPC,HEALTH,METRICS,PEER, got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> AppConfig:
@@ -51,32 +58,6 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
     return AppConfig.load(args.config, overrides, args.set)
 
 
-class PoolDiscovery:
-    """Discovery for the gateway in front of a running stack: the router's `/v1/pool` lists the
-    workers (as the Ray registry knows them); each one's descriptor comes from its endpoint."""
-
-    def __init__(self, router_url: str, interval_s: float = 0.5):
-        self.router_url = router_url
-        self.interval_s = interval_s
-
-    async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
-        workers = Http1Clients(timeout_s=2.0)
-        try:
-            async with httpx.AsyncClient(timeout=2.0) as client:
-                while True:
-                    try:
-                        pool = (await client.get(f"{self.router_url}/v1/pool")).json()
-                    except (httpx.HTTPError, ValueError):
-                        pool = None  # the router restarts; keep the last snapshot
-                    if pool is not None:
-                        addresses = [w["address"] for w in pool]
-                        workers.retain(set(addresses))
-                        yield await fetch_all(workers, addresses)
-                    await asyncio.sleep(self.interval_s)
-        finally:
-            workers.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -85,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         check_model_dir(config.model)
         if config.decode.replicas < 1:
             raise ValueError("decode.replicas: at least 1 decode replica is needed")
+        if args.epp_replicas < 1:
+            raise ValueError("--epp-replicas: at least 1")
     except CONFIG_ERRORS as e:
         return usage_error(PROG, config_error(e, FLAGS))
     from deployments.local import serve_forever, start_local
@@ -93,10 +76,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.decode.replicas} decode, connector {config.kv_connector}", flush=True)
     stack = start_local(config, dashboard_port=args.dashboard_port)
     gateway = None
-    if args.gateway:
+    if args.gateway and args.epp_replicas > 1:
+        from disagg.epp.gateway import GatewayThread
+        from disagg.epp.replicas import EppReplicas
+
+        gateway = GatewayThread(EppReplicas(config, ["--router-url", stack.url], args.epp_replicas,
+                                            gateway_port=args.gateway_port, gateway_host=config.host,
+                                            base=args.epp_ports))
+        gateway.run(gateway.gateway.start(), 120)
+    elif args.gateway:
         from disagg.epp.gateway import start_gateway_thread
 
-        gateway = start_gateway_thread(config, PoolDiscovery(stack.url), gateway_port=args.gateway_port,
+        gateway = start_gateway_thread(config, RouterPoolDiscovery(stack.url), gateway_port=args.gateway_port,
                                        host=config.host)
     print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}; "
           f"Ray metrics {stack.metrics_url}", flush=True)

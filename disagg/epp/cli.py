@@ -1,8 +1,12 @@
 """`disagg epp`: the endpoint picker as its own process (a Kubernetes EPP Deployment, or beside a
 gateway), optionally with an Envoy in front of the workers (`--gateway-port`).
 
-Workers come from `--endpoints host:port,...` (each asked for `GET /v1/worker`) or from a
-Kubernetes pod watch (`--k8s-selector`)."""
+Workers come from `--endpoints host:port,...` (each asked for `GET /v1/worker`), from a running
+Router (`--router-url`, its `/v1/pool`) or from a Kubernetes pod watch (`--k8s-selector`).
+
+Replicas run active-active: each publishes its picks on `--peer-port` and follows its peers'
+(`--peers tcp://host:port,...`, a `--peers-file` re-read when it changes, or the EPP's own pods,
+`--k8s-peer-selector`); see `disagg.routing.peers`."""
 
 from __future__ import annotations
 
@@ -10,14 +14,17 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, config_error, host_name, host_ports,
                            port_number, positive_seconds, usage_error)
 from disagg.heap import freeze_startup_heap
-from disagg.epp.protocol import DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT
+from disagg.epp.protocol import DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_PEER_PORT
 from disagg.routing import Discovery, StaticDiscovery
+from disagg.routing.discovery import RouterPoolDiscovery
+from disagg.routing.peers import PeerDiscovery, PeersFile, StaticPeers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override any AppConfig field, e.g. routing.pd_threshold_tokens=512")
     p.add_argument("--endpoints", type=host_ports, default="", help="static worker list host:port,host:port")
     p.add_argument("--discovery-interval", type=positive_seconds, default=1.0, help="seconds between descriptor polls")
+    p.add_argument("--router-url", help="follow the workers a running Router lists (its /v1/pool) instead of --endpoints")
     p.add_argument("--k8s-selector", help="watch pods with this label selector instead of --endpoints")
     p.add_argument("--k8s-namespace", default=None, help="namespace to watch (default: the pod's own)")
     p.add_argument("--k8s-port", type=port_number, default=8000, help="the workers' HTTP port in their pods")
@@ -41,18 +49,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-host", type=host_name, default=None, help="Envoy's listen address (default: the config's host)")
     p.add_argument("--eds-dir", default=None,
                    help="keep an Envoy EDS file of the decode endpoints in this directory (for an external Envoy)")
-    p.add_argument("--ext-proc-server", choices=["h2", "h2-python", "grpcio"], default="h2",
-                   help="what serves ext_proc: our HTTP/2 server on the event loop (h2, the fast one: its C "
-                        "engine where built), the same with its Python engine (h2-python), or grpcio")
+    p.add_argument("--secure-serving", type=_flag, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="serve ext_proc over TLS (default true; --secure-serving=false: plaintext h2c)")
+    p.add_argument("--cert-path", type=Path, default=None,
+                   help="directory with tls.crt and tls.key (default: a self-signed certificate made at start)")
+    p.add_argument("--peer-port", type=port_number, default=DEFAULT_PEER_PORT,
+                   help="where this replica publishes its picks to its peers (0: a free port)")
+    p.add_argument("--peers", default="", help="peer replicas' pick endpoints, tcp://host:port,...")
+    p.add_argument("--peers-file", type=Path, help="a file listing the peers' pick endpoints, one per line")
+    p.add_argument("--k8s-peer-selector", help="the peers are the ready pods with this label selector")
+    p.add_argument("--replica-id", help="this replica's name among its peers (default: host name and gRPC port)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     args = p.parse_args(argv)
-    if not args.endpoints and not args.k8s_selector:
-        p.error("give --endpoints host:port,... or --k8s-selector")
+    if not args.endpoints and not args.k8s_selector and not args.router_url:
+        p.error("give --endpoints host:port,..., --router-url or --k8s-selector")
     return args
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def make_peers(args: argparse.Namespace) -> PeerDiscovery | None:
+    if args.k8s_peer_selector:
+        from disagg.routing.kubernetes import KubernetesPeers
+
+        return KubernetesPeers(args.k8s_peer_selector, namespace=args.k8s_namespace, port=args.peer_port)
+    if args.peers_file:
+        return PeersFile(args.peers_file)
+    if args.peers:
+        return StaticPeers([p.strip() for p in args.peers.split(",") if p.strip()])
+    return None
+
+
 def make_discovery(args: argparse.Namespace) -> Discovery:
+    if args.router_url:
+        return RouterPoolDiscovery(args.router_url)
     if args.k8s_selector:
         from disagg.routing.kubernetes import KubernetesDiscovery
 
@@ -71,11 +108,16 @@ async def run_epp(args: argparse.Namespace) -> None:
         config, make_discovery(args), gateway_port=args.gateway_port, host=args.gateway_host,
         epp_host=args.host, grpc_port=args.grpc_port, health_port=args.health_port,
         metrics_port=args.metrics_port, eds_dir=Path(args.eds_dir) if args.eds_dir else None,
-        ext_proc_server=args.ext_proc_server,
+        secure_serving=args.secure_serving, cert_path=args.cert_path,
+        peers=make_peers(args), peer_port=args.peer_port,
+        replica_id=args.replica_id or f"{socket.gethostname()}:{args.grpc_port}",
     )
     epp = gateway.epp
     freeze_startup_heap()
-    line = f"READY epp grpc={epp.host}:{epp.grpc_port} health={epp.health_port} metrics={epp.metrics_port}"
+    line = (f"READY epp grpc={epp.host}:{epp.grpc_port} tls={'true' if epp.cert_file else 'false'} "
+            f"health={epp.health_port} metrics={epp.metrics_port}")
+    if gateway.peer_sync is not None:
+        line += f" peer={gateway.peer_sync.endpoint}"
     if gateway.url:
         line += f" gateway={gateway.url}"
     print(line, flush=True)
@@ -94,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except CONFIG_ERRORS as e:
         return usage_error("disagg epp", config_error(e, {"model": "--model"}))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(run_epp(args))
     return 0
 

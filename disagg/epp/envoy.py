@@ -28,7 +28,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -74,6 +74,9 @@ class EnvoySettings:
     ext_proc: bool = True
     # TLS to the EPP, trusting this certificate (or CA); None: plaintext h2c.
     epp_trusted_ca: Path | None = None
+    # More EPP replicas (host, port) beside epp_host:epp_port: ext_proc streams are spread over
+    # all of them, and a replica that dies or stops answering health checks is skipped.
+    epp_replicas: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
@@ -157,7 +160,16 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "explicit_http_config": {"http2_protocol_options": {}},
         }},
         "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _socket_address(s.epp_host, s.epp_port)}}]}]},
+            {"endpoint": {"address": _socket_address(host, port)}}
+            for host, port in [(s.epp_host, s.epp_port), *s.epp_replicas]]}]},
+        # A replica that dies is skipped at its first failed connection (outlier detection) and
+        # its first failed gRPC health check (every 0.25 s); it rejoins when it is ready (its pool
+        # holds a live decode: a restarted replica is not sent requests before it can pick).
+        "health_checks": [{"timeout": "0.2s", "interval": "0.25s", "no_traffic_interval": "0.25s",
+                           "unhealthy_threshold": 1, "healthy_threshold": 1,
+                           "grpc_health_check": {"service_name": "readiness"}}],
+        "outlier_detection": {"consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
+                              "interval": "0.25s", "base_ejection_time": "1s", "max_ejection_percent": 100},
     }
     if s.epp_trusted_ca is not None:
         epp_cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from disagg.config import AppConfig
-from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
+from disagg.epp.envoy import EDS_FILE, EnvoyProcess, EnvoySettings, write_endpoints
 from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import PromptReader, RawPromptReader, TokenizingReader
 from disagg.epp.server import RunningEPP, start_epp
 from disagg.epp.tls import CERT_FILE, write_self_signed
 from disagg.routing import Discovery, EndpointPool, Scheduler
+from disagg.routing.peers import PeerDiscovery, PeerSync
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class Gateway:
         envoy_log_level: str = "warning",
         secure_serving: bool = True,
         cert_path: Path | None = None,
+        peers: PeerDiscovery | None = None,
+        peer_port: int = 0,
+        replica_id: str = "epp",
     ) -> None:
         self.config = config
         self.discovery = discovery
@@ -102,6 +106,10 @@ class Gateway:
         self.envoy_log_level = envoy_log_level
         self.secure_serving = secure_serving
         self.cert_path = cert_path
+        self.peers = peers
+        self.peer_port = peer_port
+        self.replica_id = replica_id
+        self.peer_sync: PeerSync | None = None
         self.scheduler: Scheduler | None = None
         self.epp: RunningEPP | None = None
         self.envoy: EnvoyProcess | None = None
@@ -110,7 +118,8 @@ class Gateway:
 
     async def start(self) -> "Gateway":
         self.eds_dir.mkdir(parents=True, exist_ok=True)
-        write_endpoints(self.eds_dir, [])
+        if not (self.eds_dir / EDS_FILE).exists():  # a restarted replica leaves Envoy's list as it is
+            write_endpoints(self.eds_dir, [])
         if self.reader is None:
             self.reader = await asyncio.to_thread(make_reader, self.config)
         epp_target = "127.0.0.1" if self.epp_host in ("0.0.0.0", "::") else self.epp_host
@@ -155,6 +164,10 @@ class Gateway:
             asyncio.create_task(scheduler.run(self.discovery), name="disagg-scheduler"),
             asyncio.create_task(follow_decode_endpoints(scheduler.pool, self.eds_dir), name="disagg-eds"),
         ]
+        if self.peers is not None:
+            self.peer_sync = PeerSync(scheduler, self.replica_id, host=self.epp_host, port=self.peer_port)
+            self.peer_port = int(self.peer_sync.endpoint.rpartition(":")[2])  # a restart binds the same
+            self._tasks.append(asyncio.create_task(self.peer_sync.run(self.peers), name="disagg-peers"))
 
     async def _stop_epp(self) -> None:
         for task in self._tasks:

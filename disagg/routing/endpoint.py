@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import insort
+from collections import deque
 from typing import Iterator
 
 from disagg.messages import EngineLoad, Role, WorkerInfo
@@ -12,24 +13,26 @@ class Endpoint:
     """A registered worker. Times are `time.monotonic()` seconds.
 
     `seen_at` moves when the worker answers (registration, a load report or scrape, a KV event);
-    `load_at` moves when a new load signal arrives. `pending` counts picks sent its way since that
-    signal (by this scheduler or, reported, by its peers), so a burst between two signals does not
-    pile onto the endpoint that looked idlest. A change of `queue` moves the endpoint in its
-    role's `LoadOrder`.
+    `load_at` moves when a new load signal arrives. `pending` counts the picks sent its way that
+    its newest load signal does not count yet (by this scheduler or, reported, by its peers), so a
+    burst between two signals does not pile onto the endpoint that looked idlest. Each pick is
+    booked with its wall-clock time and a signal drops those older than the state it describes:
+    every replica of the picker counts the same picks, whatever order their news arrives in. A
+    change of `queue` moves the endpoint in its role's `LoadOrder`.
     """
 
-    __slots__ = ("info", "fingerprint", "_load", "load_at", "seen_at", "_pending", "queue", "order")
+    __slots__ = ("info", "fingerprint", "_load", "load_at", "seen_at", "_booked", "queue", "order")
 
     def __init__(self, info: WorkerInfo, load: EngineLoad | None = None, *, load_at: float = 0.0,
-                 seen_at: float = 0.0, pending: int = 0) -> None:
+                 seen_at: float = 0.0) -> None:
         self.info = info
         self.fingerprint = info.layout.fingerprint()
         self._load = load if load is not None else EngineLoad()
         self.load_at = load_at
         self.seen_at = seen_at
-        self._pending = pending
+        self._booked: deque[float] = deque()  # wall-clock times of the pending picks, oldest first
         # Requests ahead of a new one, as far as we know: waiting + running + pending.
-        self.queue = self._load.waiting + self._load.running + pending
+        self.queue = self._load.waiting + self._load.running
         self.order: LoadOrder | None = None
 
     @property
@@ -43,23 +46,30 @@ class Endpoint:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return len(self._booked)
 
-    @pending.setter
-    def pending(self, n: int) -> None:
-        self._pending = n
+    def book(self, at: float) -> None:
+        """A pick sent here at wall-clock time `at` (picks arrive about in time order)."""
+        booked = self._booked
+        if booked and at < booked[-1]:
+            insort(booked, at)  # a peer's notice, overtaken by a later pick
+        else:
+            booked.append(at)
         self._requeue()
 
-    def signal(self, load: EngineLoad, at: float) -> None:
-        """A fresh load signal at `at`: the worker answered, and picks before it are in it."""
+    def signal(self, load: EngineLoad, at: float, as_of: float) -> None:
+        """A fresh load signal received at `at` (the pool's clock), describing the worker as of
+        wall-clock time `as_of`: the picks booked before then are in it."""
         self._load = load
-        self._pending = 0
+        booked = self._booked
+        while booked and booked[0] <= as_of:
+            booked.popleft()
         self.load_at = at
         self.seen_at = max(self.seen_at, at)
         self._requeue()
 
     def _requeue(self) -> None:
-        queue = self._load.waiting + self._load.running + self._pending
+        queue = self._load.waiting + self._load.running + len(self._booked)
         if queue != self.queue:
             if self.order is not None:
                 self.order.move(self, self.queue, queue)

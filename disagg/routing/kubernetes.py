@@ -42,6 +42,16 @@ def pod_is_ready(pod: Any) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in (status.conditions or []))
 
 
+def _core_api() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CoreV1Api()
+
+
 class KubernetesDiscovery:
     def __init__(
         self,
@@ -63,15 +73,6 @@ class KubernetesDiscovery:
         self.timeout_s = timeout_s
         self.api = api
         self.use_watch = use_watch
-
-    def _core_api(self) -> Any:
-        from kubernetes import client, config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return client.CoreV1Api()
 
     def _ready_pods(self, api: Any) -> dict[str, str | None]:
         """address -> role label, for every ready pod of the selector."""
@@ -97,7 +98,7 @@ class KubernetesDiscovery:
                 stop.wait(self.interval_s)
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
-        api = self.api or await asyncio.to_thread(self._core_api)
+        api = self.api or await asyncio.to_thread(_core_api)
         changed = asyncio.Event()
         stop = threading.Event()
         if self.use_watch:
@@ -138,3 +139,31 @@ class KubernetesDiscovery:
                 continue
             out[address] = info
         return out
+
+
+class KubernetesPeers:
+    """The picker's peer replicas: the ready pods of its own Deployment (a label selector),
+    reached at `tcp://POD_IP:port`, re-listed every `interval_s`."""
+
+    def __init__(self, label_selector: str, *, namespace: str | None = None, port: int, interval_s: float = 2.0,
+                 api: Any = None) -> None:
+        self.label_selector = label_selector
+        self.namespace = namespace or own_namespace()
+        self.port = port
+        self.interval_s = interval_s
+        self.api = api
+
+    async def watch(self) -> AsyncIterator[list[str]]:
+        api = self.api or await asyncio.to_thread(_core_api)
+        last: list[str] | None = None
+        while True:
+            try:
+                pods = await asyncio.to_thread(api.list_namespaced_pod, self.namespace, label_selector=self.label_selector)
+            except Exception as exc:
+                log.warning("listing the picker's peer pods failed: %s", exc)
+            else:
+                current = sorted(f"tcp://{p.status.pod_ip}:{self.port}" for p in pods.items if pod_is_ready(p))
+                if current != last:
+                    last = current
+                    yield current
+            await asyncio.sleep(self.interval_s)

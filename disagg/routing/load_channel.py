@@ -71,12 +71,18 @@ class LoadSubscriber:
         try:
             while True:
                 ready.clear()
-                while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self.apply(self._socket.recv(zmq.NOBLOCK))
+                self.drain()
                 await ready.wait()
         finally:
             loop.remove_reader(fd)
             self._socket.close(linger=0)
+
+    def drain(self) -> None:
+        """Apply every report that has arrived."""
+        if self._socket.closed:
+            return
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.apply(self._socket.recv(zmq.NOBLOCK))
 
     def apply(self, payload: bytes) -> None:
         try:
@@ -89,7 +95,7 @@ class LoadSubscriber:
             metrics.LOAD_REPORT_GAPS.inc(report.seq - expected)
         self._next_seq[report.engine_id] = report.seq + 1
         if report.engine_id in self.pool:
-            self.pool.update_load(report.engine_id, report.load())
+            self.pool.update_load(report.engine_id, report.load(), as_of=report.sent_at)
             self.reports += 1
             metrics.LOAD_REPORTS.inc()
 

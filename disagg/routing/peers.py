@@ -46,6 +46,7 @@ SAMPLED = Counter("disagg_epp_pick_agreement_samples", "Peers' picks compared wi
 
 class SharedPick(msgspec.Struct, array_like=True):
     engine_ids: list[str]  # booked: decode, then prefill when disaggregating
+    booked_at: float  # the sender's wall clock
     hashes: list[int]  # the prompt's blocks
     model: str = ""
     prompt_token_ids: list[int] | None = None  # a sampled pick, for the agreement check
@@ -104,7 +105,7 @@ class PeerSync:
     free one); `run(peers)` follows the peers until cancelled."""
 
     def __init__(self, scheduler: Scheduler, replica: str, *, host: str = "127.0.0.1", port: int = 0,
-                 sample_every: int = 16, heartbeat_s: float = 0.5) -> None:
+                 sample_every: int = 8, heartbeat_s: float = 0.5) -> None:
         self.scheduler = scheduler
         self.replica = replica
         self.sample_every = sample_every
@@ -125,7 +126,9 @@ class PeerSync:
         self._newest: dict[str, float] = {}  # peer replica -> when its newest notice was sent
         self._next_seq: dict[str, int] = {}
         self._agreed = self._sampled = 0
+        AGREEMENT.set_function(lambda: self.agreement if self.agreement is not None else float("nan"))
         scheduler.on_booked(self._share)
+        scheduler.before_pick(self.drain)
 
     def _bind(self, host: str, port: int) -> int:
         self._pub.bind(f"tcp://{host}:{port}")
@@ -137,7 +140,7 @@ class PeerSync:
         for pick in booked:
             self._picks += 1
             sampled = self._picks % self.sample_every == 0
-            self._outbox.append(SharedPick(pick.engine_ids, pick.hashes, pick.request.model,
+            self._outbox.append(SharedPick(pick.engine_ids, pick.at[0], pick.hashes, pick.request.model,
                                            pick.request.prompt_token_ids if sampled else None))
         self.send()
 
@@ -173,9 +176,16 @@ class PeerSync:
                 self._compare(pick)
             present = [e for e in map(pool.get, pick.engine_ids) if e is not None]
             for endpoint in present:
-                endpoint.pending += 1
+                endpoint.book(pick.booked_at)
             if present and pick.hashes and self.scheduler.config.approximate_prefix:
                 index.record_pick([e.engine_id for e in present], pick.hashes)
+
+    def drain(self) -> None:
+        """Apply every notice that has arrived."""
+        if self._sub.closed:
+            return
+        while self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.apply(self._sub.recv(zmq.NOBLOCK))
 
     def _compare(self, pick: SharedPick) -> None:
         mine = self.scheduler.would_pick(PickRequest(model=pick.model, prompt_token_ids=pick.prompt_token_ids or []))
@@ -183,7 +193,6 @@ class PeerSync:
         self._sampled += 1
         self._agreed += agreed
         SAMPLED.labels(str(agreed).lower()).inc()
-        AGREEMENT.set(self._agreed / self._sampled)
 
     @property
     def agreement(self) -> float | None:
@@ -206,8 +215,7 @@ class PeerSync:
         try:
             while True:
                 ready.clear()
-                while self._sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self.apply(self._sub.recv(zmq.NOBLOCK))
+                self.drain()
                 await ready.wait()
         finally:
             loop.remove_reader(fd)

@@ -38,6 +38,7 @@ class EndpointPool:
         dead_after_s: float = 2.0,
         forget_after_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -45,6 +46,7 @@ class EndpointPool:
         self.dead_after_s = dead_after_s
         self.forget_after_s = forget_after_s if forget_after_s is not None else 5 * dead_after_s
         self.clock = clock
+        self.wall = wall  # when picks are booked and load reports sent: comparable between processes
         # The first worker sets the pool's layout; it resets when the pool empties.
         self.layout_fingerprint: str | None = None
         self._by_engine: dict[str, Endpoint] = {}
@@ -134,14 +136,17 @@ class EndpointPool:
 
     # -- signals ----------------------------------------------------------------------------
 
-    def update_load(self, engine_id: str, load: EngineLoad, *, at: float | None = None) -> None:
-        """A fresh load signal: the worker answered, and picks before it are now counted in it."""
+    def update_load(self, engine_id: str, load: EngineLoad, *, at: float | None = None,
+                    as_of: float | None = None) -> None:
+        """A fresh load signal, received at `at` (default: now), describing the worker as of
+        wall-clock time `as_of` (a report's send time; default: now): the picks booked before
+        then are counted in it."""
         endpoint = self._by_engine.get(engine_id)
         if endpoint is None:
             return
         if not 0.0 <= load.kv_usage <= 1.0:
             load = msgspec.structs.replace(load, kv_usage=min(max(load.kv_usage, 0.0), 1.0))
-        endpoint.signal(load, self.clock() if at is None else at)
+        endpoint.signal(load, self.clock() if at is None else at, self.wall() if as_of is None else as_of)
 
     def touch(self, engine_id: str) -> None:
         """The worker answered something (a KV event, a health check) without a load signal."""

@@ -95,6 +95,7 @@ class Booked(NamedTuple):
     hashes: list[int]  # the blocks the pick's prefix walk hashed
     rest: Iterator[int]  # the walk, suspended where the pick stopped it; resuming appends to `hashes`
     request: PickRequest
+    at: list[float]  # [when it was booked (wall clock)], filled by the booking
 
 
 class _Unobserved(NamedTuple):
@@ -144,6 +145,7 @@ class Scheduler:
         self.shortlist = SHORTLIST
         self._deferred = _Deferred()
         self._listeners: list[Callable[[list[Booked]], None]] = []
+        self._catch_ups: list[Callable[[], None]] = []
         self._panic_logged_at = -1e9
         metrics.watch(self.pool, self.index)
 
@@ -153,6 +155,8 @@ class Scheduler:
         """Choose decode (and maybe prefill) endpoints for one request. Raises NoEndpointError
         (nothing can serve it: 503) or OverloadedError (all saturated: 429)."""
         started = time.perf_counter()
+        for catch_up in self._catch_ups:
+            catch_up()
         if self._deferred.booked or self._deferred.unobserved:
             self.flush()
         try:
@@ -194,7 +198,7 @@ class Scheduler:
             if subset is not None:
                 decodes = subset.keep(decodes)
             if not decodes and book:
-                return self._panic_pick(req, subset, Booked([], hashes, walk, req))
+                return self._panic_pick(req, subset, Booked([], hashes, walk, req, []))
             if not decodes:
                 raise NoEndpointError("no live decode endpoint")
             raise OverloadedError(
@@ -214,7 +218,7 @@ class Scheduler:
         result = Pick(decode=[c.endpoint for c in best], prefill=prefill, uncached_tokens=uncached,
                       decision="remote" if prefill else "local", cached_tokens=cached)
         if book:
-            self._book(result, Booked([], hashes, walk, req))
+            self._book(result, Booked([], hashes, walk, req, []))
         return result
 
     def _shortlist(self, role: Role, hits: dict[str, int], now: float, keep: int, ctx: ScoringContext,
@@ -262,10 +266,17 @@ class Scheduler:
         """What the pick implies: one more request on each chosen endpoint now; at the next
         `flush()`, (approximate mode) the prompt's blocks cached on both, and the listeners told."""
         chosen = result.decode[:1] + result.prefill[:1]
+        at = self.pool.wall()
         for endpoint in chosen:
-            endpoint.pending += 1
+            endpoint.book(at)
         booked.engine_ids.extend(e.engine_id for e in chosen)
+        booked.at.append(at)
         self._deferred.booked.append(booked)
+
+    def before_pick(self, catch_up: Callable[[], None]) -> None:
+        """Call `catch_up()` at the start of every pick: the signal channels apply what has
+        arrived (the event loop may hand the request over before a report already received)."""
+        self._catch_ups.append(catch_up)
 
     def on_booked(self, listener: Callable[[list[Booked]], None]) -> None:
         """Call `listener(picks)` with each flush's picks, their hashes complete (peer sync)."""
@@ -307,7 +318,12 @@ class Scheduler:
     async def run(self, discovery: Discovery) -> None:
         """Follow `discovery`, read every endpoint's load, subscribe to KV events and sweep dead
         endpoints, until cancelled."""
-        await Background(self.pool, self.index, self.config).run(discovery)
+        background = Background(self.pool, self.index, self.config)
+        self.before_pick(background.loads.drain)
+        try:
+            await background.run(discovery)
+        finally:
+            self._catch_ups.remove(background.loads.drain)
 
 
 def _queue(endpoint: Endpoint) -> int:

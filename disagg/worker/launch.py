@@ -14,7 +14,7 @@ from disagg.config import AppConfig
 from disagg.engine.vllm_engine import VllmEngine
 from disagg.heap import freeze_startup_heap
 from disagg.openai.serving import Preprocessor
-from disagg.worker.protocol import Role
+from disagg.messages import Role
 from disagg.worker.server import build_worker_app
 from disagg.worker.worker import Worker
 

@@ -11,7 +11,8 @@ from disagg.engine.base import Engine, GenerateOutput, GenerateRequest, Sampling
 from disagg.openai.errors import APIError
 from disagg.worker import metrics
 from disagg.worker.orchestrator import PrefillClient, PrefillOutcome, generate_disaggregated
-from disagg.worker.protocol import EngineLoad, PrefillRequest, PrefillResult, Role, WorkerInfo
+from disagg.messages import EngineLoad, Role, WorkerInfo
+from disagg.worker.protocol import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
 

@@ -51,3 +51,12 @@ async def test_pod_whose_label_contradicts_its_worker_is_left_out() -> None:
         assert await anext(discovery.watch()) == []
     finally:
         worker.stop()
+
+
+async def test_the_pickers_peers_are_its_ready_pods() -> None:
+    from disagg.routing.kubernetes import KubernetesPeers
+
+    api = FakeCoreApi([pod("10.1.0.1", None), pod("10.1.0.2", None), pod("10.1.0.3", None, ready=False)])
+    peers = KubernetesPeers("app.kubernetes.io/component=epp", namespace="ns", port=9004, api=api)
+    assert await anext(peers.watch()) == ["tcp://10.1.0.1:9004", "tcp://10.1.0.2:9004"]
+    assert api.calls == [("ns", "app.kubernetes.io/component=epp")]

@@ -109,7 +109,7 @@ def test_a_notice_for_an_unknown_endpoint_is_ignored() -> None:
 
     b = replica()
     sync_b = PeerSync(b, "b")
-    sync_b.apply(_encode(PickNotice("a", 0, 0.0, [SharedPick(["gone-engine"], [1, 2])])))
+    sync_b.apply(_encode(PickNotice("a", 0, 0.0, [SharedPick(["gone-engine"], 0.0, [1, 2])])))
     assert sum(e.pending for e in b.pool.endpoints()) == 0 and b.index.num_blocks() == 0
     sync_b._pub.close(linger=0)
     sync_b._sub.close(linger=0)

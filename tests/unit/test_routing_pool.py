@@ -113,9 +113,21 @@ def test_freshness_falls_from_stale_to_dead(pool: EndpointPool, clock: Clock) ->
 
 def test_load_signal_clears_pending_picks(pool: EndpointPool) -> None:
     e = pool.upsert(make_info("decode", "10.0.0.1:8000"))
-    e.pending = 3
-    pool.update_load(e.engine_id, EngineLoad(waiting=1, running=2))
+    for at in (10.0, 11.0, 12.0):
+        e.book(at)
+    pool.update_load(e.engine_id, EngineLoad(waiting=1, running=2))  # as of now: counts them all
     assert e.pending == 0 and e.queue == 3
+
+
+def test_a_load_signal_keeps_the_picks_it_cannot_know_of_yet(pool: EndpointPool) -> None:
+    # A report sent at 11.5 counts the picks booked before it, not the one at 12 (nor a peer's
+    # pick booked at 11.8 whose notice arrives after that one).
+    e = pool.upsert(make_info("decode", "10.0.0.1:8000"))
+    for at in (10.0, 11.0, 12.0, 11.8):
+        e.book(at)
+    assert e.pending == 4 and e.queue == 4
+    pool.update_load(e.engine_id, EngineLoad(running=2), as_of=11.5)
+    assert e.pending == 2 and e.queue == 4
 
 
 def test_replace_all_adds_compatible_and_reports_incompatible(pool: EndpointPool) -> None:
