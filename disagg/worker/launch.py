@@ -13,6 +13,7 @@ import uvicorn
 from disagg.config import AppConfig
 from disagg.engine.vllm_engine import VllmEngine
 from disagg.heap import freeze_startup_heap
+from disagg.openai.http import OpenAIHTTPProtocol
 from disagg.openai.serving import Preprocessor
 from disagg.messages import Role
 from disagg.worker.server import build_worker_app
@@ -95,7 +96,8 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
     )
     preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
     app = build_worker_app(worker, preprocessor)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           http=OpenAIHTTPProtocol, ws="none"))
     task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if task.done():

@@ -177,9 +177,7 @@ def test_malformed_http_is_a_400_with_openai_body_from_the_worker(decode):
     for data in MALFORMED:
         status, ctype, body = raw_answer(decode, data)
         assert status == 400
-        if not ctype.startswith("application/json"):
-            pytest.xfail("the worker's uvicorn.Config (disagg/worker/launch.py) does not pass "
-                         "http=disagg.openai.http.OpenAIHTTPProtocol yet")
+        assert ctype.startswith("application/json"), (data, ctype, body[:200])
         assert set(json.loads(body)["error"]) == ERROR_KEYS
 
 
