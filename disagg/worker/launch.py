@@ -15,6 +15,7 @@ from disagg.engine.vllm_engine import VllmEngine
 from disagg.heap import freeze_startup_heap
 from disagg.openai.http import OpenAIHTTPProtocol
 from disagg.openai.serving import Preprocessor
+from disagg.routing.load_channel import LoadPublisher
 from disagg.messages import Role
 from disagg.worker.server import build_worker_app
 from disagg.worker.worker import Worker
@@ -56,12 +57,14 @@ class RunningWorker:
     worker: Worker
     server: uvicorn.Server
     serve_task: asyncio.Task
+    publish_task: asyncio.Task
 
     @property
     def address(self) -> str:
         return self.worker.address
 
     async def stop(self) -> None:
+        self.publish_task.cancel()
         self.server.should_exit = True
         try:
             await asyncio.wait_for(self.serve_task, 5)
@@ -89,11 +92,15 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
     except BaseException:
         listener.close()
         raise
+    # The load channel: bound now, on the worker's own host (port 0, read back).
+    loads = LoadPublisher(host if host not in ("", "::") else "0.0.0.0", lambda: worker.load_reports())
     worker = Worker(
         config, role, engine, f"{public}:{port}", node_id=node_id, replica_id=replica_id,
         kv_events_endpoint=events and events.replace("*", public),
         kv_events_replay_endpoint=replay and replay.replace("*", public),
+        load_endpoint=loads.endpoint.replace("0.0.0.0", public),
     )
+    publish_task = asyncio.create_task(loads.run(), name="disagg-load-channel")
     preprocessor = Preprocessor(config.model, config.model_name, config.max_model_len)
     app = build_worker_app(worker, preprocessor)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
@@ -101,9 +108,10 @@ async def start_worker(config: AppConfig, role: Role, *, port: int = 0, cpu_bind
     task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if task.done():
+            publish_task.cancel()
             await task  # raises the bind error
             raise RuntimeError(f"worker HTTP server on {host}:{port} exited")
         await asyncio.sleep(0.02)
     log.info("%s worker %s serving on %s", role, engine.engine_id, worker.address)
     freeze_startup_heap()
-    return RunningWorker(worker, server, task)
+    return RunningWorker(worker, server, task, publish_task)

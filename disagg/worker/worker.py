@@ -11,7 +11,7 @@ from disagg.engine.base import Engine, GenerateOutput, GenerateRequest, Sampling
 from disagg.openai.errors import APIError
 from disagg.worker import metrics
 from disagg.worker.orchestrator import PrefillClient, PrefillOutcome, generate_disaggregated
-from disagg.messages import EngineLoad, Role, WorkerInfo
+from disagg.messages import EngineLoad, LoadReport, Role, WorkerInfo
 from disagg.worker.protocol import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ class Worker:
 
     def __init__(self, config: AppConfig, role: Role, engine: Engine, address: str, *,
                  node_id: str = "", replica_id: str | None = None,
-                 kv_events_endpoint: str | None = None, kv_events_replay_endpoint: str | None = None):
+                 kv_events_endpoint: str | None = None, kv_events_replay_endpoint: str | None = None,
+                 load_endpoint: str | None = None):
         self.config = config
         self.role = role
         self.engine = engine
@@ -39,6 +40,7 @@ class Worker:
             replica_id=replica_id,
             kv_events_endpoint=kv_events_endpoint,
             kv_events_replay_endpoint=kv_events_replay_endpoint,
+            load_endpoint=load_endpoint,
             num_blocks=getattr(engine, "num_blocks", 0),
         )
         self._prefill_client = PrefillClient(config, engine.layout.fingerprint())
@@ -50,6 +52,11 @@ class Worker:
         s = self.engine.stats()
         return EngineLoad(waiting=s.waiting, running=s.running, kv_usage=s.kv_usage,
                           free_blocks=s.free_blocks, num_blocks=s.num_blocks)
+
+    def load_reports(self) -> list[LoadReport]:
+        """The engine's load, for the worker's load channel (`disagg.routing.load_channel`)."""
+        s = self.engine.stats()
+        return [LoadReport(self.engine.engine_id, 0, 0.0, s.waiting, s.running, s.kv_usage, s.num_blocks)]
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         """Compute the prompt's KV and keep it for a remote decode (under the connector's lease)."""

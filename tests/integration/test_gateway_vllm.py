@@ -187,3 +187,22 @@ def test_restarted_epp_rebuilds_its_state_and_routing_goes_on(cluster):
         wait_live(gateway)
         landed.append(served_by(via_gateway(client, f"{shared} again {i}")))
     assert landed.count(holder) >= 4, (holder, landed)
+
+
+def test_the_workers_push_their_load_and_are_not_scraped(cluster) -> None:
+    from prometheus_client import REGISTRY
+
+    gateway, client, prefill, decodes = cluster
+    infos = [httpx.get(f"http://{w.address}/v1/worker", timeout=10).json() for w in (prefill, *decodes)]
+    assert all(i["load_endpoint"] and i["load_endpoint"].startswith("tcp://127.0.0.1:") for i in infos)
+
+    def counts() -> tuple[float, float]:
+        return (REGISTRY.get_sample_value("disagg_load_reports_total") or 0.0,
+                sum(REGISTRY.get_sample_value("disagg_scrapes_total", {"result": r}) or 0.0 for r in ("ok", "error")))
+
+    reports, scrapes = counts()
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt(4242), "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    time.sleep(1.5)  # a heartbeat from each worker at least
+    after = counts()
+    assert after[0] >= reports + 3 and after[1] == scrapes, (reports, scrapes, after)
