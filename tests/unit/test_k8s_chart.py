@@ -96,7 +96,7 @@ GATEWAY_SETS = [name for name, v in VALUE_SETS.items() if v.get("gateway", {}).g
 ISTIO_TLS_SETS = [name for name in GATEWAY_SETS
                   if VALUE_SETS[name].get("epp", {}).get("tls", {}).get("istioDestinationRule")]
 
-CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1"}
+CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1"}
 CUSTOM_KINDS = {
     ("ray.io/v1", "RayService"),
     ("inference.networking.k8s.io/v1", "InferencePool"),
@@ -432,6 +432,8 @@ def test_renders_the_expected_objects(manifests: Manifests) -> None:
             expected.add(("gateway.networking.k8s.io/v1", "Gateway"))
         if istio_tls(v):
             expected.add(("networking.istio.io/v1", "DestinationRule"))
+        if v["epp"]["replicas"] > 1:
+            expected.add(("policy/v1", "PodDisruptionBudget"))
     assert {(o["apiVersion"], o["kind"]) for o in manifests.objects} == expected
     configmaps = 2 if v["monitoring"]["grafanaDashboard"]["enabled"] else 1
     assert len(manifests.of_kind("ConfigMap")) == configmaps
@@ -967,3 +969,29 @@ def test_rendered_examples_are_the_charts_output() -> None:
         on_disk = (ROOT / "k8s" / "rendered" / file).read_text()
         assert on_disk == render_module.render(copy.deepcopy(values), name=name, namespace=namespace), (
             f"k8s/rendered/{file} is stale: run `python k8s/render.py --examples`")
+
+
+def test_several_picker_replicas_share_their_picks_and_keep_all_but_one_up() -> None:
+    from disagg.epp.cli import parse_args
+
+    m = render("multi-replica-gpu")
+    assert m.values["epp"]["replicas"] == 2
+    container = epp_container(m)
+    args = parse_args(container["args"])
+    deployment = next(d for d in m.of_kind("Deployment") if d["spec"]["template"]["spec"]["containers"][0] is container)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    # The peers are the picker's own pods, found by its pods' labels, on the peer port.
+    selector = dict(part.split("=", 1) for part in args.k8s_peer_selector.split(","))
+    assert selector.items() <= pod_labels.items() and selector["app.kubernetes.io/component"] == "epp"
+    assert args.peer_port == m.values["epp"]["peerPort"] == 9004
+    assert {"name": "epp-peers", "containerPort": 9004, "protocol": "TCP"} in container["ports"]
+    assert any(e["name"] == "POD_NAME" for e in container["env"]) and "--replica-id=$(POD_NAME)" in container["args"]
+    (pdb,) = m.of_kind("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_one_picker_replica_has_no_peers_and_no_disruption_budget() -> None:
+    m = render("default")
+    assert not [a for a in epp_container(m)["args"] if a.startswith(("--peer", "--k8s-peer"))]
+    assert not m.of_kind("PodDisruptionBudget")

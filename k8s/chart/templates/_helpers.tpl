@@ -246,3 +246,12 @@ minReplicas = maxReplicas = replicas: the Serve deployment has exactly one repli
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* The picker's own pods, as a label selector string: its replicas find each other by it. */}}
+{{- define "disagg.eppSelector" -}}
+{{- $labels := include "disagg.selectorLabels" . | fromYaml -}}
+{{- $parts := list -}}
+{{- range $k, $v := $labels }}{{ $parts = append $parts (printf "%s=%s" $k $v) }}{{ end -}}
+{{- $parts = append $parts "app.kubernetes.io/component=epp" -}}
+{{- join "," $parts -}}
+{{- end -}}
