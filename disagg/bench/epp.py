@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 from disagg.bench.progress import say
 from disagg.bench.standin import make_info
@@ -349,6 +349,116 @@ async def bench_hop(requests: int, rounds: int = 20) -> dict[str, Any]:
     return result
 
 
+def _large_bodies(clients: int, per_client: int, size: int, seed: int = 0) -> list[list[bytes]]:
+    """Completions of about `size` bytes of text, per client: a document of the client's own (nine
+    tenths of the prompt, the same in each of its requests, as a conversation or a retrieved context
+    is), then a question that changes."""
+    rng = random.Random(seed)
+    words = [w * rng.randint(1, 3) for w in ("alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma", "theta")]
+    out = []
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n // 5))[:n]
+
+    for _ in range(clients):
+        document = text(size * 9 // 10)
+        out.append([json.dumps({"model": HOP_MODEL, "max_tokens": 1, "prompt": document + text(size // 10 - 50)}).encode()
+                    for _ in range(per_client)])
+    return out
+
+
+def _time_concurrent(url: str, bodies: list[list[bytes]], start: int, count: int) -> list[float]:
+    """Seconds per request: `len(bodies)` clients at once, each over its own keep-alive connection,
+    sending `count` of its bodies (from `start`, wrapping), one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(own: list[bytes]) -> list[float]:
+        connection = _KeepAliveClient(url, b"")
+        times = []
+        try:
+            for i in range(start, start + count):
+                connection.body = own[i % len(own)]
+                t0 = time.perf_counter()
+                status = connection.post()
+                times.append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError(f"{url}: status {status}")
+        finally:
+            connection.close()
+        return times
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return [t for times in pool.map(client, bodies) for t in times]
+
+
+async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: int = 220_000,
+                           rounds: int = 6) -> dict[str, Any]:
+    """Large prompts through the gateway: `concurrency` clients at once, each sending completions
+    of `body_bytes` (its own long document, a changing question), through Envoy alone and through
+    Envoy + EPP (`disagg epp`, its own process, TLS as by default, FULL_DUPLEX_STREAMED: the body
+    goes to the EPP and back) to a stand-in worker, in alternating rounds. `requests` per path."""
+    import psutil
+
+    from disagg.bench.processes import launch, terminate
+    from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
+
+    log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-large-body-"))
+    launched = [launch("stand-in", [sys.executable, "-c", _STAND_INS, "1"], log_dir=log_dir)]
+    alone: EnvoyProcess | None = None
+    per_round = max(1, requests // (rounds * concurrency))
+    bodies = _large_bodies(concurrency, per_round * rounds, body_bytes)
+    try:
+        worker = _ready_line(launched[0]).split()[1]
+        write_endpoints(log_dir, [worker])
+        alone = EnvoyProcess(EnvoySettings("127.0.0.1", 0, "127.0.0.1", 1, log_dir, ext_proc=False))
+        await alone.start()
+        label, cmd = hop_paths(worker)["envoy_epp"]
+        epp = launch(label, cmd, log_dir=log_dir, cwd=REPO)
+        launched.append(epp)
+        targets = {"envoy": alone.url,
+                   "envoy_epp": next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]}
+        envoy_pids = {"envoy": alone.process.pid,
+                      "envoy_epp": next(c.pid for c in psutil.Process(epp.pid).children(recursive=True)
+                                        if "envoy" in c.name())}
+        latencies: dict[str, list[float]] = {name: [] for name in targets}
+        envoy_cpu = {name: 0.0 for name in targets}
+        epp_cpu = 0.0
+        for name, url in targets.items():  # warm-up: connections, the EPP learning the worker
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await asyncio.to_thread(_time_concurrent, url, [b[:1] for b in bodies[:2]], 0, 5)
+                    break
+                except (OSError, RuntimeError, http.client.HTTPException):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        for r in range(rounds):
+            for name in (targets if r % 2 == 0 else list(reversed(targets))):
+                envoy0, epp0 = _cpu_seconds(envoy_pids[name]), _cpu_seconds(epp.pid)
+                latencies[name] += await asyncio.to_thread(_time_concurrent, targets[name], bodies, r * per_round,
+                                                           per_round)
+                envoy_cpu[name] += _cpu_seconds(envoy_pids[name]) - envoy0
+                if name == "envoy_epp":
+                    epp_cpu += _cpu_seconds(epp.pid) - epp0
+    finally:
+        if alone is not None:
+            await alone.stop()
+        terminate(launched, None, grace_s=10)
+    n = len(latencies["envoy"])
+    result: dict[str, Any] = {"concurrency": concurrency, "body_bytes": len(bodies[0][0]), "requests": n,
+                              "rounds": rounds}
+    for name, values in latencies.items():
+        values.sort()
+        result[name] = {"p50_ms": _percentile(values, 0.5) * 1e3, "p99_ms": _percentile(values, 0.99) * 1e3,
+                        "envoy_cpu_ms_per_request": envoy_cpu[name] / len(values) * 1e3}
+    result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
+    result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
+    result["epp_cpu_ms_per_request"] = epp_cpu / n * 1e3
+    result["envoy_ext_proc_cpu_ms_per_request"] = (result["envoy_epp"]["envoy_cpu_ms_per_request"]
+                                                   - result["envoy"]["envoy_cpu_ms_per_request"])
+    return result
+
+
 async def bench_scrapes(workers: int, seconds: float = 5.0) -> dict[str, Any]:
     """A scheduler following `workers` stand-ins (static discovery, scrapes every 0.2 s): how many
     scrapes it makes a second and the CPU this process spends on them (the EPP's background load,
@@ -418,6 +528,149 @@ async def bench_idle(workers: int, seconds: float = 10.0) -> dict[str, Any]:
         terminate(launched, None, grace_s=10)
     return {"endpoints": workers, "live": len(pool), "seconds": wall, "cpu_percent": 100 * cpu / wall,
             "oldest_signal_age_s": max((w["signal_age_s"] for w in pool), default=None)}
+
+
+def _conversation(i: int, conversations: int = 32) -> list[int]:
+    """Request i of `conversations` taking turns: the conversation's 512-token prefix, then its own
+    tokens (prefix scoring decides where it goes)."""
+    k = i % conversations
+    return list(range(100_000 * k, 100_000 * k + 512)) + [i % 30_000] * 32
+
+
+async def _open_loop(url: str, rate: float, seconds: float, start: int = 0) -> tuple[list[float], int, int]:
+    """Requests at `rate` a second for `seconds`, each sent at its time whatever the earlier ones do
+    (open loop), over keep-alive connections: the latencies of the answered ones (seconds), how
+    many failed, and how many were sent late (the client behind its schedule by over 5 ms)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    failed = late = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
+                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def one(i: int) -> None:
+            nonlocal failed
+            body = json.dumps({"model": HOP_MODEL, "prompt": _conversation(i), "max_tokens": 1})
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/completions", data=body,
+                                        headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failed += 1
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                failed += 1
+                return
+            latencies.append(time.perf_counter() - t0)
+
+        tasks = []
+        begin = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            delay = begin + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.005:
+                late += 1
+            tasks.append(asyncio.create_task(one(start + n)))
+        await asyncio.gather(*tasks)
+    return latencies, failed, late
+
+
+async def bench_qps(rate: float, seconds: float, segments: int = 4) -> dict[str, Any]:
+    """Open-loop arrivals at `rate` through Envoy + EPP (its own process, TLS, prefix scoring on:
+    32 conversations sharing prefixes) to stand-in workers (8 decodes, 2 prefills, pushing
+    their loads), against the same through Envoy alone, in alternating segments."""
+    import psutil  # noqa: F401  (the launcher's dependency)
+
+    from disagg.bench.processes import launch, terminate
+    from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
+
+    log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-qps-"))
+    roles = ["decode"] * 8 + ["prefill"] * 2
+    code = _STAND_INS.replace("['prefill' if i % 2 else 'decode' for i in range(n)]", repr(roles))
+    launched = [launch("stand-ins", [sys.executable, "-c", code, str(len(roles)), "push"], log_dir=log_dir)]
+    alone: EnvoyProcess | None = None
+    try:
+        workers = _ready_line(launched[0]).split()[1].split(",")
+        write_endpoints(log_dir, workers[:8])
+        alone = EnvoyProcess(EnvoySettings("127.0.0.1", 0, "127.0.0.1", 1, log_dir, ext_proc=False))
+        await alone.start()
+        epp = launch("epp", [sys.executable, "-m", "disagg.cli", "epp", "--model", HOP_MODEL, "--set",
+                             f"block_size={BLOCK}", "--endpoints", ",".join(workers), "--host", "127.0.0.1",
+                             "--grpc-port", "0", "--health-port", "0", "--metrics-port", "0", "--gateway-port", "0",
+                             "--gateway-host", "127.0.0.1", "--log-level", "WARNING"], log_dir=log_dir)
+        launched.append(epp)
+        gateway = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
+        await _open_loop(gateway, rate, 2.0)  # warm up: connections, the prefixes indexed
+        await _open_loop(alone.url, rate, 2.0)
+        paths = {"envoy": alone.url, "envoy_epp": gateway}
+        results = {name: ([], 0, 0) for name in paths}
+        for segment in range(segments):
+            for name in (paths if segment % 2 == 0 else list(paths)[::-1]):
+                lat, failed, late = await _open_loop(paths[name], rate, seconds / segments, start=segment * 100_000)
+                old = results[name]
+                results[name] = (old[0] + lat, old[1] + failed, old[2] + late)
+    finally:
+        if alone is not None:
+            await alone.stop()
+        terminate(launched, None, grace_s=10)
+    out: dict[str, Any] = {"rate": rate, "seconds": seconds}
+    for name, (lat, failed, late) in results.items():
+        lat.sort()
+        out[name] = {"answered": len(lat), "failed": failed, "sent_late": late,
+                     "p50_ms": _percentile(lat, 0.5) * 1e3, "p99_ms": _percentile(lat, 0.99) * 1e3}
+    out["epp_hop_added_p50_ms"] = out["envoy_epp"]["p50_ms"] - out["envoy"]["p50_ms"]
+    out["epp_hop_added_p99_ms"] = out["envoy_epp"]["p99_ms"] - out["envoy"]["p99_ms"]
+    out["failed"] = out["envoy_epp"]["failed"]
+    return out
+
+
+async def bench_replicas(requests: int = 400, count: int = 2) -> dict[str, Any]:
+    """`count` EPP replicas (their own processes, `disagg.epp.replicas`) behind one Envoy, in
+    front of the same stand-in pool (8 decodes pushing their loads); Envoy alternates the
+    requests between the replicas; 32 conversations share prefixes. How often a replica would
+    have picked as its peer did (its sampled agreement), and how often a conversation's requests
+    land on the decode most of them went to."""
+    from disagg.bench.processes import launch, terminate
+    from disagg.config import AppConfig
+    from disagg.epp.replicas import EppReplicas, ReplicaPorts
+
+    log_dir = Path(tempfile.mkdtemp(prefix="disagg-bench-replicas-"))
+    launched = [launch("stand-ins", [sys.executable, "-c", _STAND_INS.replace(
+        "['prefill' if i % 2 else 'decode' for i in range(n)]", "['decode'] * n"), "8", "push"], log_dir=log_dir)]
+    replicas = None
+    try:
+        workers = _ready_line(launched[0]).split()[1]
+        config = AppConfig(model=HOP_MODEL, block_size=BLOCK)
+        replicas = EppReplicas(config, ["--endpoints", workers], count, gateway_port=0, gateway_host="127.0.0.1",
+                               base=ReplicaPorts(29002, 29003, 29090, 29004))
+        await replicas.start()
+        await asyncio.sleep(1.5)  # every replica has described every worker
+        served: dict[int, list[str]] = {}
+
+        def post(i: int) -> str:
+            body = json.dumps({"model": HOP_MODEL, "prompt": _conversation(i), "max_tokens": 1}).encode()
+            request = Request(replicas.url + "/v1/completions", body, {"content-type": "application/json"})
+            return json.loads(urlopen(request, timeout=10).read())["served_by"]
+
+        for i in range(requests):
+            served.setdefault(i % 32, []).append(await asyncio.to_thread(post, i))
+        agreed = disagreed = 0.0
+        for i in range(count):
+            text = urlopen(f"http://127.0.0.1:{replicas.ports(i).metrics}/metrics", timeout=5).read().decode()
+            for line in text.splitlines():
+                if line.startswith('disagg_epp_pick_agreement_samples_total{agreed="true"}'):
+                    agreed += float(line.split()[-1])
+                elif line.startswith('disagg_epp_pick_agreement_samples_total{agreed="false"}'):
+                    disagreed += float(line.split()[-1])
+    finally:
+        if replicas is not None:
+            await replicas.stop()
+        terminate(launched, None, grace_s=10)
+    on_majority = sum(max(v.count(d) for d in set(v)) for v in served.values())
+    return {"count": count, "requests": requests, "sampled_picks": agreed + disagreed,
+            "pick_agreement": agreed / (agreed + disagreed) if agreed + disagreed else None,
+            "prefix_affinity": on_majority / requests}
 
 
 def _key_suffix(path: str) -> str | None:
@@ -543,6 +796,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-requests", type=int, default=2000,
                    help="0 skips timing the ext_proc answer in-process (no Envoy, no sockets)")
     p.add_argument("--scrape-workers", type=int, default=32, help="0 skips the scrape measurement")
+    p.add_argument("--large-body-requests", type=int, default=600,
+                   help="220 KB prompts from 20 clients at once through Envoy and Envoy + EPP, requests per path "
+                        "(0 skips)")
+    p.add_argument("--qps", type=float, default=500.0, help="open-loop rate through Envoy + EPP (0 skips it)")
+    p.add_argument("--qps-seconds", type=float, default=20.0)
+    p.add_argument("--replica-requests", type=int, default=400,
+                   help="requests through 2 EPP replicas, for their agreement (0 skips it)")
     p.add_argument("--idle-workers", type=int, default=1000,
                    help="stand-in workers pushing their loads to one idle EPP (0 skips the idle measurement)")
     p.add_argument("--out", default="benchmarks", help="directory for epp.json and epp.png (when --json and "
@@ -598,11 +858,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grpclib adds {hop['grpclib_minus_ours_added_p50_ms']:.2f} ms p50 more than our server "
                   "(both plaintext)", flush=True)
         result["hop"] = hop
+    if args.large_body_requests:
+        say("epp", f"large bodies: {args.large_body_requests} requests of 220 KB per path, 20 at once, through Envoy "
+                   "and Envoy + EPP")
+        lb = result["large_body"] = asyncio.run(bench_large_body(args.large_body_requests))
+        print(f"large body ({lb['body_bytes']} bytes, {lb['concurrency']} at once): Envoy p50 {lb['envoy']['p50_ms']:.2f} "
+              f"ms, Envoy+EPP {lb['envoy_epp']['p50_ms']:.2f} ms (EPP adds {lb['epp_hop_added_p50_ms']:.2f} ms p50, "
+              f"{lb['epp_hop_added_p99_ms']:.2f} ms p99); CPU per request: EPP {lb['epp_cpu_ms_per_request']:.2f} ms, "
+              f"Envoy's ext_proc work {lb['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
     if args.scrape_workers:
         say("epp", f"scrapes: a scheduler following {args.scrape_workers} stand-in workers")
         sc = result["scrapes"] = asyncio.run(bench_scrapes(args.scrape_workers))
         print(f"scrapes: {sc['workers']} workers, {sc['scrapes_per_s']:.0f} scrapes/s, {sc['cpu_ms_per_s']:.0f} ms "
               f"CPU per s ({sc['cpu_ms_per_scrape']:.2f} ms per scrape)", flush=True)
+    if args.qps:
+        say("epp", f"qps: {args.qps:.0f} requests/s open loop for {args.qps_seconds:.0f} s through Envoy + EPP and Envoy alone")
+        q = result["qps"] = asyncio.run(bench_qps(args.qps, args.qps_seconds))
+        print(f"qps {q['rate']:.0f}/s: Envoy+EPP p50 {q['envoy_epp']['p50_ms']:.2f} ms p99 {q['envoy_epp']['p99_ms']:.2f} ms "
+              f"(EPP adds {q['epp_hop_added_p50_ms']:.2f} / {q['epp_hop_added_p99_ms']:.2f} ms), {q['failed']} failed, "
+              f"{q['envoy_epp']['sent_late']} sent late", flush=True)
+    if args.replica_requests:
+        say("epp", f"replicas: {args.replica_requests} requests through 2 EPP replicas, conversations sharing prefixes")
+        rep = result["replicas"] = asyncio.run(bench_replicas(args.replica_requests))
+        print(f"replicas: {rep['count']}, pick agreement {rep['pick_agreement']} over {rep['sampled_picks']:.0f} "
+              f"sampled picks, prefix affinity {rep['prefix_affinity']:.3f}", flush=True)
     if args.idle_workers:
         say("epp", f"idle: one EPP keeping {args.idle_workers} stand-in workers current, no requests")
         idle = result["idle"] = asyncio.run(bench_idle(args.idle_workers))
