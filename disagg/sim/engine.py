@@ -22,7 +22,10 @@ least recently freed first.
 Decoding sequences are not visited one by one: the step adds one token to all of them at once.
 What differs between them is kept where it changes: the step each one finishes at (a heap), and
 the step each one needs its next block at (a count per step modulo the block size). So a step
-costs the same with 2 or 200 sequences decoding.
+costs the same with 2 or 200 sequences decoding. Steps that only decode are not simulated one by
+one either: they follow each other unchanged until a sequence finishes, the blocks run out or
+something arrives, so they run as one timeout (cut at the step in progress when something arrives),
+with the same times, blocks and order as one step at a time.
 """
 
 from __future__ import annotations
@@ -107,12 +110,13 @@ class Engine:
         self.decoding = 0
         self.decode_len = 0  # their KV tokens, summed
         self.block_due = [0] * self.block_size  # per step modulo block size: how many need a block then
-        self.finishing: list[tuple[int, int, Seq]] = []  # (step it finishes at, order, seq)
+        self.finishing: list[tuple[int, int, int, Seq]] = []  # (step it finishes at, order, epoch, seq)
         self.alive = True
         self.busy_s = 0.0
         self.prefix_queries = self.prefix_hits = self.preemptions = 0
         self._events: list = []
         self._wake: simpy.Event | None = None
+        self._in_run: tuple | None = None  # a decode run in progress: (started, elapsed(steps), steps)
         self.process = env.process(self._run())
 
     # -- what callers do ------------------------------------------------------------------------
@@ -168,6 +172,8 @@ class Engine:
     def load(self) -> EngineLoad:
         """What a scrape of this worker reads."""
         used = self.num_blocks - self.free - len(self.evictable)
+        if self._in_run is not None:  # the blocks of a decode run's steps so far (allocated at its end)
+            used += sum(self.block_due[(self.steps + i) % self.block_size] for i in range(1, self._run_steps_done() + 1))
         return EngineLoad(waiting=len(self.waiting) + len(self.loading), running=len(self.running),
                           kv_usage=used / self.num_blocks, free_blocks=self.num_blocks - used,
                           num_blocks=self.num_blocks)
@@ -186,13 +192,60 @@ class Engine:
                 self._wake = self.env.event()
                 yield self._wake
                 continue
-            seconds = self.cost.step_s(batch.prefill_tokens, batch.attention, batch.decode_seqs, batch.context)
-            yield self.env.timeout(seconds)
+            if batch.chunks:
+                steps = 1
+                seconds = self.cost.step_s(batch.prefill_tokens, batch.attention, batch.decode_seqs, batch.context)
+                yield self.env.timeout(seconds)
+            else:
+                steps, seconds = yield from self._decode_run(batch)
             if not self.alive:
                 return
             self.busy_s += seconds
-            self._complete(batch)
+            self._complete(batch, steps)
             self._flush_events()
+
+    def _decode_run(self, batch: Batch):
+        """Decode-only steps back to back, up to the first that finishes a sequence or would run
+        out of blocks; something arriving cuts the run at the end of the step in progress.
+        Returns (steps, seconds)."""
+        n = self.decoding
+        first = self.cost.step_s(0, 0, n, batch.context)
+        grow = self.cost.decode.per_context_token_s * n  # each step's context is n tokens longer
+
+        def elapsed(steps: int) -> float:
+            return steps * first + grow * steps * (steps - 1) / 2
+
+        steps = self._run_length()
+        self._wake = self.env.event()
+        run = self.env.timeout(elapsed(steps))
+        self._in_run = (self.env.now, elapsed, steps)
+        woken = yield run | self._wake
+        if run not in woken and self.alive:
+            steps = self._run_steps_done() + 1  # to the end of the step in progress
+            self._in_run = (self._in_run[0], elapsed, steps)
+            yield self.env.timeout(max(self._in_run[0] + elapsed(steps) - self.env.now, 0.0))
+        self._in_run = None
+        return steps, elapsed(steps)
+
+    def _run_steps_done(self) -> int:
+        """Steps of the current decode run that have ended by now."""
+        started, elapsed, steps = self._in_run
+        done = 0
+        while done < steps and started + elapsed(done + 1) <= self.env.now:
+            done += 1
+        return done
+
+    def _run_length(self) -> int:
+        """How many decode-only steps from now change nothing but the decoding sequences' lengths."""
+        while self.finishing and self.finishing[0][2] != self.finishing[0][3].epoch:
+            heapq.heappop(self.finishing)  # preempted since (it rejoined under a new epoch, or not yet)
+        steps = self.finishing[0][0] - self.steps + 1 if self.finishing else 1 << 12
+        room = self.free  # evicting would announce BlockRemoved: one step at a time then
+        for i in range(1, steps):  # the first step's blocks are allocated already
+            room -= self.block_due[(self.steps + i) % self.block_size]
+            if room < 0:
+                return i
+        return max(steps, 1)
 
     def _schedule(self) -> Batch | None:
         batch = Batch()
@@ -216,42 +269,39 @@ class Engine:
         # 2. waiting, first come first served
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if not seq.computed:
-                self._lookup(seq)
+            hit = self._hit(seq) if not seq.computed else []
+            upto = seq.num_tokens if seq.remote else seq.computed + len(hit) * self.block_size
+            upto = upto if seq.remote else min(upto + budget, seq.num_tokens)
+            if not self._admit(seq, hit, upto):
+                break  # it waits for blocks, and those behind it wait for it
+            self.waiting.popleft()
             if seq.remote:
-                if not self._allocate(self._blocks_for(seq.num_tokens) - self._held(seq)):
-                    self._drop_refs(seq)
-                    break
-                self.waiting.popleft()
-                seq.private = self._blocks_for(seq.num_tokens) - len(seq.refs)
                 seq.state = "loading"
                 self.loading.add(seq)
                 assert self.on_load is not None, "a remote sequence on an engine that cannot load KV"
                 self.on_load(self, seq, seq.num_tokens - seq.computed)
                 continue
-            chunk = min(seq.num_tokens - seq.computed, budget)
-            if not self._allocate(self._blocks_for(seq.computed + chunk) - self._held(seq)):
-                self._drop_refs(seq)
-                break
-            self.waiting.popleft()
             seq.state = "running"
             self.running[seq] = None
             self.prefilling[seq] = None
+            chunk = upto - seq.computed
             self._add_chunk(batch, seq, chunk)
             budget -= chunk
         if not batch.chunks and not batch.decode_seqs:
             return None
         return batch
 
-    def _complete(self, batch: Batch) -> None:
+    def _complete(self, batch: Batch, steps: int = 1) -> None:
         now = self.env.now
-        self.steps += 1
-        if self.decoding:  # every decoding sequence computed one token and sampled the next
-            self.decode_len += self.decoding
+        for i in range(1, steps):  # blocks of a decode run's later steps (there was room: `_run_length`)
+            self._allocate(self.block_due[(self.steps + i) % self.block_size])
+        self.steps += steps
+        if self.decoding:  # every decoding sequence computed one token per step and sampled the next
+            self.decode_len += self.decoding * steps
             done_step = self.steps - 1
             while self.finishing and self.finishing[0][0] <= done_step:
-                _, _, seq = heapq.heappop(self.finishing)
-                if seq.state == "decoding":
+                _, _, epoch, seq = heapq.heappop(self.finishing)
+                if seq.state == "decoding" and epoch == seq.epoch:
                     self._leave_decoding(seq)
                     seq.generated = seq.max_tokens
                     self._finish(seq, now)
@@ -284,7 +334,7 @@ class Engine:
         self.decode_len += seq.joined_len
         self.block_due[(seq.joined_step - seq.joined_len) % self.block_size] += 1
         finish = seq.joined_step + seq.max_tokens - seq.generated - 1
-        heapq.heappush(self.finishing, (finish, next(_order), seq))
+        heapq.heappush(self.finishing, (finish, next(_order), seq.epoch, seq))
 
     def _leave_decoding(self, seq: Seq) -> None:
         """Take `seq` out of the decoding aggregate; its fields become its own again."""
@@ -323,28 +373,34 @@ class Engine:
             self._events.append(BlockRemoved(block_hashes=evicted))
         return True
 
-    def _lookup(self, seq: Seq) -> None:
-        """Admission: hold the leading prompt blocks already cached (all but the last token)."""
+    def _hit(self, seq: Seq) -> list[int]:
+        """The leading prompt blocks already cached (all but the last token); changes nothing."""
         hashes = seq.request.hashes(self.block_size)
         limit = min(len(hashes), (seq.num_tokens - 1) // self.block_size)
         n = 0
         while n < limit and hashes[n] in self.cache:
             n += 1
-        for h in hashes[:n]:
-            if self.cache[h] == 0:
+        return hashes[:n]
+
+    def _admit(self, seq: Seq, hit: list[int], upto: int) -> bool:
+        """Hold the cached blocks `hit` and blocks for the KV of tokens up to `upto`, if they fit
+        (taking a cached block off the free list makes it unavailable to evict)."""
+        need = self._blocks_for(upto) - len(hit) - self._held(seq)
+        hit_evictable = sum(1 for h in hit if not self.cache[h])
+        if need > self.free + len(self.evictable) - hit_evictable:
+            return False
+        for h in hit:
+            if not self.cache[h]:
                 del self.evictable[h]
             self.cache[h] += 1
-        seq.refs = hashes[:n]
-        seq.computed = seq.cached_tokens = n * self.block_size
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += seq.computed
-
-    def _drop_refs(self, seq: Seq) -> None:
-        """A waiting sequence that could not be admitted lets go of its prefix hit (vLLM looks it up again)."""
-        self._unref(seq.refs)
-        seq.refs, seq.computed = [], 0
-        self.prefix_queries -= seq.num_tokens
-        self.prefix_hits -= seq.cached_tokens
+        if hit or not seq.computed:
+            seq.refs = list(hit)
+            seq.computed = seq.cached_tokens = len(hit) * self.block_size
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.computed
+        self._allocate(need)
+        seq.private = self._blocks_for(upto) - len(seq.refs)
+        return True
 
     def _unref(self, hashes: list[int]) -> None:
         for h in reversed(hashes):  # the prompt's tail is evicted first

@@ -167,3 +167,24 @@ def test_an_engine_that_dies_fails_what_it_holds():
     late = h.submit(prompt(4), 2, at=1.0)
     h.run()
     assert late.done.value is False
+
+
+def test_decode_runs_give_exactly_what_one_step_at_a_time_gives(monkeypatch):
+    """Decode-only steps run as one timeout; with runs of one step the whole simulation (times,
+    preemptions, the loads the scheduler reads and so its picks) is the same."""
+    from disagg.sim import trace
+    from disagg.sim.simulate import Deployment, simulate
+
+    profile = CostModel.load("a100-opt-13b")
+    small = profile.model_copy(update={"limits": profile.limits.model_copy(update={"num_blocks": 60})})
+    reqs = list(trace.workload("shared_prefix", requests=300, rate=12, seed=1))
+
+    def run():
+        r = simulate(small, Deployment(1, 2, 1), reqs, progress=False)
+        return r.requests, r.roles
+
+    runs = run()
+    monkeypatch.setattr(Engine, "_run_length", lambda self: 1)
+    steps = run()
+    assert runs == steps
+    assert steps[1]["decode"]["preemptions"] > 0

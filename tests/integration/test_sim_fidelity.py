@@ -1,0 +1,186 @@
+"""Fidelity: the simulator against the real stack on this machine, on the same workloads.
+
+For each mode `disagg bench serve` measures (disagg: 1 prefill + 1 decode; aggregated: 2
+engines), the real stack (`disagg serve`, one started per mode) and the simulator (with a cost
+model `disagg profile` measures here first) serve the same requests at the same Poisson send
+times: `mixed` and `shared_prefix`, tokenized by the same router code. Compared: TTFT p50 and
+TPOT p50 (within 25%) and the prefix hit rate (within 10 points), the fleet's as vLLM counts it
+(`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` summed over the workers).
+
+The test runs small workloads so it cannot rot (a few minutes). The full figures:
+
+    .venv/bin/python -m tests.integration.test_sim_fidelity --full --json /tmp/fidelity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from disagg.bench import driver, workloads
+from disagg.bench.progress import say
+from disagg.bench.serve import make_stack
+from disagg.bench.stacks import PY, REPO, EngineSettings, ensure_model, native_dtype
+from disagg.sim import trace
+from disagg.sim.cost import CostModel
+from disagg.sim.simulate import Deployment, simulate
+from tests.support.workers import metric
+
+pytestmark = pytest.mark.integration
+
+MODES = {"disagg": Deployment(prefill=1, decode=1), "aggregated": Deployment(prefill=0, decode=0, aggregated=2)}
+SMALL = {"mixed": {"requests": 12}, "shared_prefix": {"conversations": 3, "turns": 3}}
+FULL = {"mixed": {"requests": 24}, "shared_prefix": {"conversations": 8, "turns": 4}}
+RATE = 2.0
+TOLERANCE = 0.25  # TTFT and TPOT p50, relative
+HIT_POINTS = 0.10  # prefix hit rate, absolute
+
+
+@dataclass
+class Figures:
+    ttft_ms_p50: float | None
+    tpot_ms_p50: float | None
+    prefix_hit_rate: float | None
+    requests: int
+    failed: int = 0
+
+
+def measure_profile(model: str, path: Path) -> CostModel:
+    subprocess.run([PY, "-m", "disagg.cli", "profile", "--model", model, "--json", str(path)], cwd=REPO, check=True,
+                   timeout=900, stdout=subprocess.DEVNULL)
+    return CostModel.load(path)
+
+
+def build(name: str, model: str, size: dict[str, int], seed: int) -> workloads.Workload:
+    return workloads.build(name, model, seed=seed, **size)
+
+
+def prefix_counters(url: str) -> tuple[float, float]:
+    """(hits, queries) summed over the stack's workers."""
+    hits = queries = 0.0
+    for worker in httpx.get(f"{url}/v1/pool", timeout=10).json():
+        address = f"http://{worker['address']}"
+        hits += metric(address, "vllm:prefix_cache_hits_total")
+        queries += metric(address, "vllm:prefix_cache_queries_total")
+    return hits, queries
+
+
+def real(mode: str, model: str, sizes: dict[str, dict[str, int]], seed: int) -> dict[str, Figures]:
+    log_dir = Path(tempfile.mkdtemp(prefix="dgf-"))
+    stack = make_stack(mode, model, EngineSettings(dtype=native_dtype()), log_dir)
+    out: dict[str, Figures] = {}
+    try:
+        say(mode, f"starting the stack ({stack.description}); logs in {log_dir}")
+        stack.start(timeout_s=900)
+        warm = workloads.uniform(model, seed=seed + 1000, requests=2, prompt=(300, 400), answer=(4, 8), salt="warm-up")
+        asyncio.run(driver.warm_up(stack.url, stack.model_name, warm))
+        for name, size in sizes.items():
+            wl = build(name, model, size, seed)
+            before = prefix_counters(stack.url)
+            run = asyncio.run(driver.drive(stack.url, stack.model_name, wl, rate=RATE, seed=seed, timeout_s=300))
+            time.sleep(1.0)  # the engines' counters are updated every step; let the last ones land
+            after = prefix_counters(stack.url)
+            s = run.summary()
+            queries = after[1] - before[1]
+            out[name] = Figures(s["ttft_p50_ms"], s["tpot_p50_ms"], round((after[0] - before[0]) / queries, 4)
+                                if queries else None, s["requests"], s["failed"])
+            say(mode, f"{name}: {out[name]}")
+    finally:
+        stack.stop()
+    return out
+
+
+def simulated(mode: str, cost: CostModel, model: str, sizes: dict[str, dict[str, int]], seed: int
+              ) -> dict[str, Figures]:
+    out = {}
+    for name, size in sizes.items():
+        n = size.get("requests") or size["conversations"] * size["turns"]
+        reqs = list(trace.workload(name, requests=n, rate=RATE, seed=seed, model_dir=model,
+                                   **{k: v for k, v in size.items() if k != "requests"}))
+        s = simulate(cost, MODES[mode], reqs, seed=seed, progress=False).summary
+        out[name] = Figures(s["ttft_ms_p50"], s["tpot_ms_p50"], s["prefix_hit_rate"], s["requests"], s["failed"])
+    return out
+
+
+def compare(real_figures: Figures, sim: Figures) -> dict[str, Any]:
+    def rel(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or not a else round(b / a - 1, 3)
+
+    return {"real": real_figures.__dict__, "sim": sim.__dict__,
+            "ttft_error": rel(real_figures.ttft_ms_p50, sim.ttft_ms_p50),
+            "tpot_error": rel(real_figures.tpot_ms_p50, sim.tpot_ms_p50),
+            "hit_points": None if real_figures.prefix_hit_rate is None or sim.prefix_hit_rate is None
+            else round(sim.prefix_hit_rate - real_figures.prefix_hit_rate, 3)}
+
+
+def fidelity(model: str, cost: CostModel, sizes: dict[str, dict[str, int]], seed: int = 0) -> dict[str, Any]:
+    import os
+
+    report: dict[str, Any] = {"profile": cost.model_dump(), "rate": RATE, "seed": seed, "sizes": sizes,
+                              "load_avg_at_start": os.getloadavg(), "cases": {}}
+    for mode in MODES:
+        measured = real(mode, model, sizes, seed)
+        sim = simulated(mode, cost, model, sizes, seed)
+        for name in sizes:
+            report["cases"][f"{name}/{mode}"] = compare(measured[name], sim[name])
+    report["load_avg_at_end"] = os.getloadavg()
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| workload / mode | TTFT p50 ms real / sim | TPOT p50 ms real / sim | prefix hit real / sim |",
+             "|---|---|---|---|"]
+    for case, c in report["cases"].items():
+        r, s = c["real"], c["sim"]
+        lines.append(f"| {case} | {r['ttft_ms_p50']} / {s['ttft_ms_p50']} ({c['ttft_error']:+.0%}) | "
+                     f"{r['tpot_ms_p50']} / {s['tpot_ms_p50']} ({c['tpot_error']:+.0%}) | "
+                     f"{r['prefix_hit_rate']} / {s['prefix_hit_rate']} ({c['hit_points']:+.2f}) |")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return ensure_model(str(REPO / "models" / "tiny"), "tiny")
+
+
+def test_the_simulator_is_within_25_percent_of_the_real_stack(model, tmp_path):
+    cost = measure_profile(model, tmp_path / "profile.json")
+    report = fidelity(model, cost, SMALL)
+    print("\n" + table(report))
+    for case, c in report["cases"].items():
+        assert not c["real"]["failed"], case
+        assert abs(c["ttft_error"]) <= TOLERANCE, (case, c)
+        assert abs(c["tpot_error"]) <= TOLERANCE, (case, c)
+        assert abs(c["hit_points"]) <= HIT_POINTS, (case, c)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true", help="bench serve's default sizes (24 mixed, 8 x 4 shared_prefix)")
+    p.add_argument("--profile", type=Path, help="a cost model already measured (default: measure one now)")
+    p.add_argument("--model", default=str(REPO / "models" / "tiny"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    model = ensure_model(args.model, "tiny")
+    cost = CostModel.load(args.profile) if args.profile else measure_profile(model, Path(tempfile.mkdtemp()) / "p.json")
+    report = fidelity(model, cost, FULL if args.full else SMALL, args.seed)
+    print(table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
