@@ -20,14 +20,18 @@ import yaml
 K8S = Path(__file__).resolve().parent
 CHART = K8S / "chart"
 RENDERED = K8S / "rendered"
+# Every example takes the workers' internal token from the Secret disagg-internal-token, made
+# before they are applied: a Secret the chart makes holds a random token, which a file in the
+# repository would publish (and would change at every render).
+_TOKEN = {"internalToken": {"secretName": "disagg-internal-token"}}
 # Example file name -> (release name, namespace, values).
 EXAMPLES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "disagg.yaml": ("disagg", "default", {}),
-    "disagg-ray-only.yaml": ("disagg", "default", {"gateway": {"enabled": False}}),
+    "disagg.yaml": ("disagg", "default", {**_TOKEN}),
+    "disagg-ray-only.yaml": ("disagg", "default", {**_TOKEN, "gateway": {"enabled": False}}),
     # The EPP serves the certificate of the Secret disagg-epp-tls (e.g. cert-manager's), and an
     # Istio DestinationRule makes the gateway speak TLS to it and verify it.
     "disagg-istio-tls.yaml": ("disagg", "default", {
-        "epp": {"tls": {"certSecretName": "disagg-epp-tls", "istioDestinationRule": True}}}),
+        **_TOKEN, "epp": {"tls": {"certSecretName": "disagg-epp-tls", "istioDestinationRule": True}}}),
 }
 
 

@@ -16,6 +16,7 @@ kubernetes/customresourcedefinitions.gen.yaml. Without it those checks skip, say
 from __future__ import annotations
 
 import ast
+import base64
 import importlib.util
 import copy
 import json
@@ -91,12 +92,21 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "epp": {"tls": {"certSecretName": "llm-epp-tls", "istioDestinationRule": True}},
     },
     "epp-plaintext": {"epp": {"tls": {"secureServing": False}}},
+    # The token from a Secret of one's own; the workers' ports open to whoever the network allows;
+    # a managed gateway whose proxies are addresses, not pods.
+    "own-token-no-policy": {"internalToken": {"secretName": "llm-internal"}, "networkPolicy": {"enabled": False}},
+    "managed-gateway": {
+        "gateway": {"className": "gke-l7-rilb"},
+        "networkPolicy": {"gatewayFrom": [{"ipBlock": {"cidr": "10.129.0.0/23"}}],
+                          "extraIngress": [{"from": [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "monitoring"}}}], "ports": [{"port": 8200}]}]},
+    },
 }
 GATEWAY_SETS = [name for name, v in VALUE_SETS.items() if v.get("gateway", {}).get("enabled", True)]
 ISTIO_TLS_SETS = [name for name in GATEWAY_SETS
                   if VALUE_SETS[name].get("epp", {}).get("tls", {}).get("istioDestinationRule")]
 
-CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1"}
+CORE_API_VERSIONS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1", "networking.k8s.io/v1"}
 CUSTOM_KINDS = {
     ("ray.io/v1", "RayService"),
     ("inference.networking.k8s.io/v1", "InferencePool"),
@@ -402,6 +412,9 @@ def test_values_schema_refuses_unknown_and_malformed_values() -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values({}))
         for bad in ({"gatway": {"enabled": False}}, {"prefill": {"gpus": "two"}},
+                    {"networkPolicy": {"enabled": "yes"}}, {"networkPolicy": {"gatewayFrom": [{}]}},
+                    {"networkPolicy": {"from": []}}, {"internalToken": {"secretName": "Internal_Token"}},
+                    {"internalToken": {"token": "hunter2"}},
                     {"engine": {"blockSize": 24}}, {"gateway": {"failureMode": "Open"}},
                     # TLS: wrong types, an unknown key, a name no Secret can have, contradictions.
                     {"epp": {"tls": {"secureServing": "false"}}}, {"epp": {"tls": {"certSecretName": True}}},
@@ -434,6 +447,10 @@ def test_renders_the_expected_objects(manifests: Manifests) -> None:
             expected.add(("networking.istio.io/v1", "DestinationRule"))
         if v["epp"]["replicas"] > 1:
             expected.add(("policy/v1", "PodDisruptionBudget"))
+    if v["networkPolicy"]["enabled"]:
+        expected.add(("networking.k8s.io/v1", "NetworkPolicy"))
+    if not v["internalToken"]["secretName"]:
+        expected.add(("v1", "Secret"))
     assert {(o["apiVersion"], o["kind"]) for o in manifests.objects} == expected
     configmaps = 2 if v["monitoring"]["grafanaDashboard"]["enabled"] else 1
     assert len(manifests.of_kind("ConfigMap")) == configmaps
@@ -800,6 +817,9 @@ def test_http_route_sends_gateway_traffic_to_the_pool(gateway_manifests: Manifes
     else:
         assert parent["name"] == gateway["name"] and not m.of_kind("Gateway")
     (rule,) = route["rules"]
+    # The public OpenAI paths only, exactly: the workers' internal endpoints are not routed.
+    assert rule["matches"] == [{"path": {"type": "Exact", "value": path}}
+                               for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")]
     (backend,) = rule["backendRefs"]
     pool = m.one("InferencePool")
     assert (backend["group"], backend["kind"], backend["name"]) == (
@@ -808,6 +828,135 @@ def test_http_route_sends_gateway_traffic_to_the_pool(gateway_manifests: Manifes
         assert rule["timeouts"]["request"] == gateway["requestTimeout"]
     else:
         assert "timeouts" not in rule
+
+
+# --- the workers' ports stay internal ---------------------------------------------------------
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def admitted(m: Manifests, pod_labels: dict[str, str], source: dict[str, str] | None, port: int) -> bool:
+    """Whether the release's NetworkPolicies let a pod with `source` labels, in the release's
+    namespace (None: an address that is no pod), reach `port` of a pod with `pod_labels`. Every
+    selector the chart renders is matchLabels: no expressions to evaluate."""
+    policies = [p["spec"] for p in m.of_kind("NetworkPolicy") if matches(p["spec"]["podSelector"]["matchLabels"],
+                                                                         pod_labels)]
+    if not policies:
+        return True  # no policy selects the pod: Kubernetes admits everything
+    for spec in policies:
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec.get("ingress", []):
+            if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                # A pod selector alone means this namespace, with `namespaceSelector: {}` any: both
+                # admit a source here. A namespace selector alone or an ipBlock admits no source here.
+                if source is not None and "podSelector" in peer and matches(peer["podSelector"].get("matchLabels", {}),
+                                                                            source):
+                    return True
+    return False
+
+
+def worker_labels(m: Manifests, role: str) -> dict[str, str]:
+    return m.worker_group(role)["template"]["metadata"]["labels"]
+
+
+def internal_ports(m: Manifests) -> list[int]:
+    """The worker pods' internal ports: the worker endpoint, and stand-ins for the ports taken at
+    start (KV events, the load channel, the KV transfer control port, NIXL's side channel) and
+    Ray's own (raylet, object manager, workers)."""
+    return [m.values["workerPort"], 5557, 5600, 6379, 10002, 40000]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_only_the_releases_pods_reach_the_workers_internal_ports(manifests: Manifests, role: str) -> None:
+    m = manifests
+    if not m.values["networkPolicy"]["enabled"]:
+        pytest.skip("networkPolicy.enabled=false: the network plugin's defaults apply")
+    pod = worker_labels(m, role)
+    head = m.cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    sources = {"head (GCS, router)": head, "prefill": worker_labels(m, "prefill"), "decode": worker_labels(m, "decode")}
+    for deployment in m.of_kind("Deployment"):
+        sources["endpoint picker"] = deployment["spec"]["template"]["metadata"]["labels"]
+    other_release = {**head, "app.kubernetes.io/instance": "other"}
+    for port in internal_ports(m):
+        for who, labels in sources.items():
+            assert admitted(m, pod, labels, port), f"{who} cannot reach {role}:{port}"
+        assert not admitted(m, pod, {"app": "curl"}, port), f"any pod reaches {role}:{port}"
+        assert not admitted(m, pod, other_release, port), f"another release reaches {role}:{port}"
+        assert not admitted(m, pod, None, port), f"any address reaches {role}:{port}"
+    # Public anyway: Ray Serve's proxy on every node, and Ray's Prometheus export.
+    for port in (m.values["serve"]["port"], m.values["ray"]["metricsPort"]):
+        assert admitted(m, pod, {"app": "prometheus"}, port) and admitted(m, pod, None, port)
+
+
+def test_the_gateway_reaches_the_decode_workers_port_and_nothing_else(gateway_manifests: Manifests) -> None:
+    m = gateway_manifests
+    if not m.values["networkPolicy"]["enabled"]:
+        pytest.skip("networkPolicy.enabled=false")
+    gateway_from = m.values["networkPolicy"]["gatewayFrom"]
+    (policy,) = [p for p in m.of_kind("NetworkPolicy") if p["metadata"]["name"].endswith("-gateway")]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": m.values["workerPort"]}]
+    if gateway_from:
+        assert rule["from"] == gateway_from
+        return
+    gateway_pod = {"gateway.networking.k8s.io/gateway-name": m.values["gateway"]["name"] or m.one("RayService")[
+        "metadata"]["name"]}
+    assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": gateway_pod}}]
+    assert admitted(m, worker_labels(m, "decode"), gateway_pod, m.values["workerPort"])
+    for port in internal_ports(m)[1:]:
+        assert not admitted(m, worker_labels(m, "decode"), gateway_pod, port)
+    for port in internal_ports(m):
+        assert not admitted(m, worker_labels(m, "prefill"), gateway_pod, port)
+
+
+def test_extra_ingress_rules_are_added_to_the_workers_policy() -> None:
+    m = render("managed-gateway")
+    (workers,) = [p for p in m.of_kind("NetworkPolicy") if p["metadata"]["name"].endswith("-workers")]
+    assert workers["spec"]["ingress"][-1] == m.values["networkPolicy"]["extraIngress"][0]
+
+
+def test_gateway_off_renders_no_gateway_policy() -> None:
+    names = [p["metadata"]["name"] for p in render("gateway-off").of_kind("NetworkPolicy")]
+    assert names == [f"{render('gateway-off').one('RayService')['metadata']['name']}-workers"]
+
+
+def test_the_workers_share_the_internal_token_of_the_charts_secret() -> None:
+    m = render("default")
+    (secret,) = m.of_kind("Secret")
+    assert secret["type"] == "Opaque" and len(base64.b64decode(secret["data"]["token"])) >= 32
+    for role in ROLES:
+        env = {e["name"]: e for e in m.worker_group(role)["template"]["spec"]["containers"][0]["env"]}
+        assert env["DISAGG_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"], "key": "token"}
+    # Not in the Serve args, which anyone who may read the RayService reads.
+    assert m.app_config.internal_token is None
+    # The head and the picker do not call /internal/prefill: they do not get it.
+    head_env = m.cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert "DISAGG_INTERNAL_TOKEN" not in [e["name"] for e in head_env]
+    assert "DISAGG_INTERNAL_TOKEN" not in [e["name"] for e in epp_container(m).get("env", [])]
+    # Each install draws its own.
+    assert render_values({})["Secret"]["data"]["token"] != secret["data"]["token"]
+
+
+def test_a_secret_of_ones_own_holds_the_token_and_the_chart_makes_none() -> None:
+    m = render("own-token-no-policy")
+    assert not m.of_kind("Secret")
+    for role in ROLES:
+        env = {e["name"]: e for e in m.worker_group(role)["template"]["spec"]["containers"][0]["env"]}
+        assert env["DISAGG_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "llm-internal"
+
+
+def render_values(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A fresh (uncached) render, its objects by kind (the last of each)."""
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return {doc["kind"]: doc for text in files.values() for doc in yaml.safe_load_all(text) if doc}
 
 
 # --- TLS on the endpoint picker's ext_proc port ---------------------------------------------------

@@ -41,6 +41,10 @@ mount rather than under it: a volume nested in a configMap volume is fragile.
 {{- printf "%s.%s.svc.cluster.local" (include "disagg.eppName" .) .Release.Namespace -}}
 {{- end -}}
 
+{{- define "disagg.internalTokenSecret" -}}
+{{- default (printf "%s-internal-token" (include "disagg.fullname" .)) .Values.internalToken.secretName -}}
+{{- end -}}
+
 {{- define "disagg.gatewayName" -}}
 {{- default (include "disagg.fullname" .) .Values.gateway.name -}}
 {{- end -}}
@@ -185,6 +189,12 @@ minReplicas = maxReplicas = replicas: the Serve deployment has exactly one repli
               value: $(POD_IP)
             - name: DISAGG_ROLE
               value: {{ $role }}
+            # Decode's calls to prefill's /internal/prefill carry it, and prefill asks for it.
+            - name: DISAGG_INTERNAL_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "disagg.internalTokenSecret" $root }}
+                  key: token
             {{- with $r.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
