@@ -100,11 +100,12 @@ class EppReplicas:
                "--eds-dir", str(self.workdir), "--log-level", "WARNING"]
         cmd += ["--cert-path", str(self.workdir / "tls")] if self.secure_serving else ["--secure-serving=false"]
         log_path = self.workdir / f"epp-{i}.log"
+        started = log_path.stat().st_size if log_path.exists() else 0  # a restart appends to the log
         with open(log_path, "ab") as out:
             process = start_child(cmd, stdout=out, stderr=subprocess.STDOUT)
         self.processes[i] = process
         deadline = time.monotonic() + self.start_timeout_s
-        while "READY epp" not in log_path.read_text(errors="replace"):
+        while "READY epp" not in log_path.read_bytes()[started:].decode(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"picker replica {i} did not start: {log_path.read_text(errors='replace')[-2000:]}")
             await asyncio.sleep(0.05)

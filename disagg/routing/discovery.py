@@ -96,24 +96,32 @@ class StaticDiscovery:
 
 class RouterPoolDiscovery:
     """The workers a running Router knows (its `/v1/pool`, as the Ray registry lists them), each
-    described by its own endpoint: how a gateway follows a `disagg serve` stack."""
+    described by its own endpoint: how a gateway follows a `disagg serve` stack. A worker is
+    described once per engine (the Router's pool names the engine at each address); one that does
+    not answer yet is asked again at the next poll, and stays out of the snapshot until then."""
 
-    def __init__(self, router_url: str, *, interval_s: float = 0.5, timeout_s: float = 2.0) -> None:
+    def __init__(self, router_url: str, *, interval_s: float = 0.5, timeout_s: float = 5.0) -> None:
         self.router_url = router_url
         self.interval_s = interval_s
         self.timeout_s = timeout_s
 
     async def watch(self) -> AsyncIterator[list[WorkerInfo]]:
+        known: dict[str, WorkerInfo] = {}  # address -> descriptor
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
             while True:
                 try:
                     async with session.get(f"{self.router_url}/v1/pool") as response:
                         response.raise_for_status()
                         pool = await response.json(content_type=None)
-                except (aiohttp.ClientError, TimeoutError, ValueError):
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    log.warning("the Router's pool at %s: %s", self.router_url, exc)
                     pool = None  # the router restarts; keep the last snapshot
                 if pool is not None:
-                    yield await fetch_all(session, [w["address"] for w in pool])
+                    listed = {w["address"]: w.get("engine_id") for w in pool}
+                    known = {a: i for a, i in known.items() if listed.get(a) == i.engine_id}
+                    for info in await fetch_all(session, [a for a in listed if a not in known]):
+                        known[info.address] = info
+                    yield list(known.values())
                 await asyncio.sleep(self.interval_s)
 
 

@@ -26,6 +26,11 @@ class ServeStack:
     log: Path
     ray_tmp: str
 
+    @property
+    def gateway_url(self) -> str | None:
+        m = re.search(r"gateway: (http://\S+)", self.log.read_text(errors="replace"))
+        return m.group(1) if m else None
+
     def workers(self, role: str) -> list[str]:
         """host:port of each worker's own HTTP endpoint in this role."""
         return [w["address"] for w in httpx.get(f"{self.url}/v1/pool", timeout=10).json() if w["role"] == role]
@@ -41,8 +46,10 @@ class ServeStack:
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
-def start_serve_stack(model: str, log_dir: Path, settings: list[str] = (), timeout_s: float = 600) -> ServeStack:
-    """Start `disagg serve` (1 prefill + 1 decode) and wait until its router and pool are ready."""
+def start_serve_stack(model: str, log_dir: Path, settings: list[str] = (), timeout_s: float = 600,
+                      args: list[str] = ()) -> ServeStack:
+    """Start `disagg serve` (1 prefill + 1 decode, unless `settings` say otherwise; `args`: more
+    flags) and wait until its router and pool are ready (and its gateway, with --gateway)."""
     # Ray's unix socket paths must stay short: pytest's tmp paths are too long for them.
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     log = log_dir / "serve.log"
@@ -51,12 +58,14 @@ def start_serve_stack(model: str, log_dir: Path, settings: list[str] = (), timeo
            "--pd-threshold", "64", "--set", "block_size=32", "--set", "max_model_len=1024"]
     for s in settings:
         cmd += ["--set", s]
+    cmd += list(args)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
-        m = re.search(r"ready: (http://\S+)/v1 ", log.read_text(errors="replace"))
-        if m:
+        text = log.read_text(errors="replace")
+        m = re.search(r"ready: (http://\S+)/v1 ", text)
+        if m and ("--gateway" not in args or "gateway: http" in text):
             stack = ServeStack(proc, m.group(1), log, ray_tmp)
             while time.monotonic() < deadline:
                 if stack.workers("decode") and stack.workers("prefill"):
