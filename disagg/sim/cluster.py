@@ -30,7 +30,8 @@ from typing import Iterable, Iterator
 
 import simpy
 
-from disagg.config import RoutingConfig
+from disagg.bench.progress import say
+from disagg.config import AppConfig, RoutingConfig
 from disagg.messages import WorkerInfo
 from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
 from disagg.routing.kv_events import KVEventBatch, apply_batch
@@ -40,6 +41,22 @@ from disagg.sim.trace import SimRequest
 from kv_transfer.layout import KVLayout
 
 MODEL = "sim"
+
+
+@dataclass
+class Deployment:
+    """Engines per role and how the stack around them is set."""
+
+    prefill: int
+    decode: int
+    aggregated: int = 0  # engines that prefill and decode, where no prefill role exists
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    prefill_attempts: int = AppConfig.model_fields["prefill_attempts"].default
+    stream_window_s: float = AppConfig.model_fields["stream_batching_ms"].default / 1000
+
+    @property
+    def engines(self) -> int:
+        return self.prefill + self.decode + self.aggregated
 
 
 @dataclass
@@ -101,14 +118,11 @@ class Timeline:
 
 
 class Cluster:
-    def __init__(self, env: simpy.Environment, cost: CostModel, *, prefill: int, decode: int, aggregated: int = 0,
-                 routing: RoutingConfig | None = None, faults: Faults | None = None, prefill_attempts: int = 2,
-                 stream_window_s: float = 0.02, seed: int = 0, sample_every_s: float = 1.0) -> None:
-        self.env, self.cost = env, cost
-        self.routing = routing or RoutingConfig()
+    def __init__(self, env: simpy.Environment, cost: CostModel, deployment: Deployment, *,
+                 faults: Faults | None = None, seed: int = 0, sample_every_s: float = 1.0) -> None:
+        self.env, self.cost, self.deployment = env, cost, deployment
+        self.routing = deployment.routing
         self.faults = faults or Faults()
-        self.prefill_attempts = prefill_attempts
-        self.stream_window_s = stream_window_s
         self.rng = random.Random(f"faults-{seed}")
         self.scheduler = Scheduler(self.routing, model=MODEL, block_size=cost.limits.block_size,
                                    clock=lambda: env.now)
@@ -122,8 +136,8 @@ class Cluster:
         self.engines: dict[str, Engine] = {}
         layout = KVLayout(model=MODEL, dtype=cost.dtype, block_size=cost.limits.block_size, num_layers=1,
                           num_kv_heads=1, head_dim=cost.kv_bytes_per_token, tp_size=1)
-        for label, role, n in (("prefill", "prefill", prefill), ("decode", "decode", decode),
-                               ("aggregated", "decode", aggregated)):
+        for label, role, n in (("prefill", "prefill", deployment.prefill), ("decode", "decode", deployment.decode),
+                               ("aggregated", "decode", deployment.aggregated)):
             for i in range(n):
                 engine = Engine(env, f"{label}-{i}", role, cost, on_events=self._on_events,
                                 on_load=self._on_load, label=label)
@@ -142,18 +156,22 @@ class Cluster:
 
     # -- the workload ---------------------------------------------------------------------------
 
-    def replay(self, requests: Iterable[SimRequest], progress: "Progress | None" = None) -> simpy.Process:
-        """A process that sends each request at its arrival time; it ends when all have an outcome."""
-        return self.env.process(self._replay(iter(requests), progress))
+    def replay(self, requests: Iterable[SimRequest], total: int | None = None, progress: bool = True) -> simpy.Process:
+        """A process that sends each request at its arrival time; it ends when all have an outcome.
+        With `progress`, a line on stderr every 5 s of wall time."""
+        return self.env.process(self._replay(iter(requests), total, progress))
 
-    def _replay(self, requests: Iterator[SimRequest], progress: "Progress | None"):
-        for req in requests:
+    def _replay(self, requests: Iterator[SimRequest], total: int | None, progress: bool):
+        started = shown = time.monotonic()
+        for sent, req in enumerate(requests, 1):
             if req.arrival_s > self.env.now:
                 yield self.env.timeout(req.arrival_s - self.env.now)
             self._in_flight += 1
             self.env.process(self._serve_one(req))
-            if progress is not None:
-                progress.tick(self)
+            if progress and time.monotonic() - shown >= 5.0:
+                shown = time.monotonic()
+                say("simulate", f"simulated {self.env.now:.1f} s: {sent}{f'/{total}' if total else ''} requests sent, "
+                                f"{self._in_flight} in flight, {shown - started:.0f} s wall")
         self.sent_all.succeed()
         if self._in_flight:
             yield self._all_done
@@ -189,7 +207,7 @@ class Cluster:
         source = None
         if pick.prefill:
             self.counters.remote += 1
-            for endpoint in pick.prefill[:self.prefill_attempts]:
+            for endpoint in pick.prefill[:self.deployment.prefill_attempts]:
                 out.prefill_attempts += 1
                 prefill = self.engines[endpoint.engine_id]
                 yield self.env.timeout(stack.prefill_call_s)
@@ -223,7 +241,7 @@ class Cluster:
         """When the last token leaves decode: our stream merges tokens that follow the previous
         item within `stream_window_s`, so with tokens closer than that the items leave every
         window from the first token, and the last one at the first window's end after it."""
-        window = self.stream_window_s
+        window = self.deployment.stream_window_s
         if tokens < 2 or window <= 0 or (last - first) / (tokens - 1) >= window:
             return last
         return first + -(-(last - first) // window) * window
@@ -315,21 +333,3 @@ class Cluster:
                     busy[e.engine_id] = e.busy_s
 
 
-class Progress:
-    """A line on stderr every `every_s` seconds of wall time while a simulation runs."""
-
-    def __init__(self, total: int | None, label: str = "simulate", every_s: float = 5.0) -> None:
-        self.total, self.label, self.every_s = total, label, every_s
-        self.started = self._last = time.monotonic()
-        self.sent = 0
-
-    def tick(self, cluster: Cluster) -> None:
-        self.sent += 1
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            from disagg.bench.progress import say
-
-            total = f"/{self.total}" if self.total else ""
-            say(self.label, f"simulated {cluster.env.now:.1f} s: {self.sent}{total} requests sent, "
-                            f"{now - self.started:.0f} s wall")

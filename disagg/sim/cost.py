@@ -12,6 +12,8 @@ sequence (`decode`), timed as
            + decode.per_seq_s        * decoding sequences
            + decode.per_context_token_s * their context tokens
 
+all times `stack.step_scale` (1 but on a machine whose cores the stack's other processes share).
+
 A chunk of `new` tokens after `cached` ones attends to the (cached + new)^2 - cached^2 cells of
 the causal mask (twice its area): with nothing cached it is new^2, DistServe's quadratic term.
 """
@@ -74,6 +76,7 @@ class StackCost(_Model):
     request_s: float = Field(0.0, ge=0, description="client to router to decode: parse, tokenize, pick, hand over")
     prefill_call_s: float = Field(0.0, ge=0, description="decode's call to a prefill worker, and its answer")
     stream_s: float = Field(0.0, ge=0, description="a token from the decode engine to the client")
+    step_scale: float = Field(1.0, gt=0, description="engine steps in the stack take this times the engine's alone")
     kv_lease_s: float = Field(30.0, gt=0, description="a prefill keeps handed-off blocks this long unread")
 
 
@@ -98,8 +101,8 @@ class CostModel(_Model):
         """One engine step's seconds (the module docstring's formula)."""
         p, d = self.prefill, self.decode
         base = max(p.base_s if prefill_tokens else 0.0, d.base_s if decode_seqs else 0.0)
-        return (base + p.per_token_s * prefill_tokens + p.per_attention_s * attention
-                + d.per_seq_s * decode_seqs + d.per_context_token_s * context_tokens)
+        return self.stack.step_scale * (base + p.per_token_s * prefill_tokens + p.per_attention_s * attention
+                                        + d.per_seq_s * decode_seqs + d.per_context_token_s * context_tokens)
 
     def transfer_s(self, tokens: int) -> float:
         """Seconds to move `tokens` tokens of KV over the simulated backend."""

@@ -210,7 +210,7 @@ class Engine:
         Returns (steps, seconds)."""
         n = self.decoding
         first = self.cost.step_s(0, 0, n, batch.context)
-        grow = self.cost.decode.per_context_token_s * n  # each step's context is n tokens longer
+        grow = self.cost.step_s(0, 0, n, batch.context + n) - first  # each step's context is n tokens longer
 
         def elapsed(steps: int) -> float:
             return steps * first + grow * steps * (steps - 1) / 2
@@ -270,8 +270,8 @@ class Engine:
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
             hit = self._hit(seq) if not seq.computed else []
-            upto = seq.num_tokens if seq.remote else seq.computed + len(hit) * self.block_size
-            upto = upto if seq.remote else min(upto + budget, seq.num_tokens)
+            start = seq.computed + len(hit) * self.block_size
+            upto = seq.num_tokens if seq.remote else min(start + budget, seq.num_tokens)
             if not self._admit(seq, hit, upto):
                 break  # it waits for blocks, and those behind it wait for it
             self.waiting.popleft()

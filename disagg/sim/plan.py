@@ -79,15 +79,12 @@ class Row:
     pareto: bool = False
 
 
-def candidates(max_engines: int, thresholds: Sequence[int], *, aggregated: bool = True,
-               disaggregated: bool = True) -> list[Candidate]:
+def candidates(max_engines: int, thresholds: Sequence[int]) -> list[Candidate]:
     """Every configuration within `max_engines`, smallest first."""
     out = []
     for n in range(1, max_engines + 1):
-        if aggregated:
-            out.append(Candidate(0, 0, n, RoutingConfig.model_fields["pd_threshold_tokens"].default))
-        if disaggregated:
-            out += [Candidate(p, n - p, 0, t) for p in range(1, n) for t in thresholds]
+        out.append(Candidate(0, 0, n, RoutingConfig.model_fields["pd_threshold_tokens"].default))
+        out += [Candidate(p, n - p, 0, t) for p in range(1, n) for t in thresholds]
     return out
 
 
@@ -106,7 +103,7 @@ def evaluate(cost: CostModel, candidate: Candidate, requests: list[SimRequest], 
                s["lost"])
 
 
-def search(cost: CostModel, requests: list[SimRequest], *, rate: float, slo: Slo, max_engines: int,
+def search(cost: CostModel, requests: list[SimRequest], *, slo: Slo, max_engines: int,
            thresholds: Sequence[int] = DEFAULT_THRESHOLDS, seed: int = 0, routing: RoutingConfig | None = None,
            progress: bool = True) -> list[Row]:
     """Simulate the candidates that can still win (see the module docstring)."""
@@ -114,9 +111,10 @@ def search(cost: CostModel, requests: list[SimRequest], *, rate: float, slo: Slo
     rows: list[Row] = []
     best = {"aggregated": 0.0, "disaggregated": 0.0}  # per kind, so that both kinds' best are known
     todo = candidates(max_engines, thresholds)
+    offered = len(requests) / (max(r.arrival_s for r in requests) or 1.0)  # goodput's most, in requests/s
     started = time.monotonic()
     for i, c in enumerate(todo):
-        if rate / c.engines <= best[c.kind]:
+        if offered / c.engines <= best[c.kind]:
             continue  # even with every request good it cannot beat the best of its kind
         row = evaluate(cost, c, requests, slo, seed, routing)
         rows.append(row)
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     say("plan", f"{cost.name}: {len(requests)} requests at {args.rate}/s, SLO TTFT p90 {args.slo_ttft_ms} ms / "
                 f"TPOT p90 {args.slo_tpot_ms} ms, up to {args.max_engines} engines, thresholds {thresholds}")
     started = time.monotonic()
-    rows = search(cost, requests, rate=args.rate, slo=slo, max_engines=args.max_engines, thresholds=thresholds,
+    rows = search(cost, requests, slo=slo, max_engines=args.max_engines, thresholds=thresholds,
                   seed=args.seed)
     best = recommend(rows)
     report: dict[str, Any] = {

@@ -111,14 +111,17 @@ class Profiler:
                 await self.run(prefix + self.tokens(1), 1)  # puts the prefix's blocks in the cache
             times = await self.run(prefix + self.tokens(new), 1)
             samples.append(times[-1] - times[0])
-        return statistics.median(samples)
+        return min(samples)  # the machine is shared: the least disturbed sample
 
-    async def decode(self, batch: int, context: int) -> float:
-        runs = await asyncio.gather(*(self.run(self.tokens(context), DECODE_TOKENS) for _ in range(batch)))
-        start = max(r[1] for r in runs)  # every request has its first token
-        end = min(r[-1] for r in runs)  # none has finished
-        steps = sum(1 for t in runs[0] if start < t <= end)
-        return (end - start) / steps if steps else (runs[0][-1] - runs[0][1]) / (DECODE_TOKENS - 1)
+    async def decode(self, batch: int, context: int, repeat: int = 2) -> float:
+        samples = []
+        for _ in range(repeat):
+            runs = await asyncio.gather(*(self.run(self.tokens(context), DECODE_TOKENS) for _ in range(batch)))
+            start = max(r[1] for r in runs)  # every request has its first token
+            end = min(r[-1] for r in runs)  # none has finished
+            steps = sum(1 for t in runs[0] if start < t <= end)
+            samples.append((end - start) / steps if steps else (runs[0][-1] - runs[0][1]) / (DECODE_TOKENS - 1))
+        return min(samples)
 
     async def mixed(self, batch: int, context: int, prompt: int) -> float:
         """A `prompt`-token request's time while `batch` requests decode."""
@@ -176,8 +179,8 @@ async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_g
         backend="nixl" if "nixl" in transfer else next(iter(transfer), "tcp"),
         stack=StackCost(),
         fit={"prefill": prefill_error, "decode": decode_error},
-        sources={"prefill": f"measured: {len(prefill_points)} points, median of 3 (disagg profile)",
-                 "decode": f"measured: {len(decode_points)} batches of {DECODE_TOKENS} tokens (disagg profile)",
+        sources={"prefill": f"measured: {len(prefill_points)} points, least of 3 (disagg profile)",
+                 "decode": f"measured: {len(decode_points)} batches of {DECODE_TOKENS} tokens, least of 2 (disagg profile)",
                  "limits": "the engine's vLLM config", "kv_bytes_per_token": "2 x layers x KV heads x head dim x dtype",
                  "transfer": "disagg bench transfer JSON" if transfer else "assumed (asyncio TCP on this host class)",
                  "stack": "not measured by profile (0): see disagg/sim/README-section.md"},
@@ -191,6 +194,52 @@ async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_g
     cost.fit["mixed_check"] = FitError(points=1, rms_relative=round(abs(predicted - mixed_s) / mixed_s, 4),
                                        max_relative=round(abs(predicted - mixed_s) / mixed_s, 4))
     return cost
+
+
+def measure_stack(model: str, cost: CostModel, requests: int = 8) -> StackCost:
+    """What our stack adds to the engine alone, on this machine now: requests one at a time
+    through `disagg serve` as `disagg bench serve` starts it (1 prefill + 1 decode). Each is timed
+    to the end of its stream (a random-weight model's first tokens may show no text):
+    one-token answers to short prompts (prefilled on decode) give the per-request overhead, to long
+    ones (prefilled remotely) the prefill call's; 128-token answers, how much slower the stack's
+    engines step than one alone (the cores are shared with the stack's other processes)."""
+    from disagg.bench import driver, workloads
+    from disagg.bench.serve import make_stack
+    from disagg.bench.stacks import EngineSettings, native_dtype
+
+    log_dir = Path(f"/tmp/dgp-{time.strftime('%H%M%S')}")
+    stack = make_stack("disagg", model, EngineSettings(dtype=native_dtype()), log_dir)
+    say("profile", f"starting the stack ({stack.description}); logs in {log_dir}")
+    stack.start(timeout_s=900)
+    cases = {"local": ((32, 64), (1, 1)), "remote": ((600, 700), (1, 1)), "long": ((32, 64), (128, 128))}
+    try:
+        warm = workloads.uniform(model, seed=1000, requests=2, prompt=(300, 400), answer=(4, 8), salt="warm-up")
+        asyncio.run(driver.warm_up(stack.url, stack.model_name, warm))
+        runs = {}
+        for seed, (case, (prompt, answer)) in enumerate(cases.items()):
+            wl = workloads.uniform(model, seed=seed, requests=requests, prompt=prompt, answer=answer,
+                                   salt=f"profile-{case}")
+            run = asyncio.run(driver.drive(stack.url, stack.model_name, wl, concurrency=1))
+            runs[case] = [r for r in run.results if r.latency_s is not None]
+    finally:
+        stack.stop()
+
+    def prefill(tokens: int, c: CostModel = cost) -> float:
+        return c.step_s(tokens, attention(0, tokens), 0, 0)
+
+    def median(values) -> float:
+        return max(statistics.median(values), 0.0)
+
+    one = statistics.median(r.latency_s for r in runs["local"])
+    steps = statistics.median((r.latency_s - one) / (r.max_tokens - 1) / cost.step_s(0, 0, 1, r.prompt_tokens + 64)
+                              for r in runs["long"])
+    scaled = cost.model_copy(update={"stack": StackCost(step_scale=max(steps, 1.0))})
+    request_s = median(r.latency_s - prefill(r.prompt_tokens, scaled) for r in runs["local"])
+    call_s = median(r.latency_s - request_s - prefill(r.prompt_tokens, scaled) - scaled.transfer_s(r.prompt_tokens)
+                    - scaled.step_s(1, 2 * r.prompt_tokens, 0, 0) for r in runs["remote"])
+    say("profile", f"stack: {request_s * 1e3:.1f} ms per request, {call_s * 1e3:.1f} ms per prefill call, engine "
+                   f"steps x{scaled.stack.step_scale:.2f}")
+    return StackCost(request_s=request_s, prefill_call_s=call_s, step_scale=scaled.stack.step_scale)
 
 
 def _hardware(core: str) -> str:
@@ -218,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-gib", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--transfer", type=Path, default=TRANSFER_JSON, help="`disagg bench transfer --json` output")
+    p.add_argument("--stack", action="store_true", help="also time our stack (`disagg serve`) around the engine: "
+                   "the per-request and per-prefill-call overheads, and how much slower its engines step (2-3 min)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ensure_model(args.model, "tiny")
@@ -225,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     cost = asyncio.run(measure(model, args.core, args.dtype or native_dtype(), args.block_size, args.kv_cache_gib,
                                args.max_model_len, transfer, args.name or args.json.stem))
+    if args.stack:
+        cost.stack = measure_stack(model, cost)
+        cost.sources["stack"] = "measured: requests one at a time through disagg serve (disagg profile --stack)"
     cost.save(args.json)
     if args.plot:
         from disagg.sim.plots import plot_profile

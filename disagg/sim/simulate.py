@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,9 +25,9 @@ import yaml
 
 from disagg.bench.driver import percentile
 from disagg.bench.progress import say
-from disagg.config import AppConfig, RoutingConfig
+from disagg.config import RoutingConfig
 from disagg.sim import trace
-from disagg.sim.cluster import Cluster, Faults, Progress
+from disagg.sim.cluster import Cluster, Deployment, Faults
 from disagg.sim.cost import CostModel
 from disagg.sim.trace import SimRequest
 
@@ -40,22 +40,6 @@ class Slo:
     def met(self, ttft: float | None, tpot: float | None) -> bool:
         return ((self.ttft_s is None or (ttft is not None and ttft <= self.ttft_s))
                 and (self.tpot_s is None or tpot is None or tpot <= self.tpot_s))
-
-
-@dataclass
-class Deployment:
-    """Engines per role and how the stack around them is set."""
-
-    prefill: int
-    decode: int
-    aggregated: int = 0
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    prefill_attempts: int = AppConfig.model_fields["prefill_attempts"].default
-    stream_window_s: float = AppConfig.model_fields["stream_batching_ms"].default / 1000
-
-    @property
-    def engines(self) -> int:
-        return self.prefill + self.decode + self.aggregated
 
 
 @dataclass
@@ -76,11 +60,8 @@ def simulate(cost: CostModel, deployment: Deployment, requests: Iterable[SimRequ
     """Run one simulation to the end of its requests (or `drain_s` after the last arrival)."""
     started = time.monotonic()
     env = simpy.Environment()
-    cluster = Cluster(env, cost, prefill=deployment.prefill, decode=deployment.decode,
-                      aggregated=deployment.aggregated, routing=deployment.routing, faults=faults,
-                      prefill_attempts=deployment.prefill_attempts, stream_window_s=deployment.stream_window_s,
-                      seed=seed, sample_every_s=sample_every_s)
-    replay = cluster.replay(requests, Progress(total) if progress else None)
+    cluster = Cluster(env, cost, deployment, faults=faults, seed=seed, sample_every_s=sample_every_s)
+    replay = cluster.replay(requests, total, progress)
     env.run(until=cluster.sent_all)
     env.run(until=replay | env.timeout(drain_s))  # every request has an outcome, or the drain ends
     cluster.settle()
@@ -165,28 +146,18 @@ def requests_of(args: argparse.Namespace) -> list[SimRequest] | Iterable[SimRequ
         return [r for r in reqs if args.requests or r.arrival_s < args.duration]
     rate = args.rate or 10.0
     n = args.requests or max(int(rate * args.duration), 1)
-    params = {}
-    for item in args.workload_arg:
+    return trace.workload(args.workload, requests=n, rate=rate, seed=args.seed, model_dir=args.model,
+                          **settings(args.workload_arg))
+
+
+def settings(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` items, values parsed as YAML (lists become tuples)."""
+    out = {}
+    for item in items:
         key, _, value = item.partition("=")
         v = yaml.safe_load(value)
-        params[key.strip()] = tuple(v) if isinstance(v, list) else v
-    return trace.workload(args.workload, requests=n, rate=rate, seed=args.seed, model_dir=args.model, **params)
-
-
-def routing_of(settings: list[str], pd_threshold: int | None) -> tuple[RoutingConfig, dict[str, Any]]:
-    """`--set KEY=VALUE`: RoutingConfig fields, or prefill_attempts / stream_batching_ms."""
-    routing: dict[str, Any] = {}
-    stack: dict[str, Any] = {}
-    for item in settings:
-        key, _, value = item.partition("=")
-        key = key.strip().removeprefix("routing.")
-        (routing if key in RoutingConfig.model_fields else stack)[key] = yaml.safe_load(value)
-    if pd_threshold is not None:
-        routing["pd_threshold_tokens"] = pd_threshold
-    unknown = set(stack) - {"prefill_attempts", "stream_batching_ms"}
-    if unknown:
-        raise ValueError(f"--set: not a setting here: {', '.join(sorted(unknown))}")
-    return RoutingConfig(**routing), stack
+        out[key.strip()] = tuple(v) if isinstance(v, list) else v
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -198,8 +169,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--aggregated", type=int, default=0, help="engines serving both (no prefill role)")
     add_source_args(p)
     p.add_argument("--pd-threshold", type=int, help="routing.pd_threshold_tokens")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a RoutingConfig field, prefill_attempts or stream_batching_ms")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RoutingConfig field")
     p.add_argument("--kill-prefill-at", type=float, metavar="S", help="a prefill engine dies at S seconds")
     p.add_argument("--kill-decode-at", type=float, metavar="S", help="a decode engine dies at S seconds")
     p.add_argument("--transfer-failures", type=float, default=0.0, metavar="FRACTION")
@@ -217,12 +187,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cost = CostModel.load(args.profile)
-    routing, stack = routing_of(args.set, args.pd_threshold)
+    routing = RoutingConfig(**settings(args.set), **({} if args.pd_threshold is None
+                                                     else {"pd_threshold_tokens": args.pd_threshold}))
     deployment = Deployment(args.prefill, args.decode, args.aggregated, routing)
-    if "prefill_attempts" in stack:
-        deployment.prefill_attempts = int(stack["prefill_attempts"])
-    if "stream_batching_ms" in stack:
-        deployment.stream_window_s = float(stack["stream_batching_ms"]) / 1000
     faults = Faults(args.kill_prefill_at, args.kill_decode_at, args.transfer_failures)
     slo = Slo(args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None, args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None)
     total = args.requests or (None if args.trace else int((args.rate or 10.0) * args.duration))

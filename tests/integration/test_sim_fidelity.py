@@ -3,7 +3,8 @@
 For each mode `disagg bench serve` measures (disagg: 1 prefill + 1 decode; aggregated: 2
 engines), the real stack (`disagg serve`, one started per mode) and the simulator (with a cost
 model `disagg profile` measures here first) serve the same requests at the same Poisson send
-times: `mixed` and `shared_prefix`, tokenized by the same router code. Compared: TTFT p50 and
+times: `mixed` and `shared_prefix`, tokenized by the same router code. The profile is measured with
+`--stack`, so that it carries what the stack adds on this machine now (it is shared). Compared: TTFT p50 and
 TPOT p50 (within 25%) and the prefix hit rate (within 10 points), the fleet's as vLLM counts it
 (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` summed over the workers).
 
@@ -57,8 +58,8 @@ class Figures:
 
 
 def measure_profile(model: str, path: Path) -> CostModel:
-    subprocess.run([PY, "-m", "disagg.cli", "profile", "--model", model, "--json", str(path)], cwd=REPO, check=True,
-                   timeout=900, stdout=subprocess.DEVNULL)
+    subprocess.run([PY, "-m", "disagg.cli", "profile", "--model", model, "--stack", "--json", str(path)], cwd=REPO,
+                   check=True, timeout=1200, stdout=subprocess.DEVNULL)
     return CostModel.load(path)
 
 

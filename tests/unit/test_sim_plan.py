@@ -39,7 +39,7 @@ def test_the_recommendation_meets_the_slo_before_it_has_more_goodput():
 
 def test_search_skips_configurations_that_cannot_beat_the_best_of_their_kind():
     reqs = list(trace.workload("uniform", requests=60, rate=2.0, prompt=(32, 64), answer=(16, 32)))
-    rows = search(synthetic(0.01), reqs, rate=2.0, slo=Slo(0.5, 0.05), max_engines=4, thresholds=(256,),
+    rows = search(synthetic(0.01), reqs, slo=Slo(0.5, 0.05), max_engines=4, thresholds=(256,),
                   progress=False)
     names = [r.name for r in rows]
     assert names[0] == "1A" and rows[0].meets_slo  # one engine serves 2 short requests/s
@@ -64,13 +64,13 @@ def best(rows: list[Row], kind: str) -> float:
 
 def test_distserve_direction_long_prompts_under_a_tight_tpot_slo_favour_disaggregation():
     reqs = list(trace.workload("uniform", requests=120, rate=4.0, prompt=(1024, 1536), answer=(64, 128)))
-    rows = search(A100, reqs, rate=4.0, slo=Slo(1.0, 0.030), max_engines=5, thresholds=(256,), progress=False)
+    rows = search(A100, reqs, slo=Slo(1.0, 0.030), max_engines=5, thresholds=(256,), progress=False)
     assert recommend(rows).kind == "disaggregated" and recommend(rows).meets_slo
     assert best(rows, "disaggregated") > best(rows, "aggregated")
 
 
 def test_short_prompts_favour_aggregation():
     reqs = list(trace.workload("uniform", requests=120, rate=4.0, prompt=(16, 64), answer=(64, 128)))
-    rows = search(A100, reqs, rate=4.0, slo=Slo(1.0, 0.030), max_engines=5, thresholds=(0, 256), progress=False)
+    rows = search(A100, reqs, slo=Slo(1.0, 0.030), max_engines=5, thresholds=(0, 256), progress=False)
     assert recommend(rows).kind == "aggregated" and recommend(rows).meets_slo
     assert best(rows, "aggregated") > best(rows, "disaggregated")
