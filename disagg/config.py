@@ -56,6 +56,21 @@ class RoleConfig(_Strict):
     ray_resources: dict[str, float] = Field(default_factory=dict)
 
 
+class FlowControlConfig(_Strict):
+    """The EPP's flow control (`disagg.epp.flow_control`): while every decode is saturated,
+    requests wait in the EPP, in priority bands and fair between tenants, instead of being shed."""
+
+    # The longest a request waits before a 503; 0 turns flow control off (shed with 429 at once).
+    ttl_s: float = Field(30.0, ge=0)
+    # What one EPP replica holds waiting (all bands together): requests, and bytes of their bodies.
+    max_requests: int = Field(5000, ge=1)
+    max_bytes: int = Field(2**30, ge=1)
+    # Objective names (`x-gateway-inference-objective`) and their priorities; unknown names are 0.
+    objectives: dict[str, int] = Field(default_factory=dict)
+    # While requests wait, how often the EPP looks for freed capacity and expired requests.
+    poll_interval_s: float = Field(0.01, gt=0)
+
+
 class RoutingConfig(_Strict):
     """The scheduler: which pair serves a request."""
 
@@ -79,6 +94,8 @@ class RoutingConfig(_Strict):
     # Learn prefixes from our own routing decisions when KV events are off.
     approximate_prefix: bool = True
     kv_events: bool = True
+    # The EPP's queue while saturated (the Router sheds at once).
+    flow_control: FlowControlConfig = Field(default_factory=FlowControlConfig)
 
 
 class AppConfig(_Strict):

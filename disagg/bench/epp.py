@@ -361,33 +361,39 @@ def _large_bodies(clients: int, per_client: int, size: int, seed: int = 0) -> li
 
     for _ in range(clients):
         document = text(size * 9 // 10)
-        out.append([json.dumps({"model": HOP_MODEL, "max_tokens": 1, "prompt": document + text(size // 10 - 50)}).encode()
-                    for _ in range(per_client)])
+        out.append([json.dumps({"model": HOP_MODEL, "max_tokens": 1,
+                                "prompt": document + text(size // 10 - 50)}).encode() for _ in range(per_client)])
     return out
 
 
-def _time_concurrent(url: str, bodies: list[list[bytes]], start: int, count: int) -> list[float]:
-    """Seconds per request: `len(bodies)` clients at once, each over its own keep-alive connection,
-    sending `count` of its bodies (from `start`, wrapping), one after the other."""
+def _time_concurrent(url: str, bodies: list[list[bytes]], start: int, count: int) -> tuple[list[float], int]:
+    """Seconds per answered request, and how many failed (not 200, or the connection broke):
+    `len(bodies)` clients at once, each over its own keep-alive connection, sending `count` of its
+    bodies (from `start`, wrapping), one after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def client(own: list[bytes]) -> list[float]:
+    def client(own: list[bytes]) -> tuple[list[float], int]:
         connection = _KeepAliveClient(url, b"")
-        times = []
+        times, failed = [], 0
         try:
             for i in range(start, start + count):
                 connection.body = own[i % len(own)]
                 t0 = time.perf_counter()
-                status = connection.post()
-                times.append(time.perf_counter() - t0)
-                if status != 200:
-                    raise RuntimeError(f"{url}: status {status}")
+                try:
+                    status = connection.post()
+                except (OSError, http.client.HTTPException):
+                    status = 0
+                if status == 200:
+                    times.append(time.perf_counter() - t0)
+                else:
+                    failed += 1
         finally:
             connection.close()
-        return times
+        return times, failed
 
     with ThreadPoolExecutor(len(bodies)) as pool:
-        return [t for times in pool.map(client, bodies) for t in times]
+        results = list(pool.map(client, bodies))
+    return [t for times, _ in results for t in times], sum(failed for _, failed in results)
 
 
 async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: int = 220_000,
@@ -420,23 +426,21 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
                       "envoy_epp": next(c.pid for c in psutil.Process(epp.pid).children(recursive=True)
                                         if "envoy" in c.name())}
         latencies: dict[str, list[float]] = {name: [] for name in targets}
+        failed = {name: 0 for name in targets}
         envoy_cpu = {name: 0.0 for name in targets}
         epp_cpu = 0.0
         for name, url in targets.items():  # warm-up: connections, the EPP learning the worker
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    await asyncio.to_thread(_time_concurrent, url, [b[:1] for b in bodies[:2]], 0, 5)
-                    break
-                except (OSError, RuntimeError, http.client.HTTPException):
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+            while (await asyncio.to_thread(_time_concurrent, url, [b[:1] for b in bodies[:2]], 0, 5))[1]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: requests still fail after 30 s")
+                await asyncio.sleep(0.2)
         for r in range(rounds):
             for name in (targets if r % 2 == 0 else list(reversed(targets))):
                 envoy0, epp0 = _cpu_seconds(envoy_pids[name]), _cpu_seconds(epp.pid)
-                latencies[name] += await asyncio.to_thread(_time_concurrent, targets[name], bodies, r * per_round,
-                                                           per_round)
+                times, lost = await asyncio.to_thread(_time_concurrent, targets[name], bodies, r * per_round, per_round)
+                latencies[name] += times
+                failed[name] += lost
                 envoy_cpu[name] += _cpu_seconds(envoy_pids[name]) - envoy0
                 if name == "envoy_epp":
                     epp_cpu += _cpu_seconds(epp.pid) - epp0
@@ -444,13 +448,13 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
         if alone is not None:
             await alone.stop()
         terminate(launched, None, grace_s=10)
-    n = len(latencies["envoy"])
+    n = per_round * rounds * concurrency
     result: dict[str, Any] = {"concurrency": concurrency, "body_bytes": len(bodies[0][0]), "requests": n,
-                              "rounds": rounds}
+                              "rounds": rounds, "failed": failed["envoy_epp"]}
     for name, values in latencies.items():
         values.sort()
         result[name] = {"p50_ms": _percentile(values, 0.5) * 1e3, "p99_ms": _percentile(values, 0.99) * 1e3,
-                        "envoy_cpu_ms_per_request": envoy_cpu[name] / len(values) * 1e3}
+                        "failed": failed[name], "envoy_cpu_ms_per_request": envoy_cpu[name] / len(values) * 1e3}
     result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
     result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
     result["epp_cpu_ms_per_request"] = epp_cpu / n * 1e3

@@ -16,6 +16,14 @@ otherwise):
 - a request without a body (end_of_stream on the headers) is picked on its headers.
 Once routed (or refused) the stream ends with OK: Envoy then skips the rest of the request's
 ext_proc phases. Response phases, if Envoy is configured to send them first, pass unchanged.
+
+While every decode is saturated a request waits in the EPP's flow control (its priority and
+tenant from the request headers): its answer is then sent when it leaves the queue, through the
+stream's `Reply`; what Envoy sends meanwhile is not answered (the stream ends with OK after the
+answer, as it does at once otherwise), and a stream Envoy resets leaves the queue. A stream with
+a `grpc-timeout` is answered before it runs out. (Envoy's `message_timeout` does not bound the wait
+in FULL_DUPLEX_STREAMED mode: measured through our generated Envoy, a request waited its whole
+TTL, 8 s, past the 5 s ext_proc timeouts.)
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from disagg.epp.picker import EndpointPicker, Refused, Routed
+from disagg.epp.flow_control import FLOW_HEADERS, Waiting
+from disagg.epp.h2grpc import LATER, Later, Reply
+from disagg.epp.picker import Decision, EndpointPicker, Refused, Routed
 from disagg.epp.protocol import BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -48,8 +58,16 @@ class _Exchange:
     mode: BodyMode
     path: str = "/"
     subset: list[str] | None = None
-    body: bytearray = field(default_factory=bytearray)
+    flow_headers: dict[str, str] | None = None  # priority, objective, tenant (when the client sent any)
+    chunks: list[bytes] = field(default_factory=list)  # the body as it arrives
+    body: bytes = b""  # the whole body, once it has
+    on_headers: bool = False  # routed on the headers (no body)
+    waiting: Waiting[Decision] | None = None  # in the flow-control queue
+    after: tuple[pb.ProcessingResponse, ...] = ()  # sent after the routing answer
     routed: bool = False  # routed or refused: nothing more to say on this stream
+
+
+_FLOW_HEADERS = frozenset(FLOW_HEADERS)
 
 
 def header_value(header: base_pb2.HeaderValue) -> str:
@@ -91,11 +109,12 @@ def routed_response(routed: Routed, *, as_headers: bool) -> pb.ProcessingRespons
 
 
 def immediate(refused: Refused) -> pb.ProcessingResponse:
+    headers = {"content-type": "application/json", **refused.headers}
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=refused.status),
-        headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-            append_action=_OVERWRITE)]),
+        headers=pb.HeaderMutation(set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                                       append_action=_OVERWRITE) for k, v in headers.items()]),
         body=msgspec.json.encode(refused.body),
         details=f"disagg_epp_{refused.status}",
     ))
@@ -129,60 +148,85 @@ class ExternalProcessor:
     def stream(self) -> ExtProcStream:
         return ExtProcStream(self)
 
-    def answer(self, ex: _Exchange | None, message: pb.ProcessingRequest) -> tuple[_Exchange | None,
-                                                                                   list[pb.ProcessingResponse]]:
-        """What to send back for one message of a stream, and the stream's state after it."""
+    def answer(self, ex: _Exchange | None, message: pb.ProcessingRequest, *,
+               deadline: float | None = None) -> tuple[_Exchange | None, list[pb.ProcessingResponse]]:
+        """What to send back for one message of a stream, and the stream's state after it. When
+        the request starts waiting (`ex.waiting`), its answer comes from `decided` later;
+        `deadline` (monotonic seconds): when the client gives up on the stream."""
         phase = message.WhichOneof("request")
+        if ex is not None and ex.waiting is not None:
+            return ex, []
         if phase == "request_headers":
             mode = (message.protocol_config.request_body_mode
                     if message.HasField("protocol_config") else self.default_body_mode)
             ex = _Exchange(mode=mode, subset=read_subset(message.metadata_context))
             for h in message.request_headers.headers.headers:
-                if h.key == ":path":
+                key = h.key
+                if key == ":path":
                     ex.path = header_value(h)
-                    break
+                elif key in _FLOW_HEADERS:
+                    if ex.flow_headers is None:
+                        ex.flow_headers = {}
+                    ex.flow_headers[key] = header_value(h)
             if message.request_headers.end_of_stream:
-                return ex, self._route(ex, on_headers=True)
+                return ex, self._route(ex, on_headers=True, deadline=deadline)
             return ex, [] if ex.mode == FULL_DUPLEX_STREAMED else [CONTINUE[phase]]
         if phase == "request_body":
             if ex is None:
                 return ex, []
-            ex.body.extend(message.request_body.body)
+            ex.chunks.append(message.request_body.body)
             if message.request_body.end_of_stream:
-                return ex, self._route(ex, on_headers=False)
+                return ex, self._route(ex, on_headers=False, deadline=deadline)
             # STREAMED: each chunk needs an answer; the pick happens at the end of stream.
             return ex, [] if ex.mode in (FULL_DUPLEX_STREAMED, BUFFERED) else [CONTINUE[phase]]
         if phase == "request_trailers":
-            out = self._route(ex, on_headers=False) if ex is not None and not ex.routed else []
-            return ex, [*out, CONTINUE[phase]]
+            if ex is None or ex.routed:
+                return ex, [CONTINUE[phase]]
+            ex.after = (CONTINUE[phase],)
+            return ex, self._route(ex, on_headers=False, deadline=deadline)
         if phase == "response_body" and ex is not None and ex.mode == FULL_DUPLEX_STREAMED:
             body = message.response_body
             return ex, [streamed_body(body.body, body.end_of_stream, request=False)]
         return ex, [CONTINUE[phase]] if phase in CONTINUE else []
 
-    def _route(self, ex: _Exchange, *, on_headers: bool) -> list[pb.ProcessingResponse]:
-        ex.routed = True
-        body = bytes(ex.body)
-        decision = self.picker.route(ex.path, body, ex.subset)
+    def _route(self, ex: _Exchange, *, on_headers: bool, deadline: float | None) -> list[pb.ProcessingResponse]:
+        ex.body = b"".join(ex.chunks)
+        ex.chunks = []
+        ex.on_headers = on_headers
+        decision = self.picker.route(ex.path, ex.body, ex.subset, headers=ex.flow_headers, deadline=deadline)
+        if isinstance(decision, Waiting):
+            ex.waiting = decision
+            return []
+        return self.decided(ex, decision)
+
+    def decided(self, ex: _Exchange, decision: Decision) -> list[pb.ProcessingResponse]:
+        """The answer to a request once it is routed or refused (at once, or after it waited)."""
+        ex.routed, ex.waiting = True, None
         if isinstance(decision, Refused):
-            return [immediate(decision)]
+            return [immediate(decision), *ex.after]
         # BUFFERED (and STREAMED) at the end of the body: the headers are still held, so the body
         # answer may mutate them. FULL_DUPLEX_STREAMED: the held headers are answered now, then
         # the body goes back in chunks.
         full_duplex = ex.mode == FULL_DUPLEX_STREAMED
-        answer = routed_response(decision, as_headers=on_headers or full_duplex)
-        if on_headers or not full_duplex:
-            return [answer]
+        answer = routed_response(decision, as_headers=ex.on_headers or full_duplex)
+        if ex.on_headers or not full_duplex:
+            return [answer, *ex.after]
+        body = ex.body
         chunks = [body[i:i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)] or [b""]
-        return [answer, *(streamed_body(chunk, i == len(chunks) - 1) for i, chunk in enumerate(chunks))]
+        return [answer, *(streamed_body(chunk, i == len(chunks) - 1) for i, chunk in enumerate(chunks)), *ex.after]
 
 
 class ExtProcStream:
-    """One ext_proc stream on `disagg.epp.h2grpc`: serialized messages in and out."""
+    """One ext_proc stream on `disagg.epp.h2grpc`: serialized messages in and out; a request
+    that waits in flow control is answered through the stream's Reply (the server binds one)."""
 
     def __init__(self, processor: ExternalProcessor) -> None:
         self.processor = processor
         self.ex: _Exchange | None = None
+        self.reply: Reply | None = None
+
+    def bind(self, reply: Reply) -> None:
+        self.reply = reply
 
     @property
     def finished(self) -> bool:
@@ -190,9 +234,20 @@ class ExtProcStream:
         spends another wakeup on it."""
         return self.ex is not None and self.ex.routed
 
-    def message(self, payload: bytes) -> list[bytes]:
-        self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload))
-        return [r.SerializeToString() for r in responses]
+    def message(self, payload: bytes) -> list[bytes] | Later:
+        waited = self.ex is not None and self.ex.waiting is not None
+        reply = self.reply
+        self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload),
+                                                   deadline=reply.deadline if reply is not None else None)
+        ex = self.ex
+        if ex is None or ex.waiting is None or waited:
+            return [r.SerializeToString() for r in responses]
+        waiting = ex.waiting
+        if reply is None:
+            raise RuntimeError("a request waits for capacity on a stream that cannot be answered later")
+        waiting.then(lambda decision: reply.send([r.SerializeToString() for r in self.processor.decided(ex, decision)]))
+        reply.on_cancel(waiting.cancel)
+        return LATER
 
     def end(self) -> list[bytes]:
         return []

@@ -14,10 +14,13 @@ GOAWAY, RST_STREAM, WINDOW_UPDATE, HEADERS with CONTINUATION, padding and priori
 control both ways, trailers with `grpc-status`/`grpc-message`, and length-prefixed messages split
 over or packed into DATA frames. Request headers are decoded with `hpack` (the dynamic table must
 follow the peer's encoder); the wire formats are in `disagg.epp.h2wire`. TLS is asyncio's (ALPN
-h2). Not implemented: compressed messages (answered with UNIMPLEMENTED), server push, and
-server-streaming handlers that send on their own (no method here needs them).
+h2). Not implemented: compressed messages (answered with UNIMPLEMENTED) and server push.
 
-A method is a factory of `StreamHandler`s, keyed by its path ("/package.Service/Method").
+A method is a factory of `StreamHandler`s, keyed by its path ("/package.Service/Method"). A
+handler answers each message at once, or, having returned `LATER`, through the stream's `Reply`
+(handed to its `bind`): the EPP's flow control answers a waiting request when capacity frees. A
+client that resets the stream or loses the connection meanwhile is told through the Reply's
+`on_cancel` callbacks, at once.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 import ssl
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Final, Iterable, Protocol
 
 import hpack
 
@@ -55,21 +59,91 @@ class GrpcError(Exception):
         self.message = message
 
 
+class Later:
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+# What `message()` or `end()` returns for "the answer comes later, through the stream's Reply".
+LATER: Final = Later()
+
+
 class StreamHandler(Protocol):
+    """One stream's handler. Optionally it has `bind(reply: Reply)`, called once before the first
+    message: a handler that may return `LATER` keeps the Reply to answer with."""
+
     @property
     def finished(self) -> bool:
         """True once the handler has nothing more to say: the stream ends with OK after the
         responses just sent, without waiting for the client to finish (what it still sends is
         dropped)."""
 
-    def message(self, payload: bytes) -> Iterable[bytes]:
-        """One request message in; the serialized response messages to send now."""
+    def message(self, payload: bytes) -> Iterable[bytes] | Later:
+        """One request message in; the serialized response messages to send now, or `LATER`."""
 
-    def end(self) -> Iterable[bytes]:
-        """The client finished sending; the last responses before the OK trailers."""
+    def end(self) -> Iterable[bytes] | Later:
+        """The client finished sending; the last responses before the OK trailers (sent once an
+        answer promised with `LATER` is out)."""
 
 
 Method = Callable[[], StreamHandler]
+
+
+class Reply:
+    """How a handler answers after its call returned `LATER`: `send(messages)` (then the stream
+    ends with OK if the handler is `finished` or the client is done sending) or `finish(code)`.
+    Both do nothing once the stream is over. `deadline` (monotonic seconds) is when the client
+    gives up (its `grpc-timeout`), None if it did not say. Runs on the server's event loop."""
+
+    __slots__ = ("deadline", "_connection", "_stream", "_on_cancel")
+
+    def __init__(self, connection: _Connection, stream: _Stream, deadline: float | None) -> None:
+        self.deadline = deadline
+        self._connection: _Connection | None = connection
+        self._stream = stream
+        self._on_cancel: list[Callable[[], None]] = []
+
+    @property
+    def open(self) -> bool:
+        """The stream is still there to answer on."""
+        return self._connection is not None
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` if the client cancels the stream (RST_STREAM, connection lost)
+        before it is over."""
+        self._on_cancel.append(callback)
+
+    def send(self, messages: Iterable[bytes]) -> None:
+        connection, stream = self._connection, self._stream
+        if connection is None or stream.handler is None:
+            return
+        stream.waiting = False
+        data = b"".join(map(grpc_frame, messages))
+        if data:
+            connection._send(stream, data)
+        if stream.handler is not None and (stream.handler.finished or stream.remote_closed):
+            connection._finish(stream, OK)
+        connection._flush_out()
+
+    def finish(self, code: int = OK, message: str = "") -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        connection._finish(self._stream, code, message)
+        connection._flush_out()
+
+    def _over(self, cancelled: bool) -> None:
+        """The stream ended (answered, or `cancelled` by the client)."""
+        if self._connection is None:
+            return
+        self._connection = None
+        callbacks, self._on_cancel = self._on_cancel, []
+        if cancelled:
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("gRPC cancel callback failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +152,7 @@ class _Head:
 
     path: str  # the gRPC method
     compressed: bool  # grpc-encoding other than identity
+    timeout_s: float | None  # grpc-timeout: how long the client waits for the whole call
 
 
 @dataclass
@@ -91,6 +166,8 @@ class _Stream:
     headers_sent: bool = False
     closing: bytes | None = None  # trailers block to send once `pending` is out
     remote_closed: bool = False
+    reply: Reply | None = None  # for handlers that answer later
+    waiting: bool = False  # the handler returned LATER and has not answered yet
 
 
 class _Connection(asyncio.Protocol):
@@ -131,8 +208,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self.streams.clear()
         self.transport = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            if stream.reply is not None:
+                stream.reply._over(cancelled=True)
 
     def data_received(self, data: bytes) -> None:
         if self.inbox:
@@ -213,7 +293,9 @@ class _Connection(asyncio.Protocol):
         elif kind == WINDOW_UPDATE:
             self._on_window_update(stream_id, int.from_bytes(payload, "big") & 0x7FFFFFFF)
         elif kind == RST_STREAM:
-            self.streams.pop(stream_id, None)
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None and stream.reply is not None:
+                stream.reply._over(cancelled=True)
         elif kind == GOAWAY:
             self.peer_gone = True
             self._close_when_idle()
@@ -246,7 +328,12 @@ class _Connection(asyncio.Protocol):
         if head.compressed:
             self._finish(stream, UNIMPLEMENTED, "compressed messages are not supported")
             return
-        stream.handler = method()
+        stream.handler = handler = method()
+        bind = getattr(handler, "bind", None)
+        if bind is not None:
+            deadline = time.monotonic() + head.timeout_s if head.timeout_s is not None else None
+            stream.reply = Reply(self, stream, deadline)
+            bind(stream.reply)
         if flags & END_STREAM:
             self._on_remote_end(stream)
 
@@ -304,7 +391,7 @@ class _Connection(asyncio.Protocol):
         if stream.buffer:
             self._finish(stream, INTERNAL, "stream ended inside a message")
             return
-        if self._call(stream, stream.handler.end, None):
+        if self._call(stream, stream.handler.end, None) and not stream.waiting:
             self._finish(stream, OK)
 
     def _call(self, stream: _Stream, fn: Callable, arg: bytes | None) -> bool:
@@ -312,9 +399,12 @@ class _Connection(asyncio.Protocol):
         the handler finished)."""
         try:
             responses = fn(arg) if arg is not None else fn()
+            if responses is LATER:
+                stream.waiting = True
+                return True
             if responses:  # all of them in one DATA frame when the windows allow
                 self._send(stream, b"".join(map(grpc_frame, responses)))
-            if stream.handler is not None and stream.handler.finished:
+            if stream.handler is not None and not stream.waiting and stream.handler.finished:
                 self._finish(stream, OK)
                 return False
         except GrpcError as exc:
@@ -386,6 +476,8 @@ class _Connection(asyncio.Protocol):
             stream.headers_sent = True
         stream.closing = block
         stream.handler = None
+        if stream.reply is not None:
+            stream.reply._over(cancelled=False)
         self._drain(stream)
 
     def _drain(self, stream: _Stream) -> None:
@@ -436,7 +528,18 @@ def _read_head(decoder: hpack.Decoder, block: bytes) -> _Head:
     return _Head(
         path=next((v for k, v in headers if k == b":path"), b"").decode("latin-1"),
         compressed=any(k == b"grpc-encoding" and v != b"identity" for k, v in headers),
+        timeout_s=_timeout(next((v for k, v in headers if k == b"grpc-timeout"), b"")),
     )
+
+
+_TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
+
+
+def _timeout(value: bytes) -> float | None:
+    """A grpc-timeout value ("5000m": up to 8 digits and a unit) in seconds; None if absent or malformed."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit() or value[-1] not in _TIMEOUT_UNITS:
+        return None
+    return int(value[:-1]) * _TIMEOUT_UNITS[value[-1]]
 
 
 class _ConnectionError(Exception):

@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from disagg.config import RoutingConfig
+from disagg.config import FlowControlConfig, RoutingConfig
 from disagg.epp.picker import EndpointPicker
 from disagg.epp.prompt import RawPromptReader
 from disagg.epp.server import start_epp
@@ -218,11 +218,16 @@ async def test_no_endpoint_is_503_with_a_json_error_body(epp) -> None:
     assert json.loads(immediate.body)["error"]["type"] == "service_unavailable"
 
 
-async def test_saturated_pool_is_429(epp) -> None:
-    _, scheduler, stub, _ = epp
+async def test_saturated_pool_is_429_at_once_with_flow_control_off(epp) -> None:
+    # With flow control on (the default) the request would wait: tests/unit/test_epp_flow_control.py.
+    running, scheduler, stub, _ = epp
+    running.picker.flow.config = FlowControlConfig(ttl_s=0)
     add(scheduler, "decode", "10.0.0.1:8000", waiting=8)
     responses = await exchange(stub, [headers_msg()] + body_msgs(completion()))
-    assert responses[0].immediate_response.status.code == 429
+    immediate = responses[0].immediate_response
+    assert immediate.status.code == 429
+    headers = {h.header.key: h.header.raw_value for h in immediate.headers.set_headers}
+    assert headers["x-disagg-dropped-reason"] == b"shed"
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", json.dumps({"model": "tiny"}).encode(),
@@ -340,3 +345,37 @@ async def test_metrics_endpoint_exports_routing_metrics(epp) -> None:
     for name in ("disagg_pick_duration_seconds_bucket", "disagg_pd_decisions_total", "disagg_prefix_hit_tokens_total",
                  "disagg_endpoint_signal_age_seconds", "disagg_epp_requests_total"):
         assert name in text
+
+
+def test_raw_text_is_read_in_16_byte_tokens_hashed_alike_in_every_process() -> None:
+    import subprocess
+    import sys
+
+    from disagg.epp.prompt import raw_tokens
+    from disagg.routing import block_hashes
+
+    text = ("The quick brown fox é jumps over the lazy dog. " * 40).encode()
+    tokens = raw_tokens(text)
+    assert len(tokens) == -(-len(text) // 16) and raw_tokens(text[:16]) == tokens[:1]
+    code = ("import sys; from disagg.epp.prompt import raw_tokens; from disagg.routing import block_hashes; "
+            "print(block_hashes(raw_tokens(sys.stdin.buffer.read()), 32))")
+    other = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, check=True).stdout
+    assert json.loads(other) == block_hashes(tokens, BS)
+
+
+async def test_a_text_prompt_sharing_a_long_prefix_goes_where_its_prefix_went(epp) -> None:
+    _, scheduler, stub, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+    add(scheduler, "decode", "10.0.0.2:8000")
+    document = "".join(f"line {i}: the same long document every turn.\n" for i in range(200))  # ~9 KB
+
+    async def destination(prompt: str) -> str:
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 1}).encode()
+        responses = await exchange(stub, [headers_msg()] + body_msgs(body))
+        return set_headers(responses[0].request_headers.response)[DEST]
+
+    first = await destination(document + "first question")
+    # The first pick is pending on its decode: a new prompt would go to the other one...
+    assert await destination("an unrelated prompt " * 100) != first
+    # ...and one that shares the document goes where the document is.
+    assert await destination(document + "second question, a longer one") == first

@@ -1,11 +1,12 @@
-"""disagg.epp.h2grpc, our HTTP/2 gRPC server: through grpcio's client (interoperation, flow control, statuses, cancellation), and frame by frame over a
-raw socket for what a client library never sends on purpose (padding, CONTINUATION, a bad
-preface, compressed messages)."""
+"""disagg.epp.h2grpc, our HTTP/2 gRPC server: through grpcio's client (interoperation, flow control, statuses, cancellation,
+answers sent later), and frame by frame over a raw socket for what a client library never sends
+on purpose (padding, CONTINUATION, a bad preface, compressed messages)."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import grpc
 import hpack
@@ -13,13 +14,14 @@ import pytest
 import pytest_asyncio
 
 from disagg.epp import h2grpc, h2wire
-from disagg.epp.h2grpc import GrpcError, GrpcServer
+from disagg.epp.h2grpc import LATER, GrpcError, GrpcServer, Reply
 from disagg.epp.h2wire import keeps_table
 
 ECHO = "/test.Echo/Stream"
 FAIL = "/test.Echo/Fail"
 CRASH = "/test.Echo/Crash"
 FIRST = "/test.Echo/First"
+LATER_PATH = "/test.Echo/Later"
 
 
 class Echo:
@@ -71,9 +73,38 @@ class First:
         raise AssertionError("a finished stream gets no end()")
 
 
+class Later:
+    """Answers nothing at once: the test answers through the stream's Reply. Each stream's
+    handler is in `made`, in order."""
+
+    made: list["Later"] = []
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self.got: list[bytes] = []
+        self.cancelled = 0
+        self.finished = False
+        Later.made.append(self)
+
+    def bind(self, reply: Reply) -> None:
+        self.reply = reply
+        reply.on_cancel(self._cancelled)
+
+    def _cancelled(self) -> None:
+        self.cancelled += 1
+
+    def message(self, payload: bytes):
+        self.got.append(payload)
+        return LATER
+
+    def end(self) -> list[bytes]:
+        return []
+
+
 @pytest_asyncio.fixture(loop_scope="function")
 async def server():
-    s = GrpcServer({ECHO: Echo, FAIL: Fail, CRASH: Crash, FIRST: First})
+    Later.made = []
+    s = GrpcServer({ECHO: Echo, FAIL: Fail, CRASH: Crash, FIRST: First, LATER_PATH: Later})
     s.port = await s.listen("127.0.0.1", 0)
     yield s
     await s.stop()
@@ -200,6 +231,92 @@ async def test_stop_ends_open_streams_and_closes_connections(server) -> None:
         assert not server.connections
         with pytest.raises(grpc.aio.AioRpcError):
             await asyncio.wait_for(rpc.read(), 5)
+
+
+async def made(n: int) -> list[Later]:
+    """The first `n` Later handlers, once each has its request message."""
+    for _ in range(500):
+        if len(Later.made) >= n and all(h.got for h in Later.made[:n]):
+            return Later.made[:n]
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(Later.made)} streams")
+
+
+async def test_a_handler_answers_later_through_its_reply(server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = channel.stream_stream(LATER_PATH, request_serializer=_identity, response_deserializer=_identity)
+        calls = [stream(iter([f"q{i}".encode()])) for i in range(2)]  # each half-closes after its message
+        reads = [asyncio.ensure_future(call.read()) for call in calls]
+        handlers = await made(2)
+        await asyncio.sleep(0.05)
+        assert not any(r.done() for r in reads)  # nothing answered yet, the client done sending
+        second = next(h for h in handlers if h.got == [b"q1"])
+        second.reply.send([b"later:" + second.got[0]])  # the second stream first
+        assert await asyncio.wait_for(reads[1], 5) == b"later:q1"
+        assert await calls[1].read() is grpc.aio.EOF and await calls[1].code() == grpc.StatusCode.OK
+        assert not reads[0].done()
+        first = next(h for h in handlers if h is not second)
+        first.reply.finish(9, "refused later")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(reads[0], 5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and err.value.details() == "refused later"
+        assert not first.reply.open and not second.reply.open
+        first.reply.send([b"too late"])  # a stream that is over: nothing happens
+        assert [h.cancelled for h in handlers] == [0, 0]
+    assert all(not c.open_streams for c in server.connections)
+
+
+async def test_a_stream_the_client_cancels_while_it_waits_tells_its_handler_at_once(server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = channel.stream_stream(LATER_PATH, request_serializer=_identity, response_deserializer=_identity)
+        call = stream(iter([b"q"]))
+        (handler,) = await made(1)
+        call.cancel()  # RST_STREAM
+        for _ in range(200):
+            if handler.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert handler.cancelled == 1 and not handler.reply.open
+        assert sum(c.open_streams for c in server.connections) == 0
+        handler.reply.send([b"late"])  # nothing to send it on: ignored
+        assert handler.cancelled == 1
+
+
+async def test_a_lost_connection_cancels_every_waiting_stream(server) -> None:
+    client = await RawClient.connect(server.port)
+    for stream in (1, 3, 5):
+        client.send(h2wire.HEADERS, h2wire.END_HEADERS, stream, client.headers_block(LATER_PATH))
+        client.send(h2wire.DATA, 0, stream, h2wire.grpc_frame(b"q"))
+    handlers = await made(3)
+    client.writer.transport.abort()  # no RST_STREAM, no GOAWAY: the connection is just gone
+    for _ in range(200):
+        if not server.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert [h.cancelled for h in handlers] == [1, 1, 1]
+    assert not server.connections
+
+
+async def test_the_clients_grpc_timeout_is_the_replys_deadline(server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = channel.stream_stream(LATER_PATH, request_serializer=_identity, response_deserializer=_identity)
+        started = time.monotonic()
+        call = stream(iter([b"q"]), timeout=30)
+        (handler,) = await made(1)
+        assert started + 29 < handler.reply.deadline < time.monotonic() + 30.5
+        handler.reply.send([b"a"])
+        assert await call.read() == b"a"
+        untimed = stream(iter([b"r"]))
+        handlers = await made(2)
+        assert handlers[1].reply.deadline is None
+        untimed.cancel()
+
+
+def test_grpc_timeout_values() -> None:
+    assert h2grpc._timeout(b"5000m") == 5.0
+    assert h2grpc._timeout(b"2S") == 2.0 and h2grpc._timeout(b"1H") == 3600.0 and h2grpc._timeout(b"7u") == 7e-6
+    for bad in (b"", b"m", b"5", b"5x", b"123456789S", b"-1S"):
+        assert h2grpc._timeout(bad) is None
 
 
 # -- raw frames -------------------------------------------------------------------------------
