@@ -231,20 +231,12 @@ class Cluster:
             out.status = "failed"
             return
         first = seq.first_token_s + stack.stream_s
-        last = self._last_seen(seq.first_token_s, seq.last_token_s, req.output_tokens) + stack.stream_s
+        last = last_seen(seq.first_token_s, seq.last_token_s, req.output_tokens, self.deployment.stream_window_s)
+        last += stack.stream_s
         out.status = "completed"
         out.ttft_s = first - req.arrival_s
         out.e2e_s = last - req.arrival_s
         out.tpot_s = (last - first) / (req.output_tokens - 1) if req.output_tokens > 1 else None
-
-    def _last_seen(self, first: float, last: float, tokens: int) -> float:
-        """When the last token leaves decode: our stream merges tokens that follow the previous
-        item within `stream_window_s`, so with tokens closer than that the items leave every
-        window from the first token, and the last one at the first window's end after it."""
-        window = self.deployment.stream_window_s
-        if tokens < 2 or window <= 0 or (last - first) / (tokens - 1) >= window:
-            return last
-        return first + -(-(last - first) // window) * window
 
     def settle(self) -> None:
         """At the end: requests still on a live engine's books are `unfinished` (overload); any
@@ -333,3 +325,10 @@ class Cluster:
                     busy[e.engine_id] = e.busy_s
 
 
+def last_seen(first: float, last: float, tokens: int, window: float) -> float:
+    """When the last token leaves decode: our stream merges tokens that follow the previous item
+    within `window` (`stream_batching_ms`), so with tokens closer than that, items leave every
+    window from the first token, and the last one at the first window's end after it."""
+    if tokens < 2 or window <= 0 or (last - first) / (tokens - 1) >= window:
+        return last
+    return first + -(-(last - first) // window) * window

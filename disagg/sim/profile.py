@@ -201,11 +201,14 @@ def measure_stack(model: str, cost: CostModel, requests: int = 8) -> StackCost:
     through `disagg serve` as `disagg bench serve` starts it (1 prefill + 1 decode). Each is timed
     to the end of its stream (a random-weight model's first tokens may show no text):
     one-token answers to short prompts (prefilled on decode) give the per-request overhead, to long
-    ones (prefilled remotely) the prefill call's; 128-token answers, how much slower the stack's
-    engines step than one alone (the cores are shared with the stack's other processes)."""
+    ones (prefilled remotely) the prefill call's; 128-token answers' TPOT, as `disagg bench serve`
+    measures it, how much slower the stack's engines step than one alone (the cores are shared
+    with the stack's other processes)."""
     from disagg.bench import driver, workloads
     from disagg.bench.serve import make_stack
     from disagg.bench.stacks import EngineSettings, native_dtype
+    from disagg.config import AppConfig
+    from disagg.sim.cluster import last_seen
 
     log_dir = Path(f"/tmp/dgp-{time.strftime('%H%M%S')}")
     stack = make_stack("disagg", model, EngineSettings(dtype=native_dtype()), log_dir)
@@ -230,9 +233,11 @@ def measure_stack(model: str, cost: CostModel, requests: int = 8) -> StackCost:
     def median(values) -> float:
         return max(statistics.median(values), 0.0)
 
-    one = statistics.median(r.latency_s for r in runs["local"])
-    steps = statistics.median((r.latency_s - one) / (r.max_tokens - 1) / cost.step_s(0, 0, 1, r.prompt_tokens + 64)
-                              for r in runs["long"])
+    def tpot(r: driver.RequestResult) -> float:  # as a client would see a lone request decode here
+        step, n = cost.step_s(0, 0, 1, r.prompt_tokens + 64), r.max_tokens
+        return last_seen(0.0, step * (n - 1), n, AppConfig.model_fields["stream_batching_ms"].default / 1000) / (n - 1)
+
+    steps = statistics.median(r.tpot_s / tpot(r) for r in runs["long"] if r.tpot_s)
     scaled = cost.model_copy(update={"stack": StackCost(step_scale=max(steps, 1.0))})
     request_s = median(r.latency_s - prefill(r.prompt_tokens, scaled) for r in runs["local"])
     call_s = median(r.latency_s - request_s - prefill(r.prompt_tokens, scaled) - scaled.transfer_s(r.prompt_tokens)
