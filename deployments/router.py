@@ -18,10 +18,10 @@ from ray.serve.handle import DeploymentHandle
 from deployments.metrics_bridge import MetricsBridge
 from disagg.config import AppConfig
 from disagg.heap import freeze_startup_heap
-from disagg.engine.base import GenerateOutput
+from disagg.engine.base import GenerateOutput, RequestRejected
 from disagg.openai.errors import APIError
 from disagg.openai.http import install_error_handlers, read_json_body, respond
-from disagg.openai.serving import Kind, Prepared, Preprocessor, ResponseBuilder
+from disagg.openai.serving import Kind, Prepared, Preprocessor, ResponseBuilder, rejected
 from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
 from disagg.messages import WorkerInfo
 
@@ -48,12 +48,18 @@ class RegistryDiscovery:
 
 async def _cancel_on_close(stream: Any) -> AsyncIterator[GenerateOutput]:
     """Iterate a handle's streaming response; closing this iterator cancels the replica's call
-    (so a client disconnect aborts the request on decode, and decode aborts its prefill)."""
+    (so a client disconnect aborts the request on decode, and decode aborts its prefill). A
+    request error raised on decode comes out as itself, not wrapped in Ray's RayTaskError."""
     finished = False
     try:
         async for out in stream:
             finished = out.finished
             yield out
+    except Exception as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, (RequestRejected, APIError)):
+            raise cause from None
+        raise
     finally:
         if not finished:
             with contextlib.suppress(Exception):
@@ -117,8 +123,11 @@ class Router:
         response body; errors raise APIError with the status a client would see."""
         prepared, stream, _ = await self._dispatch(kind, json.dumps(body).encode())
         builder = ResponseBuilder(prepared, self.config.model_name)
-        async for out in stream:
-            builder.add(out)
+        try:
+            async for out in stream:
+                builder.add(out)
+        except RequestRejected as e:
+            raise rejected(prepared, e) from None
         return builder.response()
 
     async def _dispatch(self, kind: Kind, raw: bytes
@@ -136,7 +145,9 @@ class Router:
         decode = pick.decode[0]
         stream = self.decode.options(stream=True).generate.remote(
             prepared.generate, pick.prefill_addresses, pin=decode.info.replica_id)
-        headers = {"x-disagg-decode": decode.address, "x-disagg-pd": pick.decision}
+        # x-disagg-pd is the outcome (decode's, on the first output), not pick.decision: decode
+        # may fall back to a local prefill.
+        headers = {"x-disagg-decode": decode.address}
         return prepared, _cancel_on_close(stream), headers
 
     def __del__(self) -> None:

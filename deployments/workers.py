@@ -96,7 +96,10 @@ class DecodeServer(_WorkerReplica):
     async def generate(self, request: GenerateRequest, prefill: list[str], pin: str | None = None
                        ) -> AsyncIterator[GenerateOutput]:
         """Stream one request; `pin` is read by the request router, not here. Deltas close
-        together leave as one item: each item costs a Ray object and two process hops."""
+        together leave as one item: each item costs a Ray object and two process hops. (Not
+        with several choices or logprobs: `coalesce.merge` joins one choice's text and tokens.)"""
         window_s = self._running.worker.config.stream_batching_ms / 1000
+        if request.sampling.n > 1 or request.sampling.logprobs is not None:
+            window_s = 0.0
         async for out in coalesce(self._running.worker.generate(request, prefill), window_s):
             yield out

@@ -14,7 +14,8 @@ import uuid
 from typing import Any, AsyncIterator
 
 from disagg.config import AppConfig
-from disagg.engine.base import EngineStats, GenerateOutput, GenerateRequest
+from disagg.engine.base import (EngineStats, GenerateOutput, GenerateRequest, PositionLogprobs, RequestRejected,
+                                SamplingOptions, TokenLogprob)
 from kv_transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -181,41 +182,40 @@ class VllmEngine:
         return self._llm.tokenizer
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineGenerateError
 
-        s = request.sampling
-        extra_args = {"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None
-        params = SamplingParams(
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-            stop=s.stop or None,
-            ignore_eos=s.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args=extra_args,
-        )
-        stream = self._llm.generate(
-            prompt={"prompt_token_ids": request.prompt_token_ids},
-            sampling_params=params,
-            request_id=request.request_id,
-        )
         finished = False
+        started = False
         try:
+            stream = self._llm.generate(
+                prompt={"prompt_token_ids": request.prompt_token_ids},
+                sampling_params=sampling_params(request),
+                request_id=request.request_id,
+            )
             async for out in stream:
-                completion = out.outputs[0]
+                started = True
                 finished = out.finished
-                yield GenerateOutput(
-                    request_id=request.request_id,
-                    token_ids=list(completion.token_ids),
-                    text=completion.text,
-                    finished=out.finished,
-                    finish_reason=completion.finish_reason if out.finished else None,
-                    num_prompt_tokens=len(out.prompt_token_ids or request.prompt_token_ids),
-                    num_cached_tokens=out.num_cached_tokens or 0,
-                    kv_transfer_params=out.kv_transfer_params,
-                )
+                for completion in out.outputs:
+                    yield GenerateOutput(
+                        request_id=request.request_id,
+                        token_ids=list(completion.token_ids),
+                        text=completion.text,
+                        finished=out.finished,
+                        finish_reason=completion.finish_reason,
+                        num_prompt_tokens=len(out.prompt_token_ids or request.prompt_token_ids),
+                        num_cached_tokens=out.num_cached_tokens or 0,
+                        kv_transfer_params=out.kv_transfer_params,
+                        index=completion.index,
+                        logprobs=_logprobs(completion, request.sampling.logprobs),
+                    )
+        except (VLLMClientError, EngineGenerateError) as e:
+            # vLLM checks the sampling options as it builds them and when the request is added (a
+            # schema its grammar backend cannot compile, say): the client's mistake, not the engine's.
+            cause = e if isinstance(e, VLLMClientError) else e.__cause__
+            if started or not isinstance(cause, ValueError | VLLMClientError):
+                raise
+            raise RequestRejected(str(cause), _option_at_fault(request, cause)) from None
         finally:
             if not finished:
                 # The consumer went away (client disconnect, cancel): free the blocks now rather
@@ -238,3 +238,61 @@ class VllmEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+def sampling_params(request: GenerateRequest) -> Any:
+    """vLLM's SamplingParams for a request: every option passes as vLLM names it."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    s = request.sampling
+    structured = None
+    if s.structured is not None:
+        structured = StructuredOutputsParams(json=s.structured.json_schema) if s.structured.json_schema is not None \
+            else StructuredOutputsParams(json_object=True)
+    return SamplingParams(
+        n=s.n,
+        max_tokens=s.max_tokens,
+        min_tokens=s.min_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed,
+        stop=s.stop or None,
+        stop_token_ids=s.stop_token_ids or None,
+        ignore_eos=s.ignore_eos,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        logit_bias=s.logit_bias or None,
+        logprobs=s.logprobs,
+        structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": request.kv_transfer_params} if request.kv_transfer_params else None,
+    )
+
+
+def _option_at_fault(request: GenerateRequest, error: Exception) -> str | None:
+    """The SamplingOptions field vLLM's refusal is about. vLLM names some (its `parameter`); the
+    structured-output backends name none, but say "schema", "grammar" or "structured"."""
+    name = getattr(error, "parameter", None)
+    if name == "structured_outputs" or (name is None and request.sampling.structured is not None and any(
+            word in str(error).lower() for word in ("schema", "grammar", "structured", "json"))):
+        return "structured"
+    return name if name in SamplingOptions.model_fields else None
+
+
+def _logprobs(completion: Any, top: int | None) -> list[PositionLogprobs] | None:
+    """vLLM's per-position logprob dicts (the sampled token and the `top` most likely, keyed by
+    token id, ranked) as PositionLogprobs of this delta's tokens."""
+    if top is None or completion.logprobs is None:
+        return None
+    positions = []
+    for token_id, entries in zip(completion.token_ids, completion.logprobs):
+        chosen = entries[token_id]
+        ranked = sorted((e for e in entries.items() if e[1].rank is not None and e[1].rank <= top),
+                        key=lambda e: e[1].rank)
+        positions.append(PositionLogprobs(
+            sampled=TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob),
+            top=[TokenLogprob(t, lp.decoded_token or "", lp.logprob) for t, lp in ranked[:top]],
+        ))
+    return positions

@@ -1,10 +1,19 @@
 """FastAPI glue the router and the worker endpoint share: error handlers (every error in
 OpenAI's body), reading a JSON body within its size limit, and turning an engine output stream
-into an OpenAI response (JSON or SSE) that stops the work when the client leaves."""
+into an OpenAI response (JSON or SSE) that stops the work when the client leaves.
+
+Where the prompt was prefilled is reported as it happened, not as it was planned: `remote` (a
+prefill worker computed it and decode pulled its KV), `local` (decode prefilled it: a short or
+cached prompt, or no prefill worker), `local_fallback` (a prefill worker was picked but every one
+tried failed, so decode prefilled it). The status line waits for the first output, when this is
+known, so the header `x-disagg-pd` is exact on JSON answers and streams alike; a stream also
+carries it as `"disagg": {"pd": ...}` in its last chunk before `[DONE]` (the usage chunk when
+`stream_options.include_usage` is set, else the final finish chunk)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -15,10 +24,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from disagg.engine.base import GenerateOutput
+from disagg.engine.base import GenerateOutput, RequestRejected
 from disagg.openai.body import check_json_content_type, shorten
 from disagg.openai.errors import APIError, error_body
-from disagg.openai.serving import Prepared, ResponseBuilder
+from disagg.openai.serving import Prepared, ResponseBuilder, rejected
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,7 +118,15 @@ async def until_disconnect(request: Request, work: Awaitable[T],
     client is gone goes to `on_abandon` (prefill uses it to free the handed-off blocks)."""
     task = asyncio.ensure_future(work)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=0.05)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=0.05)
+        except asyncio.CancelledError:
+            # This handler is cancelled (the server's own disconnect handling): so is the work,
+            # before anyone closes the stream it is reading.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise
         if done:
             return task.result()
         if await request.is_disconnected():
@@ -125,18 +142,54 @@ async def until_disconnect(request: Request, work: Awaitable[T],
 
 async def respond(request: Request, prepared: Prepared, outputs: AsyncIterator[GenerateOutput],
                   model_name: str, headers: dict[str, str] | None = None) -> Response:
+    """The answer: JSON, or SSE when asked for. Either way the status line waits for the first
+    output, so `x-disagg-pd` says where the prompt was prefilled as it happened, and an engine's
+    refusal of the options (RequestRejected) is a 400 rather than an error event."""
     builder = ResponseBuilder(prepared, model_name)
-    if prepared.request.stream:
-        return StreamingResponse(builder.sse(outputs), media_type="text/event-stream", headers=headers)
-
-    async def collect() -> None:
-        async for out in outputs:
-            builder.add(out)
-
+    headers = dict(headers or {})
+    streaming = prepared.request.stream
     try:
-        await until_disconnect(request, collect())
-    finally:
-        aclose = getattr(outputs, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if streaming:
+            first = await until_disconnect(request, _first(outputs))
+            if first is not None:
+                builder.pd = first.pd
+        else:
+            async def collect() -> None:
+                async for out in outputs:
+                    builder.add(out)
+
+            await until_disconnect(request, collect())
+    except RequestRejected as e:
+        await _close(outputs)
+        raise rejected(prepared, e) from None
+    except BaseException:
+        await _close(outputs)
+        raise
+    if builder.pd is not None:
+        headers["x-disagg-pd"] = builder.pd
+    if streaming:
+        return StreamingResponse(builder.sse(_resumed(first, outputs)), media_type="text/event-stream",
+                                 headers=headers)
+    await _close(outputs)
     return JSONResponse(builder.response(), headers=headers)
+
+
+async def _first(outputs: AsyncIterator[GenerateOutput]) -> GenerateOutput | None:
+    return await anext(outputs, None)
+
+
+async def _resumed(first: GenerateOutput | None, rest: AsyncIterator[GenerateOutput]) -> AsyncIterator[GenerateOutput]:
+    """`rest` with its first output, taken before the status line, put back in front."""
+    try:
+        if first is not None:
+            yield first
+            async for out in rest:
+                yield out
+    finally:
+        await _close(rest)
+
+
+async def _close(outputs: AsyncIterator[GenerateOutput]) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        await aclose()

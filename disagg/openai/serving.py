@@ -13,10 +13,12 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import ValidationError
 
-from disagg.engine.base import GenerateOutput, GenerateRequest, SamplingOptions
+from disagg.engine.base import (GenerateOutput, GenerateRequest, PDOutcome, PositionLogprobs, RequestRejected,
+                                SamplingOptions, StructuredOutput, TokenLogprob)
 from disagg.openai.body import parse_json, shorten
 from disagg.openai.errors import APIError, error_body, from_validation_error
 from disagg.openai.protocol import (
+    INT64_MAX,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
@@ -96,15 +98,52 @@ class Preprocessor:
             raise self._too_long(prompt_tokens=len(token_ids), requested=max_tokens)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid = new_id(prefix)
-        sampling = SamplingOptions(
+        sampling = self._sampling(req, max_tokens)
+        return Prepared(kind, req, GenerateRequest(request_id=rid, prompt_token_ids=token_ids, sampling=sampling), rid)
+
+    def _sampling(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingOptions:
+        """The engine's options for a request; a field the engine cannot honour is a 400 naming it."""
+        refuse_unsupported(req)
+        if req.seed is not None and req.seed + req.n - 1 > INT64_MAX:
+            # Choice i samples with seed + i (vLLM's rule): every one must stay an int64.
+            raise APIError(400, f"seed: seed + n - 1 must be at most {INT64_MAX} (choice i samples with seed + i)",
+                           param="seed")
+        if req.n > 1 and req.temperature == 0:
+            raise APIError(400, "n: more than one choice needs temperature > 0 (greedy choices would all be the "
+                                "same; the engine refuses them)", param="n")
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                           param="min_tokens")
+        logit_bias = {self._token_id(key, "logit_bias"): bias for key, bias in (req.logit_bias or {}).items()}
+        for token_id in req.stop_token_ids or []:
+            self._token_id(token_id, "stop_token_ids")
+        return SamplingOptions(
             max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             stop=req.stop or [],
+            stop_token_ids=req.stop_token_ids or [],
             ignore_eos=req.ignore_eos,
+            n=req.n,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logit_bias=logit_bias or None,
+            logprobs=requested_logprobs(req),
+            structured=structured_output(req),
         )
-        return Prepared(kind, req, GenerateRequest(request_id=rid, prompt_token_ids=token_ids, sampling=sampling), rid)
+
+    def _token_id(self, token: str | int, param: str) -> int:
+        try:
+            token_id = int(token)  # logit_bias keys are decimal strings
+        except ValueError:
+            token_id = -1
+        if not 0 <= token_id < self.vocab_size:
+            raise APIError(400, f"{param}: token ids must be integers in [0, {self.vocab_size}), got "
+                                f"{shorten(str(token))}", param=param)
+        return token_id
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         """Token ids a client sent: each in the vocabulary, and the prompt leaves room for at
@@ -158,6 +197,54 @@ class Preprocessor:
         return APIError(400, message, param=param, code="context_length_exceeded")
 
 
+def rejected(prepared: Prepared, error: RequestRejected) -> APIError:
+    """The engine's refusal of a request's options as the client's 400, naming the OpenAI field."""
+    openai_names = {"structured": "response_format", "logprobs": "top_logprobs" if prepared.kind == "chat" else "logprobs"}
+    field_name = openai_names.get(error.param or "", error.param)
+    return APIError(400, f"{field_name + ': ' if field_name else ''}{shorten(error.message, 300)}", param=field_name)
+
+
+def refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """A 400 naming the first field that asks for what this server does not do: it is never
+    silently ignored."""
+    if req.tools:
+        raise APIError(400, "tools: function calling is not supported by this server", param="tools")
+    if req.functions:
+        raise APIError(400, "functions: function calling is not supported by this server", param="functions")
+    for name in ("tool_choice", "function_call"):
+        value = getattr(req, name)
+        if value is not None and value != "none":
+            raise APIError(400, f"{name}: function calling is not supported by this server (only \"none\")",
+                           param=name)
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs: logprobs must be true when top_logprobs is set", param="top_logprobs")
+        return
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of: only best_of equal to n is supported (the engine returns every choice)",
+                       param="best_of")
+    if req.suffix:
+        raise APIError(400, "suffix: insertion (suffix) is not supported by this model server", param="suffix")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo: echo with logprobs (the prompt's logprobs) is not supported", param="echo")
+
+
+def requested_logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives per token the engine reports (0: the sampled token's only); None: no logprobs."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
+def structured_output(req: ChatCompletionRequest | CompletionRequest) -> StructuredOutput | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.json_schema is not None:
+        return StructuredOutput(json_schema=fmt.json_schema.json_schema)
+    return StructuredOutput(json_object=True)
+
+
 def _longest_token_bytes(tokenizer: Any) -> int | None:
     """The most UTF-8 bytes of text one token stands for (+1 for a word-start space a lone
     token's decode drops), or None when the tokenizer does not give text back as it came
@@ -170,24 +257,58 @@ def _longest_token_bytes(tokenizer: Any) -> int | None:
     return max(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 1
 
 
+@dataclass
+class _Choice:
+    """One choice's answer so far."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    text_offset: int = 0  # completions' logprobs.text_offset of the next token
+
+
 class ResponseBuilder:
-    """Accumulates engine deltas into one OpenAI response, or renders them as SSE chunks."""
+    """Accumulates engine deltas into one OpenAI response, or renders them as SSE chunks.
+
+    `pd` is where the prompt was prefilled (GenerateOutput.pd), known from the first output on:
+    the JSON answer's `x-disagg-pd` header, and in a stream the `disagg: {"pd": ...}` field of
+    the last chunk before [DONE] (the usage chunk when asked for, else the final finish chunk)."""
 
     def __init__(self, prepared: Prepared, model_name: str):
         self.p = prepared
         self.model = model_name
-        self.text: list[str] = []
-        self.completion_tokens = 0
+        req = prepared.request
+        self.logprobs = prepared.generate.sampling.logprobs
+        self.token_ids_as_text = req.return_tokens_as_token_ids
+        echo = isinstance(req, CompletionRequest) and req.echo and isinstance(req.prompt, str)
+        self.echo_text = req.prompt if echo else ""  # type: ignore[union-attr]
+        self.choices = [_Choice(text_offset=len(self.echo_text)) for _ in range(prepared.generate.sampling.n)]
         self.prompt_tokens = len(prepared.generate.prompt_token_ids)
-        self.finish_reason: str | None = None
         self.cached_tokens = 0
+        self.pd: PDOutcome | None = None
 
-    def add(self, out: GenerateOutput) -> None:
-        self.text.append(out.text)
-        self.completion_tokens += len(out.token_ids)
+    def add(self, out: GenerateOutput) -> _Choice:
+        choice = self.choices[out.index]
+        choice.text.append(out.text)
+        choice.tokens += len(out.token_ids)
+        if out.logprobs:
+            choice.logprobs.extend(out.logprobs)
+        if out.finish_reason is not None or (out.finished and choice.finish_reason is None):
+            choice.finish_reason = _finish_reason(out.finish_reason)
         if out.finished:
-            self.finish_reason = _finish_reason(out.finish_reason)
             self.cached_tokens = out.num_cached_tokens
+        if self.pd is None:
+            self.pd = out.pd
+        return choice
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
 
     def usage(self) -> Usage:
         return Usage(
@@ -197,49 +318,89 @@ class ResponseBuilder:
         )
 
     def response(self) -> dict[str, Any]:
-        text = "".join(self.text)
-        if self.p.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": self.finish_reason, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            req = self.p.request
-            if isinstance(req, CompletionRequest) and req.echo and isinstance(req.prompt, str):
-                text = req.prompt + text
-            choice = {"index": 0, "text": text, "finish_reason": self.finish_reason, "logprobs": None}
-            obj = "text_completion"
+        choices = []
+        for index, c in enumerate(self.choices):
+            text = "".join(c.text)
+            if self.p.kind == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "finish_reason": c.finish_reason, "logprobs": self._chat_logprobs(c.logprobs)})
+            else:
+                offsets = _Choice(text_offset=len(self.echo_text))
+                choices.append({"index": index, "text": self.echo_text + text, "finish_reason": c.finish_reason,
+                                "logprobs": self._completion_logprobs(c.logprobs, offsets)})
+        obj = "chat.completion" if self.p.kind == "chat" else "text_completion"
         return {"id": self.p.response_id, "object": obj, "created": self.p.created, "model": self.model,
-                "choices": [choice], "usage": self.usage().model_dump()}
+                "choices": choices, "usage": self.usage().model_dump()}
 
-    def _chunk(self, delta_text: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
+    def _token(self, t: TokenLogprob) -> str:
+        return f"token_id:{t.token_id}" if self.token_ids_as_text else t.token
+
+    def _chat_logprobs(self, positions: list[PositionLogprobs]) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        return {"content": [{**_chat_token(self._token(p.sampled), p.sampled.logprob),
+                             "top_logprobs": [_chat_token(self._token(t), t.logprob) for t in p.top]}
+                            for p in positions]}
+
+    def _completion_logprobs(self, positions: list[PositionLogprobs], choice: _Choice) -> dict[str, Any] | None:
+        """OpenAI's legacy shape; `choice.text_offset` advances past these tokens."""
+        if self.logprobs is None:
+            return None
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for p in positions:
+            token = self._token(p.sampled)
+            tokens.append(token)
+            token_logprobs.append(_finite(p.sampled.logprob))
+            alternatives = {self._token(t): _finite(t.logprob) for t in p.top}
+            alternatives.setdefault(token, _finite(p.sampled.logprob))
+            top.append(alternatives)
+            offsets.append(choice.text_offset)
+            choice.text_offset += len(p.sampled.token)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _chunk(self, index: int, delta_text: str | None, finish_reason: str | None, *, role: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.p.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if delta_text is not None:
                 delta["content"] = delta_text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "text": delta_text or "", "finish_reason": finish_reason, "logprobs": logprobs}
             obj = "text_completion"
         return {"id": self.p.response_id, "object": obj, "created": self.p.created, "model": self.model,
                 "choices": [choice]}
 
-    async def sse(self, outputs: AsyncIterator[GenerateOutput]) -> AsyncIterator[bytes]:
-        """OpenAI's stream: a role chunk (chat), content deltas, a finish chunk, an optional usage
-        chunk, then [DONE]. An error mid-stream becomes an error event, then [DONE]."""
+    def _delta_logprobs(self, out: GenerateOutput, choice: _Choice) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        positions = out.logprobs or []
         if self.p.kind == "chat":
-            yield sse_event(self._chunk("", None, role=True))
+            return self._chat_logprobs(positions)
+        return self._completion_logprobs(positions, choice)
+
+    async def sse(self, outputs: AsyncIterator[GenerateOutput]) -> AsyncIterator[bytes]:
+        """OpenAI's stream: a role chunk per choice (chat), content deltas, a finish chunk per
+        choice, an optional usage chunk, then [DONE]. An error mid-stream becomes an error event,
+        then [DONE]."""
+        if self.p.kind == "chat":
+            for index in range(len(self.choices)):
+                yield sse_event(self._chunk(index, "", None, role=True))
+        opts = self.p.request.stream_options
+        with_usage = opts is not None and opts.include_usage
         try:
             async for out in outputs:
-                self.add(out)
-                if out.text or out.finished:
-                    finish = self.finish_reason if out.finished else None
-                    if out.text:
-                        yield sse_event(self._chunk(out.text, None))
-                    if finish is not None:
-                        yield sse_event(self._chunk(None if self.p.kind == "chat" else "", finish))
+                choice = self.add(out)
+                if out.text or (self.logprobs is not None and out.logprobs):
+                    yield sse_event(self._chunk(out.index, out.text, None, logprobs=self._delta_logprobs(out, choice)))
+                if out.finish_reason is not None or out.finished:
+                    finish = self._chunk(out.index, None if self.p.kind == "chat" else "", choice.finish_reason)
+                    if out.finished and not with_usage:
+                        finish["disagg"] = self._disagg()
+                    yield sse_event(finish)
         except Exception as e:  # noqa: BLE001 - the status line is sent: the stream must end well
             if isinstance(e, APIError):
                 body = e.body()
@@ -249,13 +410,25 @@ class ResponseBuilder:
             yield sse_event(body)
             yield b"data: [DONE]\n\n"
             return
-        opts = self.p.request.stream_options
-        if opts is not None and opts.include_usage:
-            usage_chunk = self._chunk(None, None)
+        if with_usage:
+            usage_chunk = self._chunk(0, None, None)
             usage_chunk["choices"] = []
             usage_chunk["usage"] = self.usage().model_dump()
+            usage_chunk["disagg"] = self._disagg()
             yield sse_event(usage_chunk)
         yield b"data: [DONE]\n\n"
+
+    def _disagg(self) -> dict[str, Any]:
+        return {"pd": self.pd}
+
+
+def _chat_token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+
+def _finite(logprob: float) -> float:
+    # -inf is not JSON; vLLM's server writes the same floor.
+    return max(logprob, -9999.0)
 
 
 def _finish_reason(reason: str | None) -> str | None:

@@ -4,6 +4,16 @@ with the returned kv_transfer_params while the KV connector pulls the blocks.
 Fault semantics: a prefill that errors, times out or is unreachable is skipped for the next
 candidate, within `prefill_attempts`; after that decode prefills locally. The client always gets
 a complete answer. Blocks a prefill handed off but that decode will not read are released at once.
+
+Every output says where its prompt was prefilled, as it happened (`GenerateOutput.pd`): `remote`
+(a prefill worker's KV was handed off), `local` (no prefill worker was named) or `local_fallback`
+(every one tried failed). The HTTP layer reports it as `x-disagg-pd` and in a stream's last chunk.
+
+Sampling is decode's alone: prefill computes the prompt's KV (its one greedy token is discarded),
+and decode samples the first token again from the last prompt position, with the request's own
+options (logit_bias, penalties, grammar, min_tokens, logprobs, seed), as a local prefill would.
+With n > 1 choices the KV is pulled once into decode's prefix cache by a one-token request, and
+the n choices start from it: a hand-off has one reader, and n readers would each pull or recompute.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import Any, AsyncIterator, Callable
 import aiohttp
 
 from disagg.config import AppConfig
-from disagg.engine.base import GenerateOutput, GenerateRequest
+from disagg.engine.base import GenerateOutput, GenerateRequest, PDOutcome, SamplingOptions
 from disagg.worker.protocol import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -86,6 +96,7 @@ async def generate_disaggregated(
     """Decode's whole path for one request. Cancelling the iterator aborts the request here,
     and the prefill's blocks are released if decode never read them."""
     params: dict[str, Any] | None = None
+    pd: PDOutcome = "local"
     if prefill_candidates:
         outcome = await prefill_client.prefill(request, prefill_candidates)
         if on_prefill is not None:
@@ -94,16 +105,34 @@ async def generate_disaggregated(
             params = dict(outcome.kv_transfer_params)
             params["do_remote_prefill"] = True
             params["do_remote_decode"] = False
-    local = request.model_copy(update={"kv_transfer_params": params})
-    produced = False
+            pd = "remote"
+        else:
+            pd = "local_fallback"
+            log.warning("%s: no prefill worker answered (%d tried); prefilling on decode", request.request_id,
+                        outcome.attempts)
+    read = False  # decode has the prefill's blocks (or the engine gave up on them)
     try:
+        if params is not None and request.sampling.n > 1:
+            await _pull_kv(engine, request, params)
+            read, params = True, None
+        local = request.model_copy(update={"kv_transfer_params": params})
         async for out in engine.generate(local):
-            produced = produced or bool(out.token_ids)
+            read = read or bool(out.token_ids)
+            out.pd = pd
             yield out
     finally:
-        if params is not None and not produced:
+        if params is not None and not read:
             # Cancelled (or failed) before the first token: the blocks were perhaps never read.
             try:
                 await asyncio.shield(engine.release_remote_kv(f"{request.request_id}-rel", params))
             except Exception:  # noqa: BLE001 - best effort; the lease frees them anyway
                 log.exception("could not release prefill blocks of %s", request.request_id)
+
+
+async def _pull_kv(engine: Any, request: GenerateRequest, kv_transfer_params: dict[str, Any]) -> None:
+    """Read a prefill's hand-off into this engine's prefix cache with a one-token request."""
+    pull = GenerateRequest(request_id=f"{request.request_id}-pull", prompt_token_ids=request.prompt_token_ids,
+                           sampling=SamplingOptions(max_tokens=1, temperature=0.0),
+                           kv_transfer_params=kv_transfer_params)
+    async for _ in engine.generate(pull):
+        pass

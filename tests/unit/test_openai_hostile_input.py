@@ -128,7 +128,7 @@ def test_utf8_encoded_surrogates_and_other_bad_bytes_are_a_400(pre):
     ("seed", 2**63), ("seed", 10**30), ("seed", -(2**63) - 1), ("seed", 1.5), ("seed", "x"),
     ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", 10**30), ("max_completion_tokens", 0),
     ("temperature", -0.1), ("temperature", 2.01), ("temperature", 1e308), ("top_p", 0), ("top_p", 1.0001),
-    ("n", 0), ("n", 2), ("n", 2**64), ("stream", "maybe"), ("echo", [1]), ("stop", ["a"] * 5), ("stop", [""]),
+    ("n", 0), ("n", 17), ("n", 2**64), ("stream", "maybe"), ("echo", [1]), ("stop", ["a"] * 5), ("stop", [""]),
     ("stop", 7), ("stream_options", {"include_usage": "sometimes"}), ("ignore_eos", {}),
 ])
 def test_numeric_and_typed_fields_out_of_range_are_a_400_naming_the_field(pre, field, value):

@@ -41,7 +41,7 @@ def test_defaults_fill_the_remaining_context(pre):
         (body(prompt="x", top_p=0), 400, "top_p"),
         (body(prompt="x", stop=["a", "b", "c", "d", "e"]), 400, "stop"),
         (body(prompt=[1, 2, 99999]), 400, "prompt"),
-        (body(prompt="x", n=2), 400, "n"),
+        (body(prompt="x", n=17), 400, "n"),
         (json.dumps({"model": "other", "prompt": "x"}).encode(), 404, "model"),
         (body(prompt="word " * 300), 400, "prompt"),
         (body(prompt="x", max_tokens=300), 400, "max_tokens"),
