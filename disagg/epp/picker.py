@@ -67,6 +67,7 @@ class EndpointPicker:
         self.flow: FlowControl[Decision] = FlowControl(
             flow_control if flow_control is not None else scheduler.config.flow_control,
             pick=self._pick, refuse=self._refuse_dropped, headroom=self._headroom)
+        scheduler.pool.on_load(lambda endpoint: self.flow.notify())  # a load report may free room
 
     def route(self, path: str, body: bytes, subset: list[str] | None = None, *,
               headers: Mapping[str, str] | None = None, deadline: float | None = None) -> Decision | Waiting[Decision]:

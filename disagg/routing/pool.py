@@ -56,6 +56,7 @@ class EndpointPool:
         self._orders: dict[str, LoadOrder] = {"prefill": LoadOrder([]), "decode": LoadOrder([])}
         self._batching = False
         self._listeners: list[RemovalListener] = []
+        self._load_listeners: list[Callable[[Endpoint], None]] = []
         # engine ids removed as dead (bounded), so rediscovery is no revival.
         self._tombstones: dict[str, float] = {}
 
@@ -130,6 +131,10 @@ class EndpointPool:
             self.remove(engine_id, reason="gone from discovery")
         return errors
 
+    def on_load(self, listener: Callable[[Endpoint], None]) -> None:
+        """Call `listener(endpoint)` after every load signal (flow control dispatches on it)."""
+        self._load_listeners.append(listener)
+
     def on_remove(self, listener: RemovalListener) -> None:
         """Call `listener(endpoint, reason)` whenever an endpoint leaves the pool."""
         self._listeners.append(listener)
@@ -147,6 +152,8 @@ class EndpointPool:
         if not 0.0 <= load.kv_usage <= 1.0:
             load = msgspec.structs.replace(load, kv_usage=min(max(load.kv_usage, 0.0), 1.0))
         endpoint.signal(load, self.clock() if at is None else at, self.wall() if as_of is None else as_of)
+        for listener in self._load_listeners:
+            listener(endpoint)
 
     def touch(self, engine_id: str) -> None:
         """The worker answered something (a KV event, a health check) without a load signal."""

@@ -296,8 +296,20 @@ def test_bench_epp_times_picks_and_the_envoy_hop(tmp_path: Path) -> None:
 
     out = tmp_path / "epp.json"
     assert main(["--endpoints", "4,8", "--indexed-blocks", "320", "--picks", "60", "--answer-requests", "50",
-                 "--hop-requests", "40", "--scrape-workers", "4", "--json", str(out)]) == 0
+                 "--hop-requests", "40", "--scrape-workers", "4", "--qps", "100", "--qps-seconds", "2",
+                 "--replica-requests", "40", "--idle-workers", "20", "--large-body-requests", "40",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    # The fleet-scale parts, small: open-loop arrivals, two replicas, an idle EPP, large bodies.
+    qps = report["qps"]
+    assert qps["rate"] == 100 and qps["failed"] == 0 and qps["envoy_epp"]["answered"] > 100
+    assert "epp_hop_added_p50_ms" in qps and "epp_hop_added_p99_ms" in qps
+    replicas = report["replicas"]
+    assert replicas["count"] == 2 and replicas["prefix_affinity"] >= 0.9
+    assert replicas["pick_agreement"] is None or replicas["pick_agreement"] >= 0.9
+    idle = report["idle"]
+    assert idle["endpoints"] == idle["live"] == 20 and 0 <= idle["cpu_percent"] < 100
+    assert "epp_hop_added_p50_ms" in report["large_body"]
     assert [p["endpoints"] for p in report["pick"]] == [4, 8]
     assert all(p["picks"] == 60 and 0 < p["p50_us"] <= p["p99_us"] for p in report["pick"])
     # The in-process answers routed to the stand-in (checked as they ran), each taking some time.
