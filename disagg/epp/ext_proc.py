@@ -37,11 +37,13 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from disagg.epp.flow_control import FLOW_HEADERS, Waiting
 from disagg.epp.h2grpc import LATER, Later, Reply
 from disagg.epp.picker import Decision, EndpointPicker, Refused, Routed
 from disagg.epp.protocol import BODY_CHUNK_BYTES, DESTINATION_HEADER, DESTINATION_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE
+from disagg.openai.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class _Exchange:
     path: str = "/"
     subset: list[str] | None = None
     flow_headers: dict[str, str] | None = None  # priority, objective, tenant (when the client sent any)
+    method: str = ""
+    content_type: str | None = None
+    size: int = 0  # body bytes so far
     chunks: list[bytes] = field(default_factory=list)  # the body as it arrives
     body: bytes = b""  # the whole body, once it has
     on_headers: bool = False  # routed on the headers (no body)
@@ -164,17 +169,32 @@ class ExternalProcessor:
                 key = h.key
                 if key == ":path":
                     ex.path = header_value(h)
+                elif key == ":method":
+                    ex.method = header_value(h)
+                elif key == "content-type":
+                    ex.content_type = header_value(h)
+                elif key == "content-length" and header_value(h).isdigit():
+                    ex.size = int(header_value(h))
                 elif key in _FLOW_HEADERS:
                     if ex.flow_headers is None:
                         ex.flow_headers = {}
                     ex.flow_headers[key] = header_value(h)
+            refused = self.picker.screen(ex.method, ex.path, ex.content_type, ex.size)
+            if refused is not None:  # before reading a byte of the body
+                ex.routed = True
+                return ex, [immediate(refused)]
             if message.request_headers.end_of_stream:
                 return ex, self._route(ex, on_headers=True, deadline=deadline)
             return ex, [] if ex.mode == FULL_DUPLEX_STREAMED else [CONTINUE[phase]]
         if phase == "request_body":
-            if ex is None:
+            if ex is None or ex.routed:
                 return ex, []
             ex.chunks.append(message.request_body.body)
+            ex.size = max(ex.size, sum(map(len, ex.chunks)))
+            refused = self.picker.screen(ex.method, ex.path, ex.content_type, ex.size)
+            if refused is not None:  # a body without a length that grows past the limit
+                ex.routed, ex.chunks = True, []
+                return ex, [immediate(refused)]
             if message.request_body.end_of_stream:
                 return ex, self._route(ex, on_headers=False, deadline=deadline)
             # STREAMED: each chunk needs an answer; the pick happens at the end of stream.
@@ -237,8 +257,17 @@ class ExtProcStream:
     def message(self, payload: bytes) -> list[bytes] | Later:
         waited = self.ex is not None and self.ex.waiting is not None
         reply = self.reply
-        self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload),
-                                                   deadline=reply.deadline if reply is not None else None)
+        try:
+            self.ex, responses = self.processor.answer(self.ex, pb.ProcessingRequest.FromString(payload),
+                                                       deadline=reply.deadline if reply is not None else None)
+        except Exception as exc:  # a bug of ours: the client gets OpenAI's body, not Envoy's empty 500
+            if isinstance(exc, DecodeError):
+                raise
+            log.exception("the EPP failed on a request")
+            if self.ex is None:
+                self.ex = _Exchange(mode=FULL_DUPLEX_STREAMED)
+            self.ex.routed, self.ex.waiting = True, None
+            return [immediate(Refused(500, error_body(500, f"internal error: {type(exc).__name__}"))).SerializeToString()]
         ex = self.ex
         if ex is None or ex.waiting is None or waited:
             return [r.SerializeToString() for r in responses]

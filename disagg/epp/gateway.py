@@ -154,7 +154,8 @@ class Gateway:
         assert self.reader is not None
         scheduler = Scheduler(self.config.routing, model=self.config.model_name, block_size=self.config.block_size)
         grpc_port, health_port, metrics_port = self._ports
-        self.epp = await start_epp(EndpointPicker(scheduler, self.reader), host=self.epp_host, grpc_port=grpc_port,
+        picker = EndpointPicker(scheduler, self.reader, max_request_bytes=self.config.max_request_bytes)
+        self.epp = await start_epp(picker, host=self.epp_host, grpc_port=grpc_port,
                                    health_port=health_port, metrics_port=metrics_port,
                                    secure_serving=self.secure_serving, cert_path=self.cert_path)
         # A restarted EPP comes back on the same ports: Envoy's cluster points there.

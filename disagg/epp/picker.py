@@ -12,7 +12,8 @@ from typing import Any, Mapping
 from disagg.config import FlowControlConfig
 from disagg.epp.flow_control import (DROPPED_REASON_HEADER, NO_ENDPOINT, Dropped, FlowControl, FlowKey, Waiting,
                                      record_drop)
-from disagg.epp.prompt import PromptReader
+from disagg.epp.prompt import PromptReader, openai_kind
+from disagg.openai.body import check_json_content_type
 from disagg.epp.protocol import DESTINATION_HEADER, PREFILLER_HEADER
 from disagg.openai.errors import APIError, error_body
 from disagg.routing import NoEndpointError, Pick, PickRequest, Scheduler
@@ -61,13 +62,28 @@ class EndpointPicker:
     scheduler's `routing.flow_control`."""
 
     def __init__(self, scheduler: Scheduler, reader: PromptReader,
-                 flow_control: FlowControlConfig | None = None) -> None:
+                 flow_control: FlowControlConfig | None = None, *, max_request_bytes: int = 4 * 2**20) -> None:
         self.scheduler = scheduler
         self.reader = reader
+        self.max_request_bytes = max_request_bytes
         self.flow: FlowControl[Decision] = FlowControl(
             flow_control if flow_control is not None else scheduler.config.flow_control,
             pick=self._pick, refuse=self._refuse_dropped, headroom=self._headroom)
         scheduler.pool.on_load(lambda endpoint: self.flow.notify())  # a load report may free room
+
+    def screen(self, method: str, path: str, content_type: str | None, size: int) -> Refused | None:
+        """What the workers would refuse on the headers alone, refused before the body is read:
+        an OpenAI POST that is not JSON (415) or larger than `max_request_bytes` (413)."""
+        if method != "POST" or openai_kind(path) is None:
+            return None
+        try:
+            check_json_content_type(content_type)
+            if size > self.max_request_bytes:
+                raise APIError(413, f"request body of {size} bytes; the limit is {self.max_request_bytes}",
+                               code="request_too_large")
+        except APIError as exc:
+            return self._refuse(exc.status, exc.body())
+        return None
 
     def route(self, path: str, body: bytes, subset: list[str] | None = None, *,
               headers: Mapping[str, str] | None = None, deadline: float | None = None) -> Decision | Waiting[Decision]:

@@ -15,6 +15,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
+from disagg.openai.body import parse_json
 from disagg.openai.errors import APIError
 from disagg.routing import PickRequest
 
@@ -83,12 +84,7 @@ class RawPromptReader:
         kind = openai_kind(path)
         if kind is None or not body:
             return PickRequest(model=self.model_name, prompt_token_ids=[], subset=subset)
-        try:
-            data = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
+        data = parse_json(body)  # the edge's rules: UTF-8, bounded nesting, strings that encode
         model = data.get("model")
         if not isinstance(model, str):
             raise APIError(400, "model: field required", param="model")

@@ -379,3 +379,62 @@ async def test_a_text_prompt_sharing_a_long_prefix_goes_where_its_prefix_went(ep
     assert await destination("an unrelated prompt " * 100) != first
     # ...and one that shares the document goes where the document is.
     assert await destination(document + "second question, a longer one") == first
+
+
+def headers_with(path: str = "/v1/completions", **fields: str) -> pb.ProcessingRequest:
+    msg = headers_msg(path)
+    for key, value in fields.items():
+        header = base_pb2.HeaderValue(key=key.replace("_", "-"), raw_value=value.encode())
+        if key == "content_type":
+            for h in msg.request_headers.headers.headers:
+                if h.key == "content-type":
+                    h.raw_value = value.encode()
+            continue
+        msg.request_headers.headers.headers.append(header)
+    return msg
+
+
+async def test_a_body_that_is_not_json_is_415_before_it_is_read(epp) -> None:
+    _, scheduler, stub, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"):
+        responses = await exchange(stub, [headers_with(content_type=content_type)] + body_msgs(completion()))
+        answer = responses[0].immediate_response
+        assert answer.status.code == 415 and set(json.loads(answer.body)["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_a_body_over_the_limit_is_413_on_its_length_or_as_it_grows(epp) -> None:
+    running, scheduler, stub, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+    running.picker.max_request_bytes = 100_000
+    big = completion(30_000)  # ~170 KB of token ids
+    for messages in ([headers_with(content_length=str(len(big)))] + body_msgs(big), [headers_msg()] + body_msgs(big)):
+        responses = await exchange(stub, messages)
+        assert responses[0].immediate_response.status.code == 413
+
+
+@pytest.mark.parametrize("body", [
+    ('{"model": "tiny", "prompt": "x", "meta": ' + "[" * 2000 + "]" * 2000 + "}").encode(),
+    b'{"model": "tiny", "prompt": "x\\ud800"}',
+    b'{"model": "tiny\\udfff", "prompt": "x"}',
+])
+async def test_hostile_json_is_400_from_the_epp_not_a_500(epp, body) -> None:
+    _, scheduler, stub, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+    responses = await exchange(stub, [headers_msg()] + body_msgs(body))
+    answer = responses[0].immediate_response
+    assert answer.status.code == 400, answer
+    assert set(json.loads(answer.body)["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_a_failure_of_the_epp_itself_is_an_openai_500_not_a_broken_stream(epp, monkeypatch) -> None:
+    running, scheduler, stub, _ = epp
+    add(scheduler, "decode", "10.0.0.1:8000")
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(running.picker, "route", broken)
+    responses = await exchange(stub, [headers_msg()] + body_msgs(completion()))
+    answer = responses[0].immediate_response
+    assert answer.status.code == 500 and json.loads(answer.body)["error"]["type"] == "internal_error"
