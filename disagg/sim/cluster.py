@@ -142,10 +142,10 @@ class Cluster:
                 engine = Engine(env, f"{label}-{i}", role, cost, on_events=self._on_events,
                                 on_load=self._on_load, label=label)
                 self.engines[engine.engine_id] = engine
+                k = len(self.engines)
                 self.scheduler.pool.upsert(WorkerInfo(role=role, model=MODEL, engine_id=engine.engine_id,
-                                                      address=f"10.{len(self.engines) >> 8}.{len(self.engines) & 255}.1:8000",
-                                                      node_id=engine.engine_id, layout=layout,
-                                                      num_blocks=cost.limits.num_blocks))
+                                                      address=f"10.{k >> 8}.{k & 255}.1:8000", node_id=engine.engine_id,
+                                                      layout=layout, num_blocks=cost.limits.num_blocks))
                 env.process(self._scrape(engine, phase=self.rng.random() * self.routing.scrape_interval_s))
         env.process(self._sweep())
         self.timeline = Timeline(sample_every_s)
@@ -317,7 +317,9 @@ class Cluster:
                 series = tl.roles[label]
                 loads = [e.load() for e in mine]
                 n = max(len(mine), 1)
-                series["busy"].append(round(sum(e.busy_s - busy[e.engine_id] for e in mine) / (n * tl.every_s), 3))
+                busy_s = sum(e.busy_s - busy[e.engine_id] for e in mine)
+                # a step counts when it ends, so one across a sample boundary can push a sample past 1
+                series["busy"].append(round(min(busy_s / (n * tl.every_s), 1.0), 3))
                 series["waiting"].append(sum(x.waiting for x in loads))
                 series["running"].append(sum(x.running for x in loads))
                 series["kv_usage"].append(round(sum(x.kv_usage for x in loads) / n, 3))

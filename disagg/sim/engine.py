@@ -173,7 +173,8 @@ class Engine:
         """What a scrape of this worker reads."""
         used = self.num_blocks - self.free - len(self.evictable)
         if self._in_run is not None:  # the blocks of a decode run's steps so far (allocated at its end)
-            used += sum(self.block_due[(self.steps + i) % self.block_size] for i in range(1, self._run_steps_done() + 1))
+            due, b = self.block_due, self.block_size
+            used += sum(due[(self.steps + i) % b] for i in range(1, self._run_steps_done() + 1))
         return EngineLoad(waiting=len(self.waiting) + len(self.loading), running=len(self.running),
                           kv_usage=used / self.num_blocks, free_blocks=self.num_blocks - used,
                           num_blocks=self.num_blocks)

@@ -157,7 +157,8 @@ async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_g
         for i, (batch, context) in enumerate(DECODE_POINTS):
             s = await profiler.decode(batch, context)
             decode_points.append(Point((1.0, batch, batch * (context + DECODE_TOKENS / 2)), s))
-            say("profile", f"decode {i + 1}/{len(DECODE_POINTS)}: batch {batch}, context {context}: {s * 1e3:.1f} ms/step")
+            say("profile", f"decode {i + 1}/{len(DECODE_POINTS)}: batch {batch}, context {context}: "
+                           f"{s * 1e3:.1f} ms/step")
         mixed = (4, 64, 1024)
         mixed_s = await profiler.mixed(*mixed)
         say("profile", f"mixed check: a {mixed[2]}-token prompt while {mixed[0]} decode: {mixed_s * 1e3:.1f} ms")
@@ -180,7 +181,8 @@ async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_g
         stack=StackCost(),
         fit={"prefill": prefill_error, "decode": decode_error},
         sources={"prefill": f"measured: {len(prefill_points)} points, least of 3 (disagg profile)",
-                 "decode": f"measured: {len(decode_points)} batches of {DECODE_TOKENS} tokens, least of 2 (disagg profile)",
+                 "decode": f"measured: {len(decode_points)} batches of {DECODE_TOKENS} tokens, least of 2 "
+                           "(disagg profile)",
                  "limits": "the engine's vLLM config", "kv_bytes_per_token": "2 x layers x KV heads x head dim x dtype",
                  "transfer": "disagg bench transfer JSON" if transfer else "assumed (asyncio TCP on this host class)",
                  "stack": "not measured by profile (0): see disagg/sim/README-section.md"},
@@ -196,14 +198,15 @@ async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_g
     return cost
 
 
-def measure_stack(model: str, cost: CostModel, requests: int = 8) -> StackCost:
-    """What our stack adds to the engine alone, on this machine now: requests one at a time
-    through `disagg serve` as `disagg bench serve` starts it (1 prefill + 1 decode). Each is timed
-    to the end of its stream (a random-weight model's first tokens may show no text):
-    one-token answers to short prompts (prefilled on decode) give the per-request overhead, to long
-    ones (prefilled remotely) the prefill call's; 128-token answers' TPOT, as `disagg bench serve`
-    measures it, how much slower the stack's engines step than one alone (the cores are shared
-    with the stack's other processes)."""
+def measure_stack(model: str, cost: CostModel, rate: float = 2.0, requests: int = 16) -> StackCost:
+    """What our stack adds to the engine alone, on this machine now, at `rate` requests/s:
+    `disagg serve` as `disagg bench serve` starts it (1 prefill + 1 decode) serves short prompts
+    (prefilled on decode) and long ones (prefilled remotely), each answering 32-128 tokens, timed
+    as `disagg bench serve` times them. Per short request, TTFT minus the engine's prefill is the
+    stack's; a long one's extra is the prefill call's; TPOT over a lone request's simulated TPOT
+    is how much slower the stack's engines step than one alone (its other processes share the
+    cores). The stack's own processes load the machine more as more streams run, so profile at
+    the rate you mean to simulate."""
     from disagg.bench import driver, workloads
     from disagg.bench.serve import make_stack
     from disagg.bench.stacks import EngineSettings, native_dtype
@@ -214,37 +217,34 @@ def measure_stack(model: str, cost: CostModel, requests: int = 8) -> StackCost:
     stack = make_stack("disagg", model, EngineSettings(dtype=native_dtype()), log_dir)
     say("profile", f"starting the stack ({stack.description}); logs in {log_dir}")
     stack.start(timeout_s=900)
-    cases = {"local": ((32, 64), (1, 1)), "remote": ((600, 700), (1, 1)), "long": ((32, 64), (128, 128))}
     try:
         warm = workloads.uniform(model, seed=1000, requests=2, prompt=(300, 400), answer=(4, 8), salt="warm-up")
         asyncio.run(driver.warm_up(stack.url, stack.model_name, warm))
-        runs = {}
-        for seed, (case, (prompt, answer)) in enumerate(cases.items()):
-            wl = workloads.uniform(model, seed=seed, requests=requests, prompt=prompt, answer=answer,
-                                   salt=f"profile-{case}")
-            run = asyncio.run(driver.drive(stack.url, stack.model_name, wl, concurrency=1))
-            runs[case] = [r for r in run.results if r.latency_s is not None]
+        wl = workloads.mixed(model, seed=99, requests=requests, long_prompt=(600, 700), long_answer=(32, 128),
+                             short_prompt=(32, 64), short_answer=(32, 128), salt="profile-stack")
+        run = asyncio.run(driver.drive(stack.url, stack.model_name, wl, rate=rate, seed=99))
     finally:
         stack.stop()
+    timed = [r for r in run.results if r.ok and r.ttft_s is not None and r.tpot_s]
+    window = AppConfig.model_fields["stream_batching_ms"].default / 1000
 
-    def prefill(tokens: int, c: CostModel = cost) -> float:
-        return c.step_s(tokens, attention(0, tokens), 0, 0)
+    def lone_tpot(r: driver.RequestResult) -> float:
+        step, n = cost.step_s(0, 0, 1, r.prompt_tokens + 64), r.output_tokens
+        return last_seen(0.0, step * (n - 1), n, window) / (n - 1)
 
-    def median(values) -> float:
-        return max(statistics.median(values), 0.0)
+    scale = max(statistics.median(r.tpot_s / lone_tpot(r) for r in timed), 1.0)
+    scaled = cost.model_copy(update={"stack": StackCost(step_scale=scale)})
 
-    def tpot(r: driver.RequestResult) -> float:  # as a client would see a lone request decode here
-        step, n = cost.step_s(0, 0, 1, r.prompt_tokens + 64), r.max_tokens
-        return last_seen(0.0, step * (n - 1), n, AppConfig.model_fields["stream_batching_ms"].default / 1000) / (n - 1)
+    def prefill(r: driver.RequestResult) -> float:
+        return scaled.step_s(r.prompt_tokens, attention(0, r.prompt_tokens), 0, 0)
 
-    steps = statistics.median(r.tpot_s / tpot(r) for r in runs["long"] if r.tpot_s)
-    scaled = cost.model_copy(update={"stack": StackCost(step_scale=max(steps, 1.0))})
-    request_s = median(r.latency_s - prefill(r.prompt_tokens, scaled) for r in runs["local"])
-    call_s = median(r.latency_s - request_s - prefill(r.prompt_tokens, scaled) - scaled.transfer_s(r.prompt_tokens)
-                    - scaled.step_s(1, 2 * r.prompt_tokens, 0, 0) for r in runs["remote"])
-    say("profile", f"stack: {request_s * 1e3:.1f} ms per request, {call_s * 1e3:.1f} ms per prefill call, engine "
-                   f"steps x{scaled.stack.step_scale:.2f}")
-    return StackCost(request_s=request_s, prefill_call_s=call_s, step_scale=scaled.stack.step_scale)
+    request_s = max(statistics.median(r.ttft_s - prefill(r) for r in timed if r.group == "short_prompt"), 0.0)
+    call_s = max(statistics.median(r.ttft_s - request_s - prefill(r) - scaled.transfer_s(r.prompt_tokens)
+                                   - scaled.step_s(1, 2 * r.prompt_tokens, 0, 0)
+                                   for r in timed if r.group == "long_prompt"), 0.0)
+    say("profile", f"stack at {rate:g}/s: {request_s * 1e3:.1f} ms per request, {call_s * 1e3:.1f} ms per prefill "
+                   f"call, engine steps x{scale:.2f} ({len(timed)} requests timed)")
+    return StackCost(request_s=request_s, prefill_call_s=call_s, step_scale=scale)
 
 
 def _hardware(core: str) -> str:
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer", type=Path, default=TRANSFER_JSON, help="`disagg bench transfer --json` output")
     p.add_argument("--stack", action="store_true", help="also time our stack (`disagg serve`) around the engine: "
                    "the per-request and per-prefill-call overheads, and how much slower its engines step (2-3 min)")
+    p.add_argument("--stack-rate", type=float, default=2.0, help="requests/s of the --stack measurement")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ensure_model(args.model, "tiny")
@@ -282,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = asyncio.run(measure(model, args.core, args.dtype or native_dtype(), args.block_size, args.kv_cache_gib,
                                args.max_model_len, transfer, args.name or args.json.stem))
     if args.stack:
-        cost.stack = measure_stack(model, cost)
-        cost.sources["stack"] = "measured: requests one at a time through disagg serve (disagg profile --stack)"
+        cost.stack = measure_stack(model, cost, rate=args.stack_rate)
+        cost.sources["stack"] = f"measured: disagg serve at {args.stack_rate:g} requests/s (disagg profile --stack)"
     cost.save(args.json)
     if args.plot:
         from disagg.sim.plots import plot_profile

@@ -108,7 +108,8 @@ def _result(cluster: Cluster, d: Deployment, slo: Slo, wall_s: float) -> SimResu
     for label in sorted({e.label for e in engines}):
         mine = [e for e in engines if e.label == label]
         q = sum(e.prefix_queries for e in mine)
-        roles[label] = {"engines": len(mine), "utilisation": round(sum(e.busy_s for e in mine) / (len(mine) * horizon), 4),
+        roles[label] = {"engines": len(mine),
+                        "utilisation": round(sum(e.busy_s for e in mine) / (len(mine) * horizon), 4),
                         "prefix_hit_rate": round(sum(e.prefix_hits for e in mine) / q, 4) if q else None,
                         "preemptions": sum(e.preemptions for e in mine), "steps": sum(e.steps for e in mine),
                         "died": sum(not e.alive for e in mine)}
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      else {"pd_threshold_tokens": args.pd_threshold}))
     deployment = Deployment(args.prefill, args.decode, args.aggregated, routing)
     faults = Faults(args.kill_prefill_at, args.kill_decode_at, args.transfer_failures)
-    slo = Slo(args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None, args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None)
+    slo = Slo(args.slo_ttft_ms / 1000 if args.slo_ttft_ms else None,
+              args.slo_tpot_ms / 1000 if args.slo_tpot_ms else None)
     total = args.requests or (None if args.trace else int((args.rate or 10.0) * args.duration))
     say("simulate", f"{cost.name}: {args.prefill} prefill + {args.decode} decode + {args.aggregated} aggregated, "
                     f"{args.workload or args.trace}, {total or 'all'} requests")

@@ -37,7 +37,8 @@ def test_plan_writes_the_recommendation(tmp_path):
                "--max-engines", "3", "--json", str(out), "--plot", str(tmp_path / "plan.png")])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert {"prefill", "decode", "aggregated", "pd_threshold_tokens", "goodput_per_engine"} <= set(report["recommended"])
+    recommended = set(report["recommended"])
+    assert {"prefill", "decode", "aggregated", "pd_threshold_tokens", "goodput_per_engine"} <= recommended
     assert report["recommended"]["app_config"]["decode"]["replicas"] >= 1
     assert report["configurations"] and (tmp_path / "plan.png").exists()
 
