@@ -105,6 +105,7 @@ class Handoff:
 
     prefill: Engine
     held: Seq
+    read: bool = False  # decode started reading it
     failed: bool = False  # the load failed (decode computed the prompt itself)
 
 
@@ -229,6 +230,8 @@ class Cluster:
         out.transfer_failed = source is not None and source.failed
         if not ok:
             out.status = "failed"
+            if source is not None and not source.read and source.prefill.alive:
+                self.env.process(self._lease(source.prefill, source.held))  # nobody will read them
             return
         first = seq.first_token_s + stack.stream_s
         last = last_seen(seq.first_token_s, seq.last_token_s, req.output_tokens, self.deployment.stream_window_s)
@@ -254,6 +257,7 @@ class Cluster:
 
     def _transfer(self, decode: Engine, seq: Seq, tokens: int):
         handoff: Handoff = seq.remote
+        handoff.read = True
         prefill, held = handoff.prefill, handoff.held
         self.counters.transfers += 1
         yield self.env.timeout(self.cost.transfer_s(tokens))
