@@ -77,6 +77,8 @@ class _WorkerReplica:
             raise RuntimeError("the worker's HTTP endpoint stopped")
 
     async def __del__(self) -> None:
+        if not hasattr(self, "_metrics"):
+            return  # the worker never started (its guard ends what it had started)
         self._heartbeat.cancel()
         self._metrics.cancel()
         with contextlib.suppress(Exception):
@@ -84,12 +86,16 @@ class _WorkerReplica:
         await self._running.stop()
 
 
-@serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
+# A stop waits for requests in flight briefly, and a replica's own stop is bounded: `disagg serve`
+# ends everything within 30 s.
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=5, graceful_shutdown_wait_loop_s=0.5,
+                  graceful_shutdown_timeout_s=8)
 class PrefillServer(_WorkerReplica):
     role: Role = "prefill"
 
 
-@serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=5, graceful_shutdown_wait_loop_s=0.5,
+                  graceful_shutdown_timeout_s=8)
 class DecodeServer(_WorkerReplica):
     role: Role = "decode"
 

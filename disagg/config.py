@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, NoReturn
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
                       field_validator, model_validator)
 
 KVConnectorName = Literal["disagg", "nixl", "none"]
@@ -135,6 +135,11 @@ class AppConfig(_Strict):
     # Larger request bodies get a 413 before they are parsed (a few MB holds any prompt that
     # fits a long context).
     max_request_bytes: int = Field(4 * 2**20, ge=1024)
+    # Worker-to-worker calls (decode's POST /internal/prefill) carry this token and prefill
+    # refuses calls without it. None: `disagg serve` makes one at start for its workers; a
+    # worker started otherwise takes $DISAGG_INTERNAL_TOKEN (the chart's Secret), and without
+    # either accepts any caller.
+    internal_token: SecretStr | None = None
 
     @field_validator("host")
     @classmethod
@@ -270,6 +275,14 @@ def host_name(text: str) -> str:
     if not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit() or len(text) > 253:
         raise BadValue(f"expected an IP address or a host name, got {text!r}")
     return text
+
+
+def is_loopback(host: str) -> bool:
+    """A host only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.rstrip(".").lower() == "localhost"
 
 
 def check_model_dir(model: str) -> None:

@@ -1,13 +1,25 @@
-"""`disagg serve`: the whole stack on a local Ray (router + prefill + decode), ready to curl."""
+"""`disagg serve`: the whole stack on a local Ray (router + prefill + decode), ready to curl.
+
+Two processes: `disagg serve` itself supervises the driver, a child in its own session that runs
+Ray, Serve and the gateway (`disagg.children.supervise`). A Ctrl-C or SIGTERM, to the process or
+to its group, reaches only the supervisor (Ray's processes in the driver's group never see it,
+nor print their stack dumps); it asks the driver to stop (gateway, Serve, Ray, in that order)
+and, whatever happened to the driver, ends every process the stack started and removes the
+stack's temporary directory (TMPDIR of every process of the stack) within 30 s, then says so.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import os
+import re
+import signal
+import sys
+import tempfile
 
-from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, check_model_dir, config_error, port_number,
-                           usage_error)
+from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, check_model_dir, config_error, is_loopback,
+                           port_number, usage_error)
 from disagg.epp.replicas import ReplicaPorts
 from disagg.routing.discovery import RouterPoolDiscovery
 
@@ -58,8 +70,17 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
     return AppConfig.load(args.config, overrides, args.set)
 
 
+# Set in the driver's environment by the supervisor.
+DRIVER_ENV = "DISAGG_SERVE_DRIVER"
+RUNTIME_DIR_ENV = "DISAGG_SERVE_RUNTIME_DIR"
+STOPPED_CLEANLY = "disagg stopped cleanly: every process it started has ended, its temporary files are removed"
+# The driver's stop gets this long before the supervisor ends what is left (which takes ~5 s).
+STOP_S = 22.0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         config = config_from_args(args)
@@ -70,32 +91,104 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--epp-replicas: at least 1")
     except CONFIG_ERRORS as e:
         return usage_error(PROG, config_error(e, FLAGS))
-    from deployments.local import serve_forever, start_local
+    if os.environ.get(DRIVER_ENV) == "1":
+        return drive(args, config)
+    return supervise_driver(argv, config)
 
+
+def driver_environment(config: AppConfig, runtime_dir: str) -> dict[str, str]:
+    env = dict(os.environ, **{DRIVER_ENV: "1", RUNTIME_DIR_ENV: runtime_dir, "TMPDIR": runtime_dir})
+    if is_loopback(config.host):
+        # Ray's switch for a cluster of this machine alone: its node address is then loopback,
+        # and every server of Ray's (GCS, raylet, object manager, workers, agents) listens there.
+        # It is read when Ray is imported, hence here.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def supervise_driver(argv: list[str], config: AppConfig) -> int:
+    from disagg.children import supervise
+
+    runtime_dir = tempfile.mkdtemp(prefix="disagg-")
+    cmd = [sys.executable, "-m", "disagg.cli", "serve", *argv]
+    result = supervise(cmd, env=driver_environment(config, runtime_dir), remove=[runtime_dir], stop_s=STOP_S)
+    if result.returncode < 0 and not result.stop_requested:
+        print(f"disagg serve: the driver died of {signal.Signals(-result.returncode).name}", file=sys.stderr,
+              flush=True)
+    if result.left or os.path.exists(runtime_dir):
+        print(f"disagg stopped, but left behind: processes {[p.pid for p in result.left]}"
+              f"{', ' + runtime_dir if os.path.exists(runtime_dir) else ''}", flush=True)
+        return 1
+    print(STOPPED_CLEANLY, flush=True)
+    return 0 if result.returncode == 0 or (result.stop_requested and result.returncode < 0) else 1
+
+
+def drive(args: argparse.Namespace, config: AppConfig) -> int:
+    """The driver: start the stack, serve until SIGTERM, stop it in order."""
+    from deployments.local import StartFailed, StopRequested, start_local, stop_local, stop_on_signals, wait_for_stop
+
+    stop_on_signals()  # a stop during the start is a stop too
+    supervisor = os.getppid()
     print(f"starting disagg: model {config.model}, {config.prefill.replicas} prefill + "
           f"{config.decode.replicas} decode, connector {config.kv_connector}", flush=True)
-    stack = start_local(config, dashboard_port=args.dashboard_port)
     gateway = None
+    failure = None
+    runtime_dir = os.environ.get(RUNTIME_DIR_ENV)
+    try:
+        # Ray's session directory right in the runtime directory: its socket paths must stay short.
+        stack = start_local(config, dashboard_port=args.dashboard_port, ray_tmpdir=runtime_dir)
+        gateway = _start_gateway(args, config, stack.url)
+        print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}; "
+              f"Ray metrics {stack.metrics_url}", flush=True)
+        if gateway is not None:
+            print(f"gateway: {gateway.url}", flush=True)
+        wait_for_stop()
+    except StopRequested:
+        pass
+    except StartFailed as e:
+        failure = str(e)
+        print(f"disagg serve: a replica failed to start:\n{failure}", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - reported, then everything is stopped
+        failure = f"{type(e).__name__}: {e}"
+        logging.getLogger(PROG).exception("disagg serve failed")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the supervisor ends what a stop leaves
+    print("shutting down...", flush=True)
+    if gateway is not None:
+        gateway.stop()  # first: the gateway's port is free at once
+    left = stop_local(remove=[runtime_dir] if runtime_dir else [])
+    if os.getppid() != supervisor:  # the supervisor was killed: nobody else will say it
+        print(f"disagg stopped, but processes {left} would not end" if left else STOPPED_CLEANLY, flush=True)
+    if failure is not None:
+        print(f"disagg serve: failed: {failure_summary(failure)}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Exit)\b.*:")
+
+
+def failure_summary(failure: str, limit: int = 600) -> str:
+    """A failure's traceback in one line: its last exception and the lines that explain it."""
+    lines = [line.strip() for line in failure.strip().splitlines() if line.strip()]
+    last = max((i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)), default=len(lines) - 1)
+    detail = [line for line in lines[last:last + 4] if not line.startswith("For further information")]
+    return " ".join(detail)[:limit] or failure[:limit]
+
+
+def _start_gateway(args: argparse.Namespace, config: AppConfig, router_url: str):
     if args.gateway and args.epp_replicas > 1:
         from disagg.epp.gateway import GatewayThread
         from disagg.epp.replicas import EppReplicas
 
-        gateway = GatewayThread(EppReplicas(config, ["--router-url", stack.url], args.epp_replicas,
+        gateway = GatewayThread(EppReplicas(config, ["--router-url", router_url], args.epp_replicas,
                                             gateway_port=args.gateway_port, gateway_host=config.host,
                                             base=args.epp_ports))
         gateway.run(gateway.gateway.start(), 120)
-    elif args.gateway:
+        return gateway
+    if args.gateway:
         from disagg.epp.gateway import start_gateway_thread
 
-        gateway = start_gateway_thread(config, RouterPoolDiscovery(stack.url), gateway_port=args.gateway_port,
-                                       host=config.host)
-    print(f"ready: {stack.url}/v1 (model {config.model_name}); Ray dashboard {stack.dashboard_url}; "
-          f"Ray metrics {stack.metrics_url}", flush=True)
-    if gateway is not None:
-        print(f"gateway: {gateway.url}", flush=True)
-    try:
-        serve_forever(stack)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-    return 0
+        return start_gateway_thread(config, RouterPoolDiscovery(router_url), gateway_port=args.gateway_port,
+                                    host=config.host)
+    return None

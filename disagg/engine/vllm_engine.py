@@ -19,17 +19,25 @@ from disagg.engine.base import (EngineStats, GenerateOutput, GenerateRequest, Po
 from kv_transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
+# How long shutdown() waits for the engine core to exit before it is killed.
+SHUTDOWN_S = 2.0
 
 
-def engine_environment(config: AppConfig, cpu_bind: str | None, side_channel_host: str | None = None
-                       ) -> dict[str, str]:
+def engine_environment(config: AppConfig, cpu_bind: str | None, side_channel_host: str | None = None,
+                       runtime_dir: str | None = None) -> dict[str, str]:
     """Environment a vLLM engine on this host needs; applied before the engine core spawns."""
     env = {
         # The address peers reach this engine's KV at (never a wildcard).
         "VLLM_NIXL_SIDE_CHANNEL_HOST": side_channel_host or config.host,
+        # What vLLM's own sockets bind (KV events on tcp://*:0, its torch.distributed store):
+        # the worker's address, not the machine's external one.
+        "VLLM_HOST_IP": side_channel_host or config.host,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if runtime_dir is not None:
+        # vLLM's ipc:// sockets between its processes, removed with the worker's directory.
+        env["VLLM_RPC_BASE_PATH"] = runtime_dir
     if config.kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
     if cpu_bind is not None:
@@ -89,13 +97,17 @@ class VllmEngine:
         kv_events_replay_endpoint: str | None = None,
         side_channel_host: str | None = None,
         nixl_side_channel_port: int | None = None,
+        runtime_dir: str | None = None,
     ):
         self.config = config
         self.cpu_bind = cpu_bind
+        # Where vLLM binds its KV-event publisher and replay socket (ipc://PATH, or tcp://*:0 for
+        # a free port on VLLM_HOST_IP); after start(), the endpoints it bound.
         self.kv_events_endpoint = kv_events_endpoint
         self.kv_events_replay_endpoint = kv_events_replay_endpoint
         self.side_channel_host = side_channel_host
         self.nixl_side_channel_port = nixl_side_channel_port
+        self.runtime_dir = runtime_dir
         self.engine_id = f"engine-{uuid.uuid4().hex[:12]}"
         self.layout: KVLayout | None = None
         self.num_blocks = 0
@@ -106,7 +118,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        os.environ.update(engine_environment(self.config, self.cpu_bind, self.side_channel_host))
+        os.environ.update(engine_environment(self.config, self.cpu_bind, self.side_channel_host, self.runtime_dir))
         if self.nixl_side_channel_port is not None:
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.nixl_side_channel_port)
 
@@ -162,6 +174,10 @@ class VllmEngine:
                 pass
 
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_SchedulerSnapshot])
+        if self.kv_events_endpoint:
+            # The publisher binds in the engine core, which reports what it bound (a port 0 taken).
+            for bound in self._llm.get_kv_event_sources().values():
+                self.kv_events_endpoint, self.kv_events_replay_endpoint = bound.endpoint, bound.replay_endpoint
         vc = self._llm.vllm_config
         self.num_blocks = int(vc.cache_config.num_gpu_blocks or 0)
         self._stats.num_blocks = self.num_blocks
@@ -236,7 +252,9 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         if self._llm is not None:
-            self._llm.shutdown()
+            # Bounded: a stop must end (vLLM's default waits on each of its processes in turn;
+            # the worker's guard ends what is left after this).
+            self._llm.shutdown(timeout=SHUTDOWN_S)
             self._llm = None
 
 

@@ -2,8 +2,9 @@
 
 The generated configuration: one HTTP listener; the ext_proc filter calls the EPP (HTTP/2
 cluster `epp`) with the request headers and the body in FULL_DUPLEX_STREAMED mode and accepts
-dynamic metadata in the `envoy.lb` namespace; the route sends everything to cluster `workers`,
-whose load-balancing policy is `override_host`: the host named by `envoy.lb` /
+dynamic metadata in the `envoy.lb` namespace; the routes send the public OpenAI paths
+(`PUBLIC_PATHS`) to cluster `workers` and answer any other with a 404 in OpenAI's body;
+`workers`' load-balancing policy is `override_host`: the host named by `envoy.lb` /
 `x-gateway-destination-endpoint` (metadata first, then the header), going down the EPP's ordered
 list on retries; round robin only if none of them is in the cluster. (ORIGINAL_DST would ignore
 the fallback list.) `workers` is an EDS cluster fed from a file the gateway rewrites whenever the
@@ -35,12 +36,16 @@ from typing import Any, Iterable
 import aiohttp
 
 from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, PREFILLER_HEADER
+from disagg.openai.errors import error_body
 
 log = logging.getLogger(__name__)
 
 WORKERS_CLUSTER = "workers"
 EPP_CLUSTER = "epp"
 EDS_FILE = "workers-eds.json"
+# The paths the gateway routes to a decode worker (matched exactly, the query aside): the public
+# OpenAI API. The workers' internal endpoints are not reachable through the gateway.
+PUBLIC_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 
 
 def envoy_binary() -> Path:
@@ -87,6 +92,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
+def not_found_route() -> dict[str, Any]:
+    """Every other path (the workers' /internal/prefill, /metrics, /v1/worker) ends at the
+    gateway: a 404 in OpenAI's error body, without asking the EPP."""
+    message = f"Invalid URL: this gateway serves {', '.join(PUBLIC_PATHS)}"
+    return {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": json.dumps(error_body(404, message))}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+            "disabled": True,
+        }},
+    }
+
+
 def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap (v3) for the gateway, as a JSON-able dict."""
     ext_proc = {
@@ -130,8 +151,9 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         "codec_type": "AUTO",
         "stream_idle_timeout": _duration(s.request_timeout_s),
         "route_config": {"name": "gateway", "virtual_hosts": [
-            {"name": "workers", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route,
-                                                               "response_headers_to_add": echo}]}]},
+            {"name": "workers", "domains": ["*"], "routes": [
+                *({"match": {"path": path}, "route": route, "response_headers_to_add": echo} for path in PUBLIC_PATHS),
+                not_found_route()]}]},
         "http_filters": [ext_proc, router] if s.ext_proc else [router],
     }
     override_host = {

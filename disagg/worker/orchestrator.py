@@ -51,6 +51,9 @@ class PrefillClient:
         self.config = config
         self.layout_fingerprint = layout_fingerprint
         self._http: aiohttp.ClientSession | None = None  # made in the serving loop, at the first prefill
+        # The stack's internal token, which prefill's /internal/prefill asks for.
+        token = config.internal_token
+        self._headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
 
     async def prefill(self, request: GenerateRequest, candidates: list[str]) -> PrefillOutcome:
         if self._http is None:
@@ -69,7 +72,8 @@ class PrefillClient:
                 kv_transfer_params={"do_remote_decode": True, "do_remote_prefill": False},
             )
             try:
-                async with self._http.post(f"http://{address}/internal/prefill", json=body.model_dump()) as resp:
+                async with self._http.post(f"http://{address}/internal/prefill", json=body.model_dump(),
+                                           headers=self._headers) as resp:
                     text = await resp.text()
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}: {text[:200]}")

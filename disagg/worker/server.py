@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ import msgspec
 import prometheus_client
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from disagg.openai.body import parse_json, shorten
 from disagg.openai.errors import APIError, from_validation_error
@@ -21,6 +22,20 @@ from disagg.worker.protocol import PREFILLER_HEADER, PrefillRequest
 from disagg.worker.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+def check_internal_token(request: Request, token: SecretStr | None) -> None:
+    """Worker-to-worker calls carry the stack's internal token (`Authorization: Bearer ...`):
+    a prefill that anyone reaching its port could drive would hold KV for them until the lease
+    expires. Compared in constant time. No token configured: every caller is accepted."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise APIError(401, "this endpoint needs the stack's internal token (Authorization: Bearer ...)",
+                       code="missing_internal_token")
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise APIError(403, "the internal token does not match this stack's", code="invalid_internal_token")
 
 
 def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
@@ -53,6 +68,7 @@ def build_worker_app(worker: Worker, preprocessor: Preprocessor) -> FastAPI:
 
     @app.post("/internal/prefill")
     async def prefill(request: Request) -> dict[str, Any]:
+        check_internal_token(request, worker.config.internal_token)
         if worker.role != "prefill":
             raise APIError(409, f"this is a {worker.role} worker; send prefills to a prefill worker")
         data = parse_json(await read_json_body(request, max_bytes))
