@@ -18,11 +18,12 @@ from ray.serve.handle import DeploymentHandle
 from deployments.metrics_bridge import MetricsBridge
 from disagg.config import AppConfig
 from disagg.heap import freeze_startup_heap
-from disagg.engine.base import GenerateOutput, RequestRejected
+from disagg.engine.base import GenerateOutput, GenerateRequest, RequestRejected
 from disagg.openai.errors import APIError
 from disagg.openai.http import install_error_handlers, read_json_body, respond
 from disagg.openai.serving import Kind, Prepared, Preprocessor, ResponseBuilder, rejected
-from disagg.routing import NoEndpointError, OverloadedError, PickRequest, Scheduler
+from disagg.routing import Endpoint, NoEndpointError, OverloadedError, PickRequest, Scheduler
+from disagg.routing import metrics
 from disagg.messages import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,55 @@ class Router:
         except NoEndpointError as e:
             raise APIError(503, str(e)) from None
         decode = pick.decode[0]
-        stream = self.decode.options(stream=True).generate.remote(
-            prepared.generate, pick.prefill_addresses, pin=decode.info.replica_id)
         # x-disagg-pd is the outcome (decode's, on the first output), not pick.decision: decode
         # may fall back to a local prefill.
         headers = {"x-disagg-decode": decode.address}
-        return prepared, _cancel_on_close(stream), headers
+        return prepared, self._migrating(prepared, decode, pick.prefill_addresses), headers
+
+    def _stream(self, request: GenerateRequest, decode: Endpoint, prefill: list[str]) -> AsyncIterator[GenerateOutput]:
+        return _cancel_on_close(self.decode.options(stream=True).generate.remote(
+            request, prefill, pin=decode.info.replica_id))
+
+    async def _migrating(self, prepared: Prepared, decode: Endpoint, prefill: list[str]) -> AsyncIterator[GenerateOutput]:
+        """Stream from `decode`; if it dies mid-stream, go on from another decode with the prompt
+        plus the tokens generated so far (at most `migration_limit` times): the client's stream
+        continues with no token missing or repeated, and under greedy decoding the answer equals
+        the unbroken one. Errors of the request itself (a 4xx) are not failures of the decode."""
+        request, generated, dead = prepared.generate, [], set()
+        migrations = 0
+        while True:
+            try:
+                async for out in self._stream(request, decode, prefill):
+                    if migrations:  # usage counts the client's prompt, not the re-submitted one
+                        out.num_prompt_tokens = len(prepared.generate.prompt_token_ids)
+                    generated.extend(out.token_ids)
+                    yield out
+                return
+            except (RequestRejected, APIError):
+                raise
+            except Exception as exc:  # the replica or its engine died
+                sampling = request.sampling
+                if migrations >= self.config.migration_limit or sampling.n > 1 or len(generated) >= sampling.max_tokens:
+                    raise
+                dead.add(decode.address)
+                others = [e.address for e in self.scheduler.pool.endpoints("decode") if e.address not in dead]
+                if not others:
+                    raise
+                migrations += 1
+                metrics.MIGRATIONS.inc()
+                log.warning("decode %s failed mid-stream (%s: %s); migrating request %s with %d tokens generated",
+                            decode.address, type(exc).__name__, exc, request.request_id, len(generated))
+                request = request.model_copy(update={
+                    "request_id": f"{prepared.generate.request_id}-m{migrations}",
+                    "prompt_token_ids": prepared.generate.prompt_token_ids + generated,
+                    "sampling": sampling.model_copy(update={
+                        "max_tokens": prepared.generate.sampling.max_tokens - len(generated),
+                        "min_tokens": max(0, prepared.generate.sampling.min_tokens - len(generated))}),
+                    "kv_transfer_params": None,
+                })
+                pick = self.scheduler.pick(PickRequest(model=self.config.model_name,
+                                                       prompt_token_ids=request.prompt_token_ids, subset=others))
+                decode, prefill = pick.decode[0], pick.prefill_addresses
 
     def __del__(self) -> None:
         self._discovery.cancel()

@@ -131,6 +131,9 @@ class AppConfig(_Strict):
     # prefilling locally.
     prefill_timeout_s: float = Field(30.0, gt=0)
     prefill_attempts: int = Field(2, ge=0)
+    # A decode that dies mid-stream: the Router re-submits prompt + the tokens generated so far to
+    # another decode, at most this many times per request, then ends the stream with an error.
+    migration_limit: int = Field(1, ge=0)
     request_timeout_s: float = Field(600.0, gt=0)
     # Larger request bodies get a 413 before they are parsed (a few MB holds any prompt that
     # fits a long context).

@@ -52,6 +52,7 @@ KV_EVENTS = Counter("disagg_kv_events", "KV events applied to the prefix index, 
 KV_EVENT_GAPS = Counter(
     "disagg_kv_event_gaps", "Sequence gaps in KV event streams (events lost; a replay was asked)."
 )
+MIGRATIONS = Counter("disagg_migrations", "Requests moved to another decode after theirs died mid-stream.")
 EPP_REQUESTS = Counter("disagg_epp_requests", "Requests the EPP answered, by HTTP status it chose.", ["code"])
 
 

@@ -1,0 +1,97 @@
+"""A decode worker that dies mid-stream is survived (issue 15, item 16): the Router moves the
+request to the other decode with the prompt and the tokens generated so far, and the client's
+stream goes on with no token missing or repeated. Under greedy decoding the answer is the
+unbroken one up to the move and, after it, exactly what the engine answers for the prompt plus
+those tokens (recomputing them is not bit-equal to having decoded them one by one, and this
+random-weight model's near-ties can tip on that; it usually gives the unbroken answer whole)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import psutil
+import pytest
+
+from tests.support.serve_stack import start_serve_stack
+from tests.support.workers import metric
+
+pytestmark = pytest.mark.integration
+
+BODY = {"model": "tiny", "prompt": "the quick brown fox jumps over the lazy dog " * 4, "max_tokens": 300,
+        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "return_tokens_as_token_ids": True}
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("migration"), settings=["decode.replicas=2"])
+    try:
+        assert len(s.workers("decode")) == 2
+        yield s
+    finally:
+        s.stop()
+
+
+def stream_tokens(url: str, on_chunk=None) -> tuple[list[str], list[dict], httpx.Headers]:
+    """The streamed tokens (`token_id:N` strings), the raw events and the response headers."""
+    tokens, events = [], []
+    with httpx.stream("POST", f"{url}/v1/completions", json=BODY, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            events.append(event)
+            assert "error" not in event, event
+            for choice in event.get("choices", []):
+                tokens += (choice.get("logprobs") or {}).get("tokens") or []
+            if on_chunk is not None:
+                on_chunk(len(events), r.headers)
+        return tokens, events, r.headers
+
+
+def tokenize(model: str, text: str) -> list[int]:
+    """The prompt's token ids as the Router tokenizes them (its tokenizer: the model's own)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)(text)["input_ids"]
+
+
+def listener_pid(address: str) -> int:
+    port = int(address.rpartition(":")[2])
+    return next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+                and c.status == psutil.CONN_LISTEN)
+
+
+def test_a_decode_that_dies_mid_stream_is_survived_with_the_same_answer(stack, tiny_model) -> None:
+    BODY["logprobs"] = 0  # the tokens as ids, to compare exactly
+    unbroken, _, _ = stream_tokens(stack.url)
+    assert len(unbroken) == BODY["max_tokens"]
+    killed = []
+
+    def kill_its_decode(n: int, headers: httpx.Headers) -> None:
+        if n == 20 and not killed:
+            pid = listener_pid(headers["x-disagg-decode"])
+            psutil.Process(pid).kill()
+            killed.append(pid)
+
+    migrations = lambda: metric(stack.url, "disagg_migrations_total")  # noqa: E731
+    before = migrations()
+    migrated, events, headers = stream_tokens(stack.url, kill_its_decode)
+    assert killed, "the stream ended before its decode could be killed"
+    assert migrations() == before + 1  # the Router moved it (not a stream that outlived the kill)
+    assert len(migrated) == BODY["max_tokens"]
+    moved_at = int(re.findall(r"migrating request \S+ with (\d+) tokens generated", stack.log.read_text())[-1])
+    assert 0 < moved_at < BODY["max_tokens"]
+    assert migrated[:moved_at] == unbroken[:moved_at]  # nothing lost or repeated before the move
+    # After it: the engine's own greedy answer for the prompt plus the tokens before the move.
+    ids = [int(t.split(":")[1]) for t in migrated[:moved_at]]
+    rest = httpx.post(f"{stack.url}/v1/completions", timeout=300, json={
+        **BODY, "prompt": tokenize(tiny_model, BODY["prompt"]) + ids, "stream": False,
+        "max_tokens": BODY["max_tokens"] - moved_at}).json()
+    assert rest["choices"][0]["logprobs"]["tokens"] == migrated[moved_at:]
+    usage = next(e["usage"] for e in reversed(events) if e.get("usage"))
+    assert usage["completion_tokens"] == BODY["max_tokens"]
+    assert usage["prompt_tokens"] == next(e["usage"] for e in events if e.get("usage"))["prompt_tokens"]
