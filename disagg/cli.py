@@ -34,7 +34,7 @@ def _epp(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: disagg bench {serve,transfer,epp} [options]")
+        print("usage: disagg bench {serve,transfer,epp,soak} [options]")
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
     if kind == "serve":
@@ -43,13 +43,15 @@ def _bench(argv: list[str]) -> int:
         from disagg.bench.transfer import main
     elif kind == "epp":
         from disagg.bench.epp import main
+    elif kind == "soak":
+        from disagg.bench.soak import main
     elif kind == "compare":
         # The research harness is no part of the package: it runs from a checkout.
         print("disagg bench compare moved to `python -m benchmarks.compare` (run from a checkout's root)",
               file=sys.stderr)
         return 2
     else:
-        print(f"disagg bench: unknown benchmark {kind!r} (serve, transfer, epp)", file=sys.stderr)
+        print(f"disagg bench: unknown benchmark {kind!r} (serve, transfer, epp, soak)", file=sys.stderr)
         return 2
     return main(rest)
 

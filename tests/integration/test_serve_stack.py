@@ -417,3 +417,17 @@ def test_killed_prefill_replica_is_survived_then_replaced(stack, aggregated):
     for address in (decode, next(e["address"] for e in pool if e["role"] == "prefill")):
         load = wait_blocks_free(address)
         assert load["kv_usage"] == 0.0 and load["free_blocks"] == load["num_blocks"] - 1, (address, load)
+
+
+def test_a_short_soak_loses_and_repeats_no_token(stack) -> None:
+    """`disagg bench soak`, small: streaming clients for a few seconds, every token counted."""
+    import asyncio
+
+    from disagg.bench.soak import soak
+
+    result = asyncio.run(soak(stack.url, "tiny", stack.proc.pid, minutes=0.2, clients=3, sample_s=2.0,
+                              settle_min=0.0, seed=1))
+    assert result["requests"] >= 3 and result["received"] == result["asked"] > 0
+    assert result["lost"] == result["duplicated"] == result["failed"] == result["error_events"] == 0
+    assert result["not_done"] == result["usage_mismatch"] == 0
+    assert result["samples"] and all(s["rss_mib"] > 100 for s in result["samples"])
