@@ -108,6 +108,27 @@ def not_found_route() -> dict[str, Any]:
     }
 
 
+def local_reply_config() -> dict[str, Any]:
+    """Envoy's own answers (malformed HTTP, no upstream, an upstream timeout) in OpenAI's error
+    body. Not the EPP's ImmediateResponses: they carry OpenAI's body already (their details say
+    `disagg_epp_...`, which a CEL filter tells apart)."""
+    def body(error_type: str) -> dict[str, Any]:
+        return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None,
+                                          "code": "%RESPONSE_CODE_DETAILS%"}}}
+
+    def envoy_own(low: int, high: int) -> dict[str, Any]:
+        expression = (f"response.code >= {low} && response.code < {high} && "
+                      "!response.code_details.startsWith('disagg_epp')")
+        return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+            "expression": expression}}}
+
+    return {"mappers": [
+        {"filter": envoy_own(400, 500), "body_format_override": body("invalid_request_error")},
+        {"filter": envoy_own(500, 600), "body_format_override": body("service_unavailable")},
+    ]}
+
+
 def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap (v3) for the gateway, as a JSON-able dict."""
     ext_proc = {
@@ -155,6 +176,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 *({"match": {"path": path}, "route": route, "response_headers_to_add": echo} for path in PUBLIC_PATHS),
                 not_found_route()]}]},
         "http_filters": [ext_proc, router] if s.ext_proc else [router],
+        "local_reply_config": local_reply_config(),
     }
     override_host = {
         "typed_extension_config": {
@@ -187,8 +209,10 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         # A replica that dies is skipped at its first failed connection (outlier detection) and
         # its first failed gRPC health check (every 0.25 s); it rejoins when it is ready (its pool
         # holds a live decode: a restarted replica is not sent requests before it can pick).
-        "health_checks": [{"timeout": "0.2s", "interval": "0.25s", "no_traffic_interval": "0.25s",
-                           "unhealthy_threshold": 1, "healthy_threshold": 1,
+        # (A refused connection fails a check at once; a slow answer on a busy machine gets 1 s
+        # and a second chance before the replica is skipped.)
+        "health_checks": [{"timeout": "1s", "interval": "0.25s", "no_traffic_interval": "0.25s",
+                           "unhealthy_threshold": 2, "healthy_threshold": 1,
                            "grpc_health_check": {"service_name": "readiness"}}],
         "outlier_detection": {"consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
                               "interval": "0.25s", "base_ejection_time": "1s", "max_ejection_percent": 100},
@@ -305,7 +329,7 @@ class EnvoyProcess:
                                 async with session.get(f"{self.admin_url}/listeners?format=json") as listeners:
                                     self.port = _listener_port(await listeners.json())
                                 break
-                    except aiohttp.ClientError:
+                    except (aiohttp.ClientError, TimeoutError):  # a busy Envoy answers late: ask again
                         pass
                 if loop.time() > deadline:
                     await self.stop()
