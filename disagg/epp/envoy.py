@@ -110,15 +110,17 @@ def not_found_route() -> dict[str, Any]:
 
 def local_reply_config() -> dict[str, Any]:
     """Envoy's own answers (malformed HTTP, no upstream, an upstream timeout) in OpenAI's error
-    body. Not the EPP's ImmediateResponses: they carry OpenAI's body already (their details say
-    `disagg_epp_...`, which a CEL filter tells apart)."""
+    body. Not the EPP's ImmediateResponses nor the gateway's 404 for a path it does not route
+    (`not_found_route`): they carry OpenAI's body already (their details say `disagg_epp_...`
+    and `direct_response`, which a CEL filter tells apart)."""
     def body(error_type: str) -> dict[str, Any]:
         return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None,
                                           "code": "%RESPONSE_CODE_DETAILS%"}}}
 
     def envoy_own(low: int, high: int) -> dict[str, Any]:
         expression = (f"response.code >= {low} && response.code < {high} && "
-                      "!response.code_details.startsWith('disagg_epp')")
+                      "!response.code_details.startsWith('disagg_epp') && "
+                      "response.code_details != 'direct_response'")
         return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
             "expression": expression}}}

@@ -159,3 +159,25 @@ def test_an_engine_that_cannot_start_ends_the_stack_at_once_with_its_error(tiny_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_engine_does_not_outlive_its_replica(tiny_model, tmp_path, stack_tmp) -> None:
+    """A prefill replica killed outright (as Ray kills an unhealthy one): its vLLM engine core and
+    worker end with it, though Ray puts them in the replica's process group and nobody signals
+    them; Serve starts a new replica, with an engine of its own."""
+    stack = start_serve_stack(tiny_model, tmp_path)
+    try:
+        (replica,) = [p for p in psutil.Process(stack.proc.pid).children(recursive=True)
+                      if p.name().startswith("ray::ServeReplica") and "PrefillServer" in " ".join(p.cmdline())]
+        engine = [p for p in replica.children(recursive=True) if p.name().startswith("VLLM::")]
+        assert {p.name() for p in engine} == {"VLLM::EngineCore", "VLLM::Worker"}
+        (old,) = stack.workers("prefill")
+        replica.kill()
+        gone, alive = psutil.wait_procs(engine, timeout=15)
+        assert alive == [], f"{[p.name() for p in alive]} outlived their replica"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and stack.workers("prefill") in ([], [old]):
+            time.sleep(1)
+        assert stack.workers("prefill") not in ([], [old]), "Serve did not bring a new prefill up"
+    finally:
+        stack.stop()

@@ -33,3 +33,11 @@ def test_every_other_path_is_an_openai_404_from_envoy_without_asking_the_epp() -
     assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == "404"
     assert last["response_headers_to_add"][0]["header"] == {"key": "content-type", "value": "application/json"}
     assert last["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
+
+
+def test_envoys_own_reply_mappers_leave_the_404_as_it_is() -> None:
+    config = envoy_config(EnvoySettings("127.0.0.1", 0, "127.0.0.1", 9002, Path("/tmp")))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for mapper in hcm.get("local_reply_config", {}).get("mappers", []):
+        expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
+        assert "response.code_details != 'direct_response'" in expression
