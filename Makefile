@@ -7,7 +7,7 @@ PORT   ?= 8000
 # Stamp named after the install recipe's inputs: a changed pyproject or Makefile refreshes the venv.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install system-deps model serve test test-unit clean
+.PHONY: install system-deps model serve test test-slow test-unit clean
 
 install: $(STAMP)
 
@@ -41,9 +41,13 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
 test: install model system-deps
-	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=30 tests --ignore=tests/local_mode
+	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=30 -m "not slow" tests --ignore=tests/local_mode
 	# Serve's local testing mode runs the whole app inside pytest's process: a process of its own.
 	$(VENV)/bin/python -m pytest -q -x --timeout 900 --durations=10 tests/local_mode
+
+# The variants too costly for every run (each starts a stack of its own).
+test-slow: install model
+	$(VENV)/bin/python -m pytest -q --timeout 900 -m slow tests --ignore=tests/local_mode
 
 test-unit: install
 	$(VENV)/bin/python -m pytest -q tests/unit

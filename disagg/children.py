@@ -290,7 +290,10 @@ def supervise(cmd: list[str], *, env: dict[str, str] | None = None, remove: Iter
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         child = start_child(cmd, env=env)
-        watch = Watch(identify(child.pid) or ProcessId(child.pid, -1))
+        # The shared memory of the stack's processes too, looked up every 10 s (a read of every
+        # process's maps): a crashed driver leaves its engines to be killed here, outright, and
+        # their guards may be killed before they have unlinked it.
+        watch = Watch(identify(child.pid) or ProcessId(child.pid, -1), shm_every=max(1, round(10 / interval_s)))
         forwarded = 0
         deadline = None
         while child.poll() is None:

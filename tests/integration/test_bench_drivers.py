@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -188,6 +187,9 @@ def test_reference_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path
     assert transferred > 2 * computed, (transferred, computed)
 
 
+# A stack of Ray Serve LLM's own (~90 s): `make test-slow`; its app's construction from our
+# arguments is in every run (test_ray_serve_llm_pd_app_builds_from_our_arguments).
+@pytest.mark.slow
 def test_ray_serve_llm_stack_serves_a_small_workload(tiny_model: str, tmp_path: Path) -> None:
     """Ray Serve LLM's P/D app as the benchmark starts it (its NixlConnector not spinning)."""
     pytest.importorskip("pyarrow", reason="ray.llm needs pyarrow (see benchmarks/ray_serve_llm.py)")

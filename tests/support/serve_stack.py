@@ -31,6 +31,24 @@ class ServeStack:
         m = re.search(r"gateway: (http://\S+)", self.log.read_text(errors="replace"))
         return m.group(1) if m else None
 
+    def _ready(self, group: int) -> str:
+        m = re.search(r"ready: (http://\S+)/v1 .*Ray dashboard (http://[^\s;]+); Ray metrics (http://\S+)",
+                      self.log.read_text(errors="replace"))
+        assert m, "the stack has not said it is ready"
+        return m.group(group)
+
+    @property
+    def dashboard(self) -> str:
+        return self._ready(2)
+
+    @property
+    def ray_metrics(self) -> str:
+        """Ray's Prometheus export (the disagg_* metrics appear there as ray_disagg_*)."""
+        return self._ready(3)
+
+    def post(self, path: str, body: object, **kw) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", json=body, timeout=120, **kw)
+
     def workers(self, role: str) -> list[str]:
         """host:port of each worker's own HTTP endpoint in this role."""
         return [w["address"] for w in httpx.get(f"{self.url}/v1/pool", timeout=10).json() if w["role"] == role]

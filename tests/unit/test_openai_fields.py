@@ -1,7 +1,7 @@
 """OpenAI sampling features (issue 15, items 6 and 17) without an engine: what each field becomes
 in SamplingOptions, the 400 that names a field out of range or not served, the response shapes
 (logprobs, n choices), and where the prompt was prefilled (`x-disagg-pd`, a stream's `disagg`).
-The same behaviours run through real engines in tests/integration/test_openai_features.py."""
+The same behaviours run through real engines in tests/integration/edge/test_openai_features.py."""
 
 from __future__ import annotations
 

@@ -1,16 +1,14 @@
-"""`disagg serve` end to end on a real local Ray: the OpenAI API through the Router, P/D through
-Serve handles pinned to the picked decode replica, errors, disconnects, and the Ray dashboard."""
+"""`disagg serve` end to end on a real local Ray (the edge's stack, `disagg serve --gateway`): the
+OpenAI API through the Router, P/D through Serve handles pinned to the picked decode replica,
+errors, disconnects, and the Ray dashboard. Runs last of the edge's modules (by name): its last
+test kills the prefill replica."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,59 +16,10 @@ import httpx
 import pytest
 
 from tests.support.prometheus import Prometheus, promtool_problems
-from tests.support.workers import REPO, free_port, metric, start_worker_process, wait_ready
+from tests.support.serve_stack import ServeStack
+from tests.support.workers import REPO, metric, start_worker_process, wait_ready
 
 pytestmark = pytest.mark.integration
-
-
-class Stack:
-    def __init__(self, proc: subprocess.Popen, url: str, dashboard: str, log: Path):
-        self.proc, self.url, self.dashboard, self.log = proc, url, dashboard, log
-        self.gateway = ""  # `disagg serve --gateway`: Envoy + EPP in front of the same workers
-
-    def post(self, path: str, body: object, **kw) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", json=body, timeout=120, **kw)
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    # Ray's unix socket paths must stay short: pytest's tmp paths are too long for them.
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "disagg.cli", "serve", "--model", tiny_model, "--port", str(port),
-           "--pd-threshold", "64", "--set", "block_size=32",
-           "--set", "max_model_len=1024", "--gateway", "--gateway-port", str(free_port())]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
-    url = dashboard = gateway = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        text = log.read_text(errors="replace")
-        m = re.search(r"ready: (http://\S+)/v1 .*Ray dashboard (http://[^\s;]+); Ray metrics (http://\S+)", text)
-        g = re.search(r"gateway: (http://\S+)", text)
-        if m and g:
-            url, dashboard, ray_metrics = m.groups()
-            gateway = g.group(1)
-            break
-        time.sleep(1)
-    if url is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        pytest.fail(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")
-    s = Stack(proc, url, dashboard, log)
-    s.ray_metrics = ray_metrics
-    s.gateway = gateway
-    yield s
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("disagg serve did not shut down on SIGINT within 120 s")
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +92,7 @@ def test_gateway_routes_to_the_picked_decode_and_disaggregates_like_the_router(s
     before = remote_handoffs()
     deadline = time.monotonic() + 30  # the EPP polls the router's pool every 0.5 s
     while True:
-        r = httpx.post(f"{stack.gateway}/v1/completions", json=body, timeout=120)
+        r = httpx.post(f"{stack.gateway_url}/v1/completions", json=body, timeout=120)
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -363,18 +312,17 @@ def test_bench_serve_drives_the_running_stack(stack, tiny_model, tmp_path):
     assert "4/4 requests done, 0 failed" in out.stderr
 
 
-def _replica_processes(stack: Stack, deployment: str) -> list:
+def _replica_processes(stack: ServeStack, deployment: str) -> list:
     """The processes of a Serve replica of `deployment` in this stack, with their children (the
     vLLM engine core)."""
     import psutil
 
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process(stack.proc.pid).children(recursive=True):  # Ray's processes are below its driver
         try:
-            if os.getsid(p.pid) == stack.proc.pid and f"ServeReplica:disagg:{deployment}" in " ".join(
-                    p.info["cmdline"] or []):
+            if f"ServeReplica:disagg:{deployment}" in " ".join(p.cmdline()):
                 found += [p] + p.children(recursive=True)
-        except (psutil.Error, OSError):
+        except psutil.Error:
             pass
     return found
 

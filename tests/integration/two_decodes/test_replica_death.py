@@ -1,20 +1,22 @@
-"""A decode worker that dies mid-stream is survived (issue 15, item 16): the Router moves the
+"""Replicas that die (on the stack with two decodes). A decode worker that dies mid-stream is
+survived (issue 15, item 16): the Router moves the
 request to the other decode with the prompt and the tokens generated so far, and the client's
 stream goes on with no token missing or repeated. Under greedy decoding the answer is the
 unbroken one up to the move and, after it, exactly what the engine answers for the prompt plus
 those tokens (recomputing them is not bit-equal to having decoded them one by one, and this
-random-weight model's near-ties can tip on that; it usually gives the unbroken answer whole)."""
+random-weight model's near-ties can tip on that; it usually gives the unbroken answer whole).
+A prefill replica killed outright takes its engine with it (issue 15, item 14)."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.support.serve_stack import start_serve_stack
 from tests.support.workers import metric
 
 pytestmark = pytest.mark.integration
@@ -25,13 +27,8 @@ BODY = {"model": "tiny", "prompt": "the quick brown fox jumps over the lazy dog 
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("migration"), settings=["decode.replicas=2"])
-    try:
-        assert len(s.workers("decode")) == 2
-        yield s
-    finally:
-        s.stop()
+def stack(two_decodes):
+    return two_decodes.stack
 
 
 def stream_tokens(url: str, on_chunk=None) -> tuple[list[str], list[dict], httpx.Headers]:
@@ -95,3 +92,21 @@ def test_a_decode_that_dies_mid_stream_is_survived_with_the_same_answer(stack, t
     usage = next(e["usage"] for e in reversed(events) if e.get("usage"))
     assert usage["completion_tokens"] == BODY["max_tokens"]
     assert usage["prompt_tokens"] == next(e["usage"] for e in events if e.get("usage"))["prompt_tokens"]
+
+
+def test_an_engine_does_not_outlive_its_replica(stack) -> None:
+    """A prefill replica killed outright (as Ray kills an unhealthy one): its vLLM engine core and
+    worker end with it, though Ray puts them in the replica's process group and nobody signals
+    them; Serve starts a new replica, with an engine of its own."""
+    (replica,) = [p for p in psutil.Process(stack.proc.pid).children(recursive=True)
+                  if p.name().startswith("ray::ServeReplica") and "PrefillServer" in " ".join(p.cmdline())]
+    engine = [p for p in replica.children(recursive=True) if p.name().startswith("VLLM::")]
+    assert {p.name() for p in engine} == {"VLLM::EngineCore", "VLLM::Worker"}
+    (old,) = stack.workers("prefill")
+    replica.kill()
+    gone, alive = psutil.wait_procs(engine, timeout=15)
+    assert alive == [], f"{[p.name() for p in alive]} outlived their replica"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and stack.workers("prefill") in ([], [old]):
+        time.sleep(1)
+    assert stack.workers("prefill") not in ([], [old]), "Serve did not bring a new prefill up"

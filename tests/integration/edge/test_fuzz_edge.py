@@ -18,22 +18,13 @@ import httpx
 import pytest
 
 from tests.support.hostile import Case, HostileRequests, Outcome, drive, problems
-from tests.support.serve_stack import start_serve_stack
-from tests.support.workers import free_port, metric
+from tests.support.workers import metric
 
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("DISAGG_FUZZ_SEED", "15"))
 ROUTER_CASES, WORKER_CASES, PREFILL_CASES, GATEWAY_CASES = 1200, 900, 100, 800
 
-
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    # A short lease: a prefill the fuzz could make valid by chance frees its blocks soon.
-    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("fuzz"), settings=["kv_lease_s=5"],
-                          args=["--gateway", "--gateway-port", str(free_port())])
-    yield s
-    s.stop()
 
 
 def check(outcomes: list[Outcome], *, raw_bodies_may_be_plain: bool = True) -> None:

@@ -6,7 +6,6 @@ started ends with an error event and [DONE]; afterwards every worker is idle wit
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -20,21 +19,13 @@ import psutil
 import pytest
 
 from tests.support.hostile import ERROR_KEYS
-from tests.support.serve_stack import start_serve_stack
 from tests.support.workers import REPO, metric
+from .conftest import TOKEN
 
 pytestmark = pytest.mark.integration
 
-# The stack's internal token, fixed so the /internal/prefill tests can pass its check.
-TOKEN = "hostile-input-token"
 INTERNAL = {"authorization": f"Bearer {TOKEN}"}
 
-
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("hostile"), settings=["kv_lease_s=5", f"internal_token={TOKEN}"])
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,11 @@ import psutil
 import pytest
 
 from disagg.routing.kv_events import BlockStored, KVEventSubscriber
-from tests.support.serve_stack import start_serve_stack
-from tests.support.workers import free_port
 
 pytestmark = pytest.mark.integration
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
-
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("serve"),
-                          args=["--gateway", "--gateway-port", str(free_port())])
-    yield s
-    s.stop()
 
 
 def describe(address: str) -> dict:

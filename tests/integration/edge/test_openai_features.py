@@ -18,30 +18,25 @@ import httpx
 import psutil
 import pytest
 
-from tests.support.serve_stack import ServeStack, start_serve_stack
+from tests.support.serve_stack import ServeStack
+from .conftest import PREFILL_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 
-PREFILL_TIMEOUT_S = 8
 # Generous: this machine's two cores are shared with other stacks' engines.
 REQUEST_TIMEOUT_S = 300
 _prompts = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("features"),
-                          settings=[f"prefill_timeout_s={PREFILL_TIMEOUT_S}"])
-    try:
-        # The first logprobs and the first grammar cost each engine seconds of one-time set-up
-        # (minutes when this machine is loaded): pay them before the tests time anything.
-        for worker in s.workers("decode") + s.workers("prefill"):
-            for fields in ({"logprobs": 2}, {"response_format": {"type": "json_object"}}):
-                r = ask(f"http://{worker}", "completion", {"max_tokens": 2, **fields}, "warm up")
-                assert r.status_code == 200, r.text[:300]
-        yield s
-    finally:
-        s.stop()
+def stack(stack):
+    """The edge's stack, warmed: the first logprobs and the first grammar cost each engine seconds
+    of one-time set-up (minutes when this machine is loaded): paid before the tests time anything."""
+    for worker in stack.workers("decode") + stack.workers("prefill"):
+        for fields in ({"logprobs": 2}, {"response_format": {"type": "json_object"}}):
+            r = ask(f"http://{worker}", "completion", {"max_tokens": 2, **fields}, "warm up")
+            assert r.status_code == 200, r.text[:300]
+    return stack
 
 
 @pytest.fixture(scope="module")

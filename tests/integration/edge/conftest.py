@@ -1,0 +1,26 @@
+"""One `disagg serve --gateway` (1 prefill + 1 decode) for every module of the edge's tests:
+hostile input, the fuzz, internal ports and the OpenAI features. A stack start costs about 90 s
+of this machine's two cores; the modules only read the stack, so they share one (package scope:
+it stops after the last of them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.serve_stack import start_serve_stack
+from tests.support.workers import free_port
+
+# The stack's internal token, fixed so tests can call /internal/prefill past its check.
+TOKEN = "edge-tests-token"
+# Each prefill attempt's timeout (the OpenAI features test a stalled prefill's fallback).
+PREFILL_TIMEOUT_S = 8
+
+
+@pytest.fixture(scope="package")
+def stack(tiny_model, tmp_path_factory):
+    # A short lease: a prefill the fuzz or a test could make valid by chance frees its blocks soon.
+    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("edge"),
+                          settings=["kv_lease_s=5", f"internal_token={TOKEN}", f"prefill_timeout_s={PREFILL_TIMEOUT_S}"],
+                          args=["--gateway", "--gateway-port", str(free_port())])
+    yield s
+    s.stop()
