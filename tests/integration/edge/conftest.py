@@ -24,3 +24,22 @@ def stack(tiny_model, tmp_path_factory):
                           args=["--gateway", "--gateway-port", str(free_port())])
     yield s
     s.stop()
+
+
+# Tests that leave the shared stack broken or changed, in the order they run after every other
+# test of this package: a prefill replica killed (Serve replaces it), then the decode engine
+# killed (the stack does not serve again until Serve replaces the decode replica).
+LAST = ("test_serve_stack.py::test_killed_prefill_replica_is_survived_then_replaced",
+        "test_hostile_input.py::test_a_stream_that_fails_after_it_started_ends_with_an_error_event_and_done")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = [i for i, item in enumerate(items) if item.path.parent.name == "edge"]
+    if not here:
+        return
+    mine = [items[i] for i in here]
+    key = {name: rank for rank, name in enumerate(LAST)}
+    rank = lambda item: key.get(f"{item.path.name}::{item.name}", -1)  # noqa: E731
+    ordered = [item for item in mine if rank(item) < 0] + sorted((item for item in mine if rank(item) >= 0), key=rank)
+    for i, item in zip(here, ordered):
+        items[i] = item
