@@ -113,8 +113,9 @@ def local_reply_config() -> dict[str, Any]:
     body. Not the EPP's ImmediateResponses nor the gateway's 404 for a path it does not route
     (`not_found_route`): they carry OpenAI's body already (their details say `disagg_epp_...`
     and `direct_response`, which a CEL filter tells apart)."""
-    def body(error_type: str) -> dict[str, Any]:
-        return {"json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": error_type, "param": None,
+    def body(error_type: str, message: str = "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)") -> dict[str, Any]:
+        # The details too: some of Envoy's own replies have an empty body (a refused upgrade).
+        return {"json_format": {"error": {"message": message, "type": error_type, "param": None,
                                           "code": "%RESPONSE_CODE_DETAILS%"}}}
 
     def envoy_own(low: int, high: int) -> dict[str, Any]:
@@ -125,7 +126,14 @@ def local_reply_config() -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
             "expression": expression}}}
 
+    # A WebSocket handshake is refused as the Router and the workers refuse it: a 404 (Envoy's is
+    # a 403 with an empty body).
+    websocket = {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+        "expression": "response.code_details == 'upgrade_failed'"}}}
     return {"mappers": [
+        {"filter": websocket, "status_code": 404,
+         "body_format_override": body("not_found_error", "Invalid URL (WebSocket: this gateway does not serve it)")},
         {"filter": envoy_own(400, 500), "body_format_override": body("invalid_request_error")},
         {"filter": envoy_own(500, 600), "body_format_override": body("service_unavailable")},
     ]}
