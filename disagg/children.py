@@ -34,12 +34,23 @@ _PR_SET_PDEATHSIG = 1
 _SHM = "/dev/shm/"
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. Linux only; elsewhere the child outlives a crash.
+def _resolve_prctl() -> Any:
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the child outlives a crash
+        return None
+
+
+# Looked up here, not in the child: between fork and exec in a process with threads (a Ray
+# driver has dozens), a dlopen can wait forever on a lock another thread held at the fork. (A
+# picker replica restarted by a busy driver now and then never wrote a line: as such a hang looks.)
+_prctl = _resolve_prctl()
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _guard_preexec() -> None:

@@ -96,10 +96,10 @@ def stack_tmp(monkeypatch) -> Path:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-# Each exit path starts a stack of its own (about 90 s here): `make test` runs the two that cover
-# the supervisor's two halves (a stop it is asked for, a driver that dies under it); the others
-# are marked slow (`make test-slow`).
-ALWAYS = ("sigterm-to-the-group", "the-driver-crashes")
+# Each exit path starts a stack of its own (about 90 s here): `make test` runs the one a terminal
+# or a supervisor sends; the others are marked slow (`make test-slow`). A driver that dies under
+# the supervisor is also in the unit tests (tests/unit/test_children.py, with stand-in processes).
+ALWAYS = ("sigterm-to-the-group",)
 
 
 @pytest.mark.parametrize("how", [how if how in ALWAYS else pytest.param(how, marks=pytest.mark.slow)
