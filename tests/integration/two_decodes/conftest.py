@@ -25,7 +25,8 @@ def two_decodes(tiny_model, tmp_path_factory):
     # float32: the migration test compares a continuation with its greedy reference token for token;
     # in bfloat16 the reference (its prompt partly a prefix-cache hit) tipped a near-tie of this
     # random-weight model 22 tokens in.
-    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("two-decodes"), settings=["decode.replicas=2", "dtype=float32"],
+    s = start_serve_stack(tiny_model, tmp_path_factory.mktemp("two-decodes"),
+                          settings=["decode.replicas=2", "dtype=float32"],
                           args=["--gateway", "--gateway-port", str(free_port()), "--epp-replicas", "2",
                                 "--epp-ports", f"{base.grpc},{base.health},{base.metrics},{base.peer}"])
     try:
