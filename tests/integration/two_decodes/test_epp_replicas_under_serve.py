@@ -58,7 +58,7 @@ def test_a_long_shared_prefix_lands_on_its_decode_whichever_replica_answers(stac
 
 
 # Slow (`make test-slow`) while an open defect stands: on this busy machine the replica the driver
-# starts again sometimes never gets ready (in 3 of 5 runs today: its process runs, sleeping, and
+# starts again sometimes never gets ready (in 4 of 6 runs today: its process runs, sleeping, and
 # writes nothing for 90 s). The same kill and restart without Serve (tests/integration/
 # test_epp_replicas.py) passes in every run.
 @pytest.mark.slow
