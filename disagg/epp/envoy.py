@@ -118,19 +118,19 @@ def local_reply_config() -> dict[str, Any]:
         return {"json_format": {"error": {"message": message, "type": error_type, "param": None,
                                           "code": "%RESPONSE_CODE_DETAILS%"}}}
 
-    def envoy_own(low: int, high: int) -> dict[str, Any]:
-        expression = (f"response.code >= {low} && response.code < {high} && "
-                      "!response.code_details.startsWith('disagg_epp') && "
-                      "response.code_details != 'direct_response'")
+    def cel(expression: str) -> dict[str, Any]:
         return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
             "expression": expression}}}
 
+    def envoy_own(low: int, high: int) -> dict[str, Any]:
+        return cel(f"response.code >= {low} && response.code < {high} && "
+                   "!response.code_details.startsWith('disagg_epp') && "
+                   "response.code_details != 'direct_response'")
+
     # A WebSocket handshake is refused as the Router and the workers refuse it: a 404 (Envoy's is
     # a 403 with an empty body).
-    websocket = {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-        "expression": "response.code_details == 'upgrade_failed'"}}}
+    websocket = cel("response.code_details == 'upgrade_failed'")
     return {"mappers": [
         {"filter": websocket, "status_code": 404,
          "body_format_override": body("not_found_error", "Invalid URL (WebSocket: this gateway does not serve it)")},
