@@ -42,8 +42,7 @@ def _resolve_prctl() -> Any:
 
 
 # Looked up here, not in the child: between fork and exec in a process with threads (a Ray
-# driver has dozens), a dlopen can wait forever on a lock another thread held at the fork. (A
-# picker replica restarted by a busy driver now and then never wrote a line: as such a hang looks.)
+# driver has dozens), a dlopen can wait forever on a lock another thread held at the fork.
 _prctl = _resolve_prctl()
 
 

@@ -1,5 +1,5 @@
 """One `disagg serve --gateway` (1 prefill + 1 decode) for every module of the edge's tests:
-hostile input, the fuzz, internal ports and the OpenAI features. A stack start costs about 90 s
+hostile input, the fuzz, internal ports, the OpenAI features and the serve stack end to end. A stack start costs about 90 s
 of this machine's two cores; the modules only read the stack, so they share one (package scope:
 it stops after the last of them)."""
 
