@@ -64,14 +64,19 @@ def listener_pid(address: str) -> int:
 
 def test_a_decode_that_dies_mid_stream_is_survived_with_the_same_answer(stack, tiny_model) -> None:
     BODY["logprobs"] = 0  # the tokens as ids, to compare exactly
-    unbroken, _, _ = stream_tokens(stack.url)
+    started = time.monotonic()
+    unbroken, unbroken_events, _ = stream_tokens(stack.url)
+    took = time.monotonic() - started
     assert len(unbroken) == BODY["max_tokens"]
+    # Looked up before the stream: scanning every socket of the machine takes long enough on a
+    # busy one for the decode to finish before it is killed.
+    pids = {address: listener_pid(address) for address in stack.workers("decode")}
     killed = []
 
     def kill_its_decode(n: int, headers: httpx.Headers) -> None:
-        # Early: a decode that has already generated every token cannot cut the stream.
-        if n == 3 and not killed:
-            pid = listener_pid(headers["x-disagg-decode"])
+        # At the first event: a decode that has already sent every token cannot cut the stream.
+        if not killed:
+            pid = pids[headers["x-disagg-decode"]]
             psutil.Process(pid).kill()
             killed.append(pid)
 
@@ -79,7 +84,9 @@ def test_a_decode_that_dies_mid_stream_is_survived_with_the_same_answer(stack, t
     before = migrations()
     migrated, events, headers = stream_tokens(stack.url, kill_its_decode)
     assert killed, "the stream ended before its decode could be killed"
-    assert migrations() == before + 1  # the Router moved it (not a stream that outlived the kill)
+    # The Router moved it (not a stream that outlived the kill: the unbroken one took this long).
+    assert migrations() == before + 1, (f"unbroken: {len(unbroken_events)} events in {took:.2f} s; "
+                                        f"killed at the first of {len(events)}")
     assert len(migrated) == BODY["max_tokens"]
     moved_at = int(re.findall(r"migrating request \S+ with (\d+) tokens generated", stack.log.read_text())[-1])
     assert 0 < moved_at < BODY["max_tokens"]
