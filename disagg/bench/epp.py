@@ -396,12 +396,17 @@ def _time_concurrent(url: str, bodies: list[list[bytes]], start: int, count: int
     return [t for times, _ in results for t in times], sum(failed for _, failed in results)
 
 
+# The EPP paths of the large-body run, by result key: the gateway's body mode of each.
+LARGE_BODY_MODES = {"envoy_epp": "BUFFERED", "envoy_epp_full_duplex": "FULL_DUPLEX_STREAMED"}
+
+
 async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: int = 220_000,
                            rounds: int = 6) -> dict[str, Any]:
     """Large prompts through the gateway: `concurrency` clients at once, each sending completions
     of `body_bytes` (its own long document, a changing question), through Envoy alone and through
-    Envoy + EPP (`disagg epp`, its own process, TLS as by default, FULL_DUPLEX_STREAMED: the body
-    goes to the EPP and back) to a stand-in worker, in alternating rounds. `requests` per path."""
+    Envoy + EPP (`disagg epp`, its own process, TLS as by default) in each body mode
+    (`LARGE_BODY_MODES`: BUFFERED sends the body to the EPP once, FULL_DUPLEX_STREAMED there and
+    back) to a stand-in worker, in alternating rounds. `requests` per path."""
     import psutil
 
     from disagg.bench.processes import launch, terminate
@@ -417,18 +422,18 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
         write_endpoints(log_dir, [worker])
         alone = EnvoyProcess(EnvoySettings("127.0.0.1", 0, "127.0.0.1", 1, log_dir, ext_proc=False))
         await alone.start()
+        targets, pids = {"envoy": alone.url}, {"envoy": (alone.process.pid, None)}
         label, cmd = hop_paths(worker)["envoy_epp"]
-        epp = launch(label, cmd, log_dir=log_dir, cwd=REPO)
-        launched.append(epp)
-        targets = {"envoy": alone.url,
-                   "envoy_epp": next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]}
-        envoy_pids = {"envoy": alone.process.pid,
-                      "envoy_epp": next(c.pid for c in psutil.Process(epp.pid).children(recursive=True)
-                                        if "envoy" in c.name())}
+        for name, mode in LARGE_BODY_MODES.items():
+            epp = launch(f"{label}-{mode.lower()}", [*cmd, "--gateway-body-mode", mode], log_dir=log_dir, cwd=REPO)
+            launched.append(epp)
+            targets[name] = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
+            pids[name] = (next(c.pid for c in psutil.Process(epp.pid).children(recursive=True) if "envoy" in c.name()),
+                          epp.pid)
         latencies: dict[str, list[float]] = {name: [] for name in targets}
         failed = {name: 0 for name in targets}
         envoy_cpu = {name: 0.0 for name in targets}
-        epp_cpu = 0.0
+        epp_cpu = {name: 0.0 for name in targets}
         for name, url in targets.items():  # warm-up: connections, the EPP learning the worker
             deadline = time.monotonic() + 30
             while (await asyncio.to_thread(_time_concurrent, url, [b[:1] for b in bodies[:2]], 0, 5))[1]:
@@ -437,29 +442,33 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
                 await asyncio.sleep(0.2)
         for r in range(rounds):
             for name in (targets if r % 2 == 0 else list(reversed(targets))):
-                envoy0, epp0 = _cpu_seconds(envoy_pids[name]), _cpu_seconds(epp.pid)
+                envoy_pid, epp_pid = pids[name]
+                envoy0, epp0 = _cpu_seconds(envoy_pid), _cpu_seconds(epp_pid) if epp_pid else 0.0
                 times, lost = await asyncio.to_thread(_time_concurrent, targets[name], bodies, r * per_round, per_round)
                 latencies[name] += times
                 failed[name] += lost
-                envoy_cpu[name] += _cpu_seconds(envoy_pids[name]) - envoy0
-                if name == "envoy_epp":
-                    epp_cpu += _cpu_seconds(epp.pid) - epp0
+                envoy_cpu[name] += _cpu_seconds(envoy_pid) - envoy0
+                if epp_pid:
+                    epp_cpu[name] += _cpu_seconds(epp_pid) - epp0
     finally:
         if alone is not None:
             await alone.stop()
         terminate(launched, None, grace_s=10)
     n = per_round * rounds * concurrency
     result: dict[str, Any] = {"concurrency": concurrency, "body_bytes": len(bodies[0][0]), "requests": n,
-                              "rounds": rounds, "failed": failed["envoy_epp"]}
+                              "rounds": rounds, "failed": sum(failed[name] for name in LARGE_BODY_MODES),
+                              "body_modes": LARGE_BODY_MODES}
     for name, values in latencies.items():
         values.sort()
         result[name] = {"p50_ms": _percentile(values, 0.5) * 1e3, "p99_ms": _percentile(values, 0.99) * 1e3,
                         "failed": failed[name], "envoy_cpu_ms_per_request": envoy_cpu[name] / len(values) * 1e3}
-    result["epp_hop_added_p50_ms"] = result["envoy_epp"]["p50_ms"] - result["envoy"]["p50_ms"]
-    result["epp_hop_added_p99_ms"] = result["envoy_epp"]["p99_ms"] - result["envoy"]["p99_ms"]
-    result["epp_cpu_ms_per_request"] = epp_cpu / n * 1e3
-    result["envoy_ext_proc_cpu_ms_per_request"] = (result["envoy_epp"]["envoy_cpu_ms_per_request"]
-                                                   - result["envoy"]["envoy_cpu_ms_per_request"])
+    for name in LARGE_BODY_MODES:
+        suffix = name.removeprefix("envoy_epp")
+        result[f"epp_hop_added_p50_ms{suffix}"] = result[name]["p50_ms"] - result["envoy"]["p50_ms"]
+        result[f"epp_hop_added_p99_ms{suffix}"] = result[name]["p99_ms"] - result["envoy"]["p99_ms"]
+        result[f"epp_cpu_ms_per_request{suffix}"] = epp_cpu[name] / n * 1e3
+        result[f"envoy_ext_proc_cpu_ms_per_request{suffix}"] = (result[name]["envoy_cpu_ms_per_request"]
+                                                               - result["envoy"]["envoy_cpu_ms_per_request"])
     return result
 
 
@@ -780,6 +789,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
             added = f"{hop['epp_hop_added_p50_ms' + suffix]:.2f}" if suffix is not None else ""
             epp_cpu = f"{hop['epp_cpu_ms_per_request' + suffix]:.2f}" if suffix is not None else ""
             lines.append(f"| {label} | {hop[name]['p50_ms']:.2f} | {hop[name]['p99_ms']:.2f} | {added} | {epp_cpu} |")
+    lb = result.get("large_body")
+    if lb:
+        lines += ["", f"Large prompts: {lb['body_bytes']} bytes, {lb['concurrency']} clients at once, {lb['requests']} "
+                  "requests per path:", "", "| path | p50 (ms) | p99 (ms) | added over Envoy, p50 (ms) | "
+                  "EPP CPU per request (ms) |", "|---|---|---|---|---|",
+                  f"| Envoy alone | {lb['envoy']['p50_ms']:.2f} | {lb['envoy']['p99_ms']:.2f} | | |"]
+        for name, mode in lb["body_modes"].items():
+            suffix = name.removeprefix("envoy_epp")
+            lines.append(f"| Envoy + EPP, {mode} | {lb[name]['p50_ms']:.2f} | {lb[name]['p99_ms']:.2f} | "
+                         f"{lb['epp_hop_added_p50_ms' + suffix]:.2f} | {lb['epp_cpu_ms_per_request' + suffix]:.2f} |")
     sc = result.get("scrapes")
     if sc:
         lines += ["", f"Keeping the state current: {sc['workers']} workers scraped every {sc['scrape_interval_s']} s, "
@@ -866,10 +885,13 @@ def main(argv: list[str] | None = None) -> int:
         say("epp", f"large bodies: {args.large_body_requests} requests of 220 KB per path, 20 at once, through Envoy "
                    "and Envoy + EPP")
         lb = result["large_body"] = asyncio.run(bench_large_body(args.large_body_requests))
-        print(f"large body ({lb['body_bytes']} bytes, {lb['concurrency']} at once): Envoy p50 {lb['envoy']['p50_ms']:.2f} "
-              f"ms, Envoy+EPP {lb['envoy_epp']['p50_ms']:.2f} ms (EPP adds {lb['epp_hop_added_p50_ms']:.2f} ms p50, "
-              f"{lb['epp_hop_added_p99_ms']:.2f} ms p99); CPU per request: EPP {lb['epp_cpu_ms_per_request']:.2f} ms, "
-              f"Envoy's ext_proc work {lb['envoy_ext_proc_cpu_ms_per_request']:.2f} ms", flush=True)
+        for name, mode in LARGE_BODY_MODES.items():
+            suffix = name.removeprefix("envoy_epp")
+            print(f"large body ({lb['body_bytes']} bytes, {lb['concurrency']} at once), {mode}: Envoy p50 "
+                  f"{lb['envoy']['p50_ms']:.2f} ms, Envoy+EPP {lb[name]['p50_ms']:.2f} ms (EPP adds "
+                  f"{lb[f'epp_hop_added_p50_ms{suffix}']:.2f} ms p50, {lb[f'epp_hop_added_p99_ms{suffix}']:.2f} ms p99); "
+                  f"CPU per request: EPP {lb[f'epp_cpu_ms_per_request{suffix}']:.2f} ms, Envoy's ext_proc work "
+                  f"{lb[f'envoy_ext_proc_cpu_ms_per_request{suffix}']:.2f} ms", flush=True)
     if args.scrape_workers:
         say("epp", f"scrapes: a scheduler following {args.scrape_workers} stand-in workers")
         sc = result["scrapes"] = asyncio.run(bench_scrapes(args.scrape_workers))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from disagg.config import (CONFIG_ERRORS, AppConfig, CommandLineParser, config_error, host_name, host_ports,
                            port_number, positive_seconds, usage_error)
 from disagg.heap import freeze_startup_heap
+from disagg.epp.envoy import BODY_MODES
 from disagg.epp.protocol import DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_PEER_PORT
 from disagg.routing import Discovery, StaticDiscovery
 from disagg.routing.discovery import RouterPoolDiscovery
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-port", type=port_number, default=None,
                    help="also run Envoy listening on this port (0: a free one) in front of the workers")
     p.add_argument("--gateway-host", type=host_name, default=None, help="Envoy's listen address (default: the config's host)")
+    p.add_argument("--gateway-body-mode", choices=BODY_MODES, default=BODY_MODES[0],
+                   help="how that Envoy sends request bodies to the EPP (default: %(default)s)")
     p.add_argument("--eds-dir", default=None,
                    help="keep an Envoy EDS file of the decode endpoints in this directory (for an external Envoy)")
     p.add_argument("--secure-serving", type=_flag, nargs="?", const=True, default=True, metavar="BOOL",
@@ -111,6 +115,7 @@ async def run_epp(args: argparse.Namespace) -> None:
         secure_serving=args.secure_serving, cert_path=args.cert_path,
         peers=make_peers(args), peer_port=args.peer_port,
         replica_id=args.replica_id or f"{socket.gethostname()}:{args.grpc_port}",
+        body_mode=args.gateway_body_mode,
     )
     epp = gateway.epp
     freeze_startup_heap()
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except CONFIG_ERRORS as e:
         return usage_error("disagg epp", config_error(e, {"model": "--model"}))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `kill -USR1` writes every thread's stack to stderr: what a picker that does not get ready waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     asyncio.run(run_epp(args))
     return 0
 

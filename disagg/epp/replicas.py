@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,7 +80,8 @@ class EppReplicas:
             self.envoy = EnvoyProcess(EnvoySettings(
                 listen_host=self.gateway_host, listen_port=self.gateway_port, epp_host=self.host, epp_port=first,
                 epp_replicas=[(self.host, p) for p in others], eds_dir=self.workdir,
-                request_timeout_s=self.config.request_timeout_s,
+                request_timeout_s=self.config.request_timeout_s, max_request_bytes=self.config.max_request_bytes,
+                flow_control_ttl_s=self.config.routing.flow_control.ttl_s,
                 epp_trusted_ca=self.workdir / "tls" / CERT_FILE if self.secure_serving else None))
             await self.envoy.start()
         except BaseException:
@@ -106,8 +108,16 @@ class EppReplicas:
         self.processes[i] = process
         deadline = time.monotonic() + self.start_timeout_s
         while "READY epp" not in log_path.read_bytes()[started:].decode(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"picker replica {i} did not start: {log_path.read_text(errors='replace')[-2000:]}")
+            if process.poll() is None and time.monotonic() > deadline:
+                # Its threads' stacks into its log (faulthandler), then ended: the watchdog starts
+                # it again rather than wait on a process that may never get ready.
+                process.send_signal(signal.SIGUSR1)
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(stop_child, process)
+            if process.poll() is not None:
+                tail = log_path.read_bytes()[started:].decode(errors="replace")[-6000:]
+                raise RuntimeError(f"picker replica {i} did not start in {self.start_timeout_s:.0f} s "
+                                   f"(exit {process.returncode}): {tail}")
             await asyncio.sleep(0.05)
 
     async def _restart_the_dead(self) -> None:

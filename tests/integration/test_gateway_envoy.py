@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from disagg.config import AppConfig
 from disagg.epp.gateway import start_gateway
+from disagg.messages import EngineLoad
 from disagg.epp.prompt import RawPromptReader
 from disagg.routing import StaticDiscovery
 from disagg.bench.standin import StandInWorker
@@ -185,6 +186,38 @@ async def test_envoy_speaks_tls_to_the_epp_by_default_and_plaintext_when_told(se
         counters = dict(line.split(": ", 1) for line in stats.splitlines() if line.startswith("cluster.epp."))
         # The EPP cluster's connections were TLS handshakes (or none were, in plaintext).
         assert (int(counters.get("cluster.epp.ssl.handshake", "0")) > 0) is secure
+    finally:
+        await gateway.stop()
+        worker.stop()
+
+
+@pytest.mark.parametrize("body_mode", ["BUFFERED", "FULL_DUPLEX_STREAMED"])
+async def test_a_request_waits_in_flow_control_past_the_ext_proc_timeout_then_is_served(body_mode) -> None:
+    # While the only decode is saturated the request waits in the EPP, longer than Envoy's 5 s
+    # ext_proc timeout, and is served once the decode reports room: Envoy's wait for the EPP's
+    # answer covers the flow-control TTL in both body modes.
+    worker = StandInWorker("decode").start()
+    worker.load = EngineLoad(num_blocks=1000, waiting=100)  # past max_waiting_per_worker (64)
+    gateway = await start_gateway(config(flow_control={"ttl_s": 20.0}),
+                                  StaticDiscovery([worker.address], interval_s=0.2), gateway_port=0,
+                                  host="127.0.0.1", reader=RawPromptReader("tiny"), body_mode=body_mode)
+    try:
+        await wait_for(lambda: len(gateway.scheduler.pool) == 1)
+        await asyncio.sleep(0.3)  # Envoy loads the EDS file
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            body = json.dumps(completion(list(range(500)))).encode()
+            waiting = asyncio.ensure_future(client.post("/v1/completions", content=body,
+                                                        headers={"content-type": "application/json"}))
+            await asyncio.sleep(6.5)
+            assert not waiting.done(), waiting.result().text
+            worker.load = EngineLoad(num_blocks=1000)
+            r = await waiting
+            assert r.status_code == 200, r.text
+            assert r.json()["served_by"] == worker.address
+            assert loop.time() - started > 6.5
+            assert worker.requests[-1][3] == body
     finally:
         await gateway.stop()
         worker.stop()

@@ -79,18 +79,27 @@ def start_serve_stack(model: str, log_dir: Path, settings: list[str] = (), timeo
     cmd += list(args)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        text = log.read_text(errors="replace")
-        m = re.search(r"ready: (http://\S+)/v1 ", text)
-        if m and ("--gateway" not in args or "gateway: http" in text):
-            stack = ServeStack(proc, m.group(1), log, ray_tmp)
-            while time.monotonic() < deadline:
-                if stack.workers("decode") and stack.workers("prefill"):
-                    return stack
-                time.sleep(0.5)
-        time.sleep(1)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = log.read_text(errors="replace")
+            m = re.search(r"ready: (http://\S+)/v1 ", text)
+            if m and ("--gateway" not in args or "gateway: http" in text):
+                stack = ServeStack(proc, m.group(1), log, ray_tmp)
+                while time.monotonic() < deadline:
+                    if stack.workers("decode") and stack.workers("prefill"):
+                        return stack
+                    time.sleep(0.5)
+            time.sleep(1)
+    except BaseException:  # an interrupted start (Ctrl-C, a timeout) leaves no stack behind
+        _kill(proc, ray_tmp)
+        raise
+    _kill(proc, ray_tmp)
+    raise RuntimeError(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def _kill(proc: subprocess.Popen, ray_tmp: str) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait(30)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    raise RuntimeError(f"disagg serve did not come up:\n{log.read_text(errors='replace')[-4000:]}")

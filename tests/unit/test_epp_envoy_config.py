@@ -21,12 +21,29 @@ def ext_proc_filter(config: dict) -> dict:
     return next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
 
 
-def test_ext_proc_streams_the_body_full_duplex_and_accepts_envoy_lb_metadata(settings) -> None:
-    ext_proc = ext_proc_filter(envoy_config(settings))
-    assert ext_proc["processing_mode"]["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+def test_ext_proc_gets_the_buffered_body_and_accepts_envoy_lb_metadata(settings) -> None:
+    config = envoy_config(settings)
+    ext_proc = ext_proc_filter(config)
+    assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert ext_proc["processing_mode"]["request_trailer_mode"] == "SEND"
     assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
     assert ext_proc["failure_mode_allow"] is False
+    # Envoy holds a body up to the size the EPP accepts, and waits for its answer while the
+    # request may wait in the EPP's flow control.
+    assert config["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == settings.max_request_bytes
+    assert float(ext_proc["message_timeout"].rstrip("s")) == settings.flow_control_ttl_s + settings.ext_proc_timeout_s
+
+
+def test_ext_proc_can_stream_the_body_full_duplex_as_gie_does(settings) -> None:
+    settings.request_body_mode = "FULL_DUPLEX_STREAMED"
+    config = envoy_config(settings)
+    ext_proc = ext_proc_filter(config)
+    assert ext_proc["processing_mode"]["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert float(ext_proc["message_timeout"].rstrip("s")) == settings.ext_proc_timeout_s
+    assert "per_connection_buffer_limit_bytes" not in config["static_resources"]["listeners"][0]
+    settings.request_body_mode = "STREAMED"
+    with pytest.raises(ValueError, match="request_body_mode"):
+        envoy_config(settings)
 
 
 def test_workers_cluster_routes_by_override_host_from_metadata_then_header(settings) -> None:
@@ -44,7 +61,9 @@ def test_endpoints_document_lists_each_address_once() -> None:
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in lb] == [8001, 8002]
 
 
-def test_envoy_accepts_the_generated_configuration(settings, tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["BUFFERED", "FULL_DUPLEX_STREAMED"])
+def test_envoy_accepts_the_generated_configuration(settings, tmp_path, mode) -> None:
+    settings.request_body_mode = mode
     try:
         binary = envoy_binary()
     except FileNotFoundError:
