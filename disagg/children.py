@@ -2,9 +2,14 @@
 
 Two mechanisms, for the two ways a parent goes:
 
-- `start_child`: a child in its own session (a terminal's Ctrl-C or a signal to our process
-  group reaches only us, and we stop the child in order) with a parent-death signal (SIGTERM
-  when we die, even by SIGKILL, which runs no cleanup).
+- `start_child`: a child in its own process group (a terminal's Ctrl-C or a signal to our
+  process group reaches only us, and we stop the child in order) with a parent-death signal
+  (SIGTERM when we die, even by SIGKILL, which runs no cleanup). It stays in our session: with
+  the kernel's autogroup scheduling each session shares the CPU as one, and nice values count
+  only within it. Ray runs its workers (the engines) at nice 15 in the driver's session, so a
+  picker or Envoy started here at nice 0 comes first; in a session of its own it got an equal
+  share against the busy engines' session (measured: a picker restarted under load ran its
+  start-up at about a tenth of a core and took 25 s to over 90 s to get ready).
 - `Guard`: a watchdog process over a root process (a worker, `disagg serve`'s driver). It
   records the root's descendants while the root runs; a descendant that leaves the tree (its
   parent died: vLLM's EngineCore and Worker processes of a replica that died) is ended at once,
@@ -60,11 +65,11 @@ def _guard_preexec() -> None:
 
 
 def start_child(cmd: list[str], **popen: Any) -> subprocess.Popen:
-    """`subprocess.Popen` for a child that must not outlive this process: in its own session (a
-    terminal's Ctrl-C reaches only us, and we stop it in order), and SIGTERM when we die. The
+    """`subprocess.Popen` for a child that must not outlive this process: in its own process
+    group (a terminal's Ctrl-C reaches only us, and we stop it in order), and SIGTERM when we die. The
     signal follows the thread that starts the child: start children from a thread that lives as
     long as they should."""
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **popen)
+    return subprocess.Popen(cmd, process_group=0, preexec_fn=_die_with_parent, **popen)
 
 
 def stop_child(process: subprocess.Popen, timeout_s: float = 10.0) -> None:

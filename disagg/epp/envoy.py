@@ -344,7 +344,8 @@ class EnvoyProcess:
                "--disable-hot-restart", "--concurrency", "1", "--admin-address-path", str(self.admin_path)]
         log.info("starting Envoy: %s", " ".join(cmd))
         with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # Its own process group, in our session (see disagg.children: the CPU scheduler's autogroups).
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, process_group=0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:

@@ -57,11 +57,6 @@ def test_a_long_shared_prefix_lands_on_its_decode_whichever_replica_answers(stac
     assert all(a - b >= 5 for a, b in zip(after, answered)), (answered, after)  # both replicas answered
 
 
-# Slow (`make test-slow`) while an open defect stands: on this busy machine the replica the driver
-# starts again sometimes never gets ready (in 4 of 6 runs today: its process runs, sleeping, and
-# writes nothing for 90 s). The same kill and restart without Serve (tests/integration/
-# test_epp_replicas.py) passes in every run.
-@pytest.mark.slow
 def test_a_replica_killed_under_load_fails_only_its_open_streams_then_rejoins_and_agrees(stack) -> None:
     s, base = stack
     replica = next(p for p in psutil.Process(s.proc.pid).children(recursive=True)
@@ -110,8 +105,10 @@ def test_a_replica_killed_under_load_fails_only_its_open_streams_then_rejoins_an
                 break
         except httpx.HTTPError:
             pass
-        # Generous: its start (Python, the tokenizer) competes with three busy engines for two cores.
-        assert time.monotonic() - killed_at < 90, f"the replica did not come back: {why()}"
+        # Generous: its start (Python, the tokenizer) shares two cores with three busy engines
+        # (about 6 s here; 25 s to never while the picker ran in a session of its own, see
+        # disagg.children).
+        assert time.monotonic() - killed_at < 45, f"the replica did not come back: {why()}"
         time.sleep(0.05)
     back_after = time.monotonic() - killed_at
     time.sleep(5.0)
