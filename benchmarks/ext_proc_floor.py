@@ -1,5 +1,5 @@
 """The floor of the ext_proc hop for our EPP: Envoy in front of one worker, its ext_proc filter
-configured as the gateway's (plaintext), calling a server on our HTTP/2 gRPC stack that routes
+configured as the gateway's (plaintext, the same body mode), calling a server on our HTTP/2 gRPC stack that routes
 every request to that worker with a constant answer (no reading of the body, no pick, no state).
 
 `disagg bench epp` measures it beside the real EPP: the difference is what the EPP's own work
@@ -22,41 +22,56 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from disagg.epp.envoy import EnvoyProcess, EnvoySettings, write_endpoints
-from disagg.epp.ext_proc import streamed_body
+from disagg.epp.ext_proc import BUFFERED, streamed_body
 from disagg.epp.h2grpc import GrpcServer
 from disagg.epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, PROCESS_PATH
 
 
-def routed_headers(worker: str) -> bytes:
-    """The serialized headers answer that sends a request to `worker` (header and metadata)."""
+def routed(worker: str, *, as_headers: bool) -> bytes:
+    """The serialized answer that sends a request to `worker` (header and metadata), in the
+    headers answer (FULL_DUPLEX_STREAMED) or the body answer (BUFFERED)."""
     metadata = struct_pb2.Struct()
     metadata.update({DESTINATION_NAMESPACE: {DESTINATION_HEADER: worker}})
     mutation = pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=worker.encode()))])
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
-        dynamic_metadata=metadata,
-    ).SerializeToString()
+    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+    if as_headers:
+        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common),
+                                     dynamic_metadata=metadata).SerializeToString()
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
+                                 dynamic_metadata=metadata).SerializeToString()
+
+
+_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
 
 
 class ConstantAnswer:
-    """One FULL_DUPLEX_STREAMED stream: at the body's end, the fixed headers answer and the body
-    echoed back in one chunk, as the EPP writes them; then the stream ends (as the EPP's do)."""
+    """One stream in the body mode Envoy names on its first message, answered as the EPP does:
+    BUFFERED, the headers at once and the fixed routing answer to the body; FULL_DUPLEX_STREAMED,
+    at the body's end the fixed headers answer and the body echoed back in one chunk. Then the
+    stream ends (as the EPP's do)."""
 
-    def __init__(self, headers_answer: bytes) -> None:
-        self.headers_answer = headers_answer
+    def __init__(self, answers: dict[bool, bytes]) -> None:
+        self.answers = answers
+        self.buffered = False
         self.body = bytearray()
         self.finished = False
 
     def message(self, payload: bytes) -> list[bytes]:
         request = pb.ProcessingRequest.FromString(payload)
-        if request.WhichOneof("request") != "request_body":
+        phase = request.WhichOneof("request")
+        if phase == "request_headers":
+            self.buffered = request.protocol_config.request_body_mode == BUFFERED
+            return [_CONTINUE_HEADERS] if self.buffered else []
+        if phase != "request_body":
             return []
         self.body += request.request_body.body
         if not request.request_body.end_of_stream:
             return []
         self.finished = True
-        return [self.headers_answer, streamed_body(bytes(self.body), True).SerializeToString()]
+        if self.buffered:
+            return [self.answers[False]]
+        return [self.answers[True], streamed_body(bytes(self.body), True).SerializeToString()]
 
     def end(self) -> list[bytes]:
         return []
@@ -64,8 +79,8 @@ class ConstantAnswer:
 
 def constant_server(worker: str) -> GrpcServer:
     """A server routing every request to `worker` (the answer built once)."""
-    answer = routed_headers(worker)
-    return GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answer)})
+    answers = {as_headers: routed(worker, as_headers=as_headers) for as_headers in (True, False)}
+    return GrpcServer({PROCESS_PATH: lambda: ConstantAnswer(answers)})
 
 
 async def serve(worker: str) -> None:
