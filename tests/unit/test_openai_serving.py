@@ -1,12 +1,17 @@
 """OpenAI request handling with the tiny model's real tokenizer: validation, errors, responses."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from disagg.engine.base import GenerateOutput
 from disagg.openai.errors import APIError
 from disagg.openai.serving import Preprocessor, ResponseBuilder
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +112,25 @@ async def test_error_mid_stream_becomes_an_error_event(pre):
     events = [e async for e in ResponseBuilder(p, "tiny").sse(failing())]
     assert json.loads(events[-2][6:])["error"]["message"] == "decode worker died"
     assert events[-1] == b"data: [DONE]\n\n"
+
+
+def test_the_generic_fast_tokenizer_loads_as_autotokenizer_makes_it_without_torch(tiny_model) -> None:
+    # In a process of its own: whether torch is imported is a property of the process.
+    script = f"""
+import sys
+from disagg.openai.serving import load_tokenizer
+ours = load_tokenizer({tiny_model!r})
+assert "torch" not in sys.modules, "load_tokenizer imported torch"
+from transformers import AutoTokenizer
+auto = AutoTokenizer.from_pretrained({tiny_model!r})
+assert type(ours) is type(auto), (type(ours), type(auto))
+texts = ["hello world", "Prüfung ①ﬁ Ａ 😀 漢字", "  x\\u0301\\n\\t", "<s> </s> <unk>", ""]
+assert [ours(t)["input_ids"] for t in texts] == [auto(t)["input_ids"] for t in texts]
+messages = [{{"role": "system", "content": "be brief"}}, {{"role": "user", "content": "hi"}}]
+assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \\
+    auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+assert (len(ours), ours.all_special_ids, ours.model_max_length) == (len(auto), auto.all_special_ids, auto.model_max_length)
+print("same")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip().endswith("same"), done.stdout[-2000:] + done.stderr[-2000:]
