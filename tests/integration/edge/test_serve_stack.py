@@ -271,7 +271,10 @@ def test_prometheus_scrapes_the_stack_and_promtool_finds_no_problems(stack, tmp_
         while time.monotonic() < deadline:
             ttft = prom.query('sum(vllm:time_to_first_token_seconds_count{model_name="tiny"})')
             decisions = prom.query("sum(disagg_pd_decisions_total)")
-            if ttft and float(ttft[0]["value"][1]) >= 3 and decisions and float(decisions[0]["value"][1]) >= 3:
+            # Every worker scraped at least once: the counters above may all come from the decode.
+            scraped = len(prom.query("vllm:num_requests_waiting")) == len(workers)
+            if ttft and float(ttft[0]["value"][1]) >= 3 and decisions and float(decisions[0]["value"][1]) >= 3 \
+                    and scraped:
                 break
             time.sleep(1)
         assert all(v == 1.0 for v in prom.targets_up().values()), prom.targets_up()
