@@ -96,12 +96,19 @@ def test_request_body_streams_greedy_answers_of_max_tokens(tiny_model: str) -> N
 
 def test_failed_requests_are_counted_not_dropped() -> None:
     ok = RequestResult(index=0, group="g", prompt_tokens=10, max_tokens=3, ttft_s=0.1, last_token_s=0.3,
-                       latency_s=0.31, output_tokens=3, itl_s=[0.1, 0.1])
+                       latency_s=0.3, output_tokens=3, itl_s=[0.1, 0.1])
     bad = RequestResult(index=1, group="g", prompt_tokens=10, max_tokens=3, error="HTTP 500: boom")
     s = RunResult("w", "closed 1", 1.0, [ok, bad]).summary()
     assert s["requests"] == 2 and s["failed"] == 1
     assert s["ttft_p50_ms"] == 100.0 and s["tpot_p50_ms"] == 100.0
     assert s["output_tok_s"] == 3.0
+
+
+def test_tpot_runs_to_the_end_of_the_stream_not_to_the_last_text() -> None:
+    # The last 6 tokens detokenized to nothing: the last text came at 0.3 s, the stream ended at 0.9.
+    r = RequestResult(index=0, group="g", prompt_tokens=10, max_tokens=9, ttft_s=0.1, last_token_s=0.3,
+                      latency_s=0.9, output_tokens=9)
+    assert r.tpot_s == pytest.approx(0.1)
 
 
 def test_percentile_interpolates() -> None:
