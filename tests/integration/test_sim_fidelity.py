@@ -165,7 +165,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return ensure_model(str(REPO / "models" / "tiny"), "tiny")
 
 
-def compare(model: str, tmp_path: Path) -> dict[str, Any]:
+def small_comparison(model: str, tmp_path: Path) -> dict[str, Any]:
     """The small comparison, disaggregated mode only (a stack start is ~90 s here; --full runs both)."""
     cost = measure_profile(model, tmp_path / "profile.json")
     report = fidelity(model, cost, SMALL, modes=("disagg",))
@@ -183,14 +183,14 @@ def test_the_simulator_follows_the_real_stack(model, tmp_path):
     # prefix hit rate agrees. The latencies are printed: on this shared 2-core machine one sample
     # of the real stack's TTFT p50 moved from 0.14x to 3.2x the simulator's between full runs
     # (the stack's start-up and other tests' processes share the cores with the one measured).
-    compare(model, tmp_path)
+    small_comparison(model, tmp_path)
 
 
 @pytest.mark.slow
 def test_the_simulators_ttft_is_within_a_factor_of_the_real_stacks(model, tmp_path):
     # The latency bound, for a quiet machine (make test-slow): a simulator that lost the stack's
     # overheads (TTFT -90%) or an engine model gone wrong fails it.
-    for case, c in compare(model, tmp_path)["cases"].items():
+    for case, c in small_comparison(model, tmp_path)["cases"].items():
         real, sim = c["real"]["ttft_ms_p50"], c["sim"]["ttft_ms_p50"]
         assert 1 / FACTOR <= sim / real <= FACTOR, (case, c)
 
