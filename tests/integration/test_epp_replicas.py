@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import threading
@@ -27,9 +28,17 @@ pytestmark = pytest.mark.integration
 
 def free_base() -> ReplicaPorts:
     """Four consecutive ports free for replica 0 and the same +100 for replica 1 (a test's choice
-    of the configuration; the replicas bind them themselves)."""
+    of the configuration; the replicas bind them themselves). Below the kernel's ephemeral range:
+    a port there can be taken by any process binding port 0 (Ray's, as the stack starts) between
+    this check and the replica's bind, as happened in a full run."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32_768
+    rng = random.Random()
     for _ in range(50):
-        base = 20_000 + 4 * (os.getpid() % 2000) + 10_000 * (hash(time.monotonic_ns()) % 2)
+        base = rng.randrange(20_000, ephemeral - 104, 4)
         ports = [base + i + 100 * r for r in range(2) for i in range(4)]
         try:
             socks = []
