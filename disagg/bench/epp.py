@@ -463,7 +463,7 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
         result[name] = {"p50_ms": _percentile(values, 0.5) * 1e3, "p99_ms": _percentile(values, 0.99) * 1e3,
                         "failed": failed[name], "envoy_cpu_ms_per_request": envoy_cpu[name] / len(values) * 1e3}
     for name in LARGE_BODY_MODES:
-        suffix = name.removeprefix("envoy_epp")
+        suffix = _key_suffix(name)
         result[f"epp_hop_added_p50_ms{suffix}"] = result[name]["p50_ms"] - result["envoy"]["p50_ms"]
         result[f"epp_hop_added_p99_ms{suffix}"] = result[name]["p99_ms"] - result["envoy"]["p99_ms"]
         result[f"epp_cpu_ms_per_request{suffix}"] = epp_cpu[name] / n * 1e3
@@ -796,7 +796,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   "EPP CPU per request (ms) |", "|---|---|---|---|---|",
                   f"| Envoy alone | {lb['envoy']['p50_ms']:.2f} | {lb['envoy']['p99_ms']:.2f} | | |"]
         for name, mode in lb["body_modes"].items():
-            suffix = name.removeprefix("envoy_epp")
+            suffix = _key_suffix(name)
             lines.append(f"| Envoy + EPP, {mode} | {lb[name]['p50_ms']:.2f} | {lb[name]['p99_ms']:.2f} | "
                          f"{lb['epp_hop_added_p50_ms' + suffix]:.2f} | {lb['epp_cpu_ms_per_request' + suffix]:.2f} |")
     sc = result.get("scrapes")
@@ -886,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
                    "and Envoy + EPP")
         lb = result["large_body"] = asyncio.run(bench_large_body(args.large_body_requests))
         for name, mode in LARGE_BODY_MODES.items():
-            suffix = name.removeprefix("envoy_epp")
+            suffix = _key_suffix(name)
             print(f"large body ({lb['body_bytes']} bytes, {lb['concurrency']} at once), {mode}: Envoy p50 "
                   f"{lb['envoy']['p50_ms']:.2f} ms, Envoy+EPP {lb[name]['p50_ms']:.2f} ms (EPP adds "
                   f"{lb[f'epp_hop_added_p50_ms{suffix}']:.2f} ms p50, {lb[f'epp_hop_added_p99_ms{suffix}']:.2f} ms p99); "

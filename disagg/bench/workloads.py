@@ -97,9 +97,9 @@ class Tokens:
     """The model's tokenizer: counts and cuts text in its tokens."""
 
     def __init__(self, model_dir: str):
-        from transformers import AutoTokenizer
+        from disagg.openai.serving import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)  # as the router and the EPP load it
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
