@@ -396,8 +396,15 @@ def _time_concurrent(url: str, bodies: list[list[bytes]], start: int, count: int
     return [t for times, _ in results for t in times], sum(failed for _, failed in results)
 
 
-# The EPP paths of the large-body run, by result key: the gateway's body mode of each.
-LARGE_BODY_MODES = {"envoy_epp": "BUFFERED", "envoy_epp_full_duplex": "FULL_DUPLEX_STREAMED"}
+# The ext_proc paths of the large-body run, by result key: the gateway's body mode of each. The floor
+# (a constant answer that reads no body, from a checkout) is what receiving the body costs by itself.
+LARGE_BODY_MODES = {"envoy_epp": "BUFFERED", "envoy_epp_full_duplex": "FULL_DUPLEX_STREAMED",
+                    **({"envoy_floor": "BUFFERED"} if HARNESS else {})}
+
+
+def _large_body_label(name: str, mode: str) -> str:
+    server = "the floor (a constant answer)" if name == "envoy_floor" else "EPP"
+    return f"Envoy + {server}, {mode}"
 
 
 async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: int = 220_000,
@@ -406,7 +413,9 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
     of `body_bytes` (its own long document, a changing question), through Envoy alone and through
     Envoy + EPP (`disagg epp`, its own process, TLS as by default) in each body mode
     (`LARGE_BODY_MODES`: BUFFERED sends the body to the EPP once, FULL_DUPLEX_STREAMED there and
-    back) to a stand-in worker, in alternating rounds. `requests` per path."""
+    back), and through Envoy + the floor (a constant answer, plaintext, on our HTTP/2 server: what
+    receiving the body costs any Python server here), to a stand-in worker, in alternating rounds.
+    `requests` per path."""
     import psutil
 
     from disagg.bench.processes import launch, terminate
@@ -423,9 +432,12 @@ async def bench_large_body(requests: int, *, concurrency: int = 20, body_bytes: 
         alone = EnvoyProcess(EnvoySettings("127.0.0.1", 0, "127.0.0.1", 1, log_dir, ext_proc=False))
         await alone.start()
         targets, pids = {"envoy": alone.url}, {"envoy": (alone.process.pid, None)}
-        label, cmd = hop_paths(worker)["envoy_epp"]
+        paths = hop_paths(worker)
         for name, mode in LARGE_BODY_MODES.items():
-            epp = launch(f"{label}-{mode.lower()}", [*cmd, "--gateway-body-mode", mode], log_dir=log_dir, cwd=REPO)
+            label, cmd = paths[name if name in paths else "envoy_epp"]
+            if name != "envoy_floor":  # the floor's Envoy is the gateway's default (BUFFERED)
+                cmd = [*cmd, "--gateway-body-mode", mode]
+            epp = launch(f"{label}-{mode.lower()}", cmd, log_dir=log_dir, cwd=REPO)
             launched.append(epp)
             targets[name] = next(f for f in _ready_line(epp).split() if f.startswith("gateway=")).split("=", 1)[1]
             pids[name] = (next(c.pid for c in psutil.Process(epp.pid).children(recursive=True) if "envoy" in c.name()),
@@ -797,7 +809,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
                   f"| Envoy alone | {lb['envoy']['p50_ms']:.2f} | {lb['envoy']['p99_ms']:.2f} | | |"]
         for name, mode in lb["body_modes"].items():
             suffix = _key_suffix(name)
-            lines.append(f"| Envoy + EPP, {mode} | {lb[name]['p50_ms']:.2f} | {lb[name]['p99_ms']:.2f} | "
+            lines.append(f"| {_large_body_label(name, mode)} | {lb[name]['p50_ms']:.2f} | {lb[name]['p99_ms']:.2f} | "
                          f"{lb['epp_hop_added_p50_ms' + suffix]:.2f} | {lb['epp_cpu_ms_per_request' + suffix]:.2f} |")
     sc = result.get("scrapes")
     if sc:
@@ -887,8 +899,9 @@ def main(argv: list[str] | None = None) -> int:
         lb = result["large_body"] = asyncio.run(bench_large_body(args.large_body_requests))
         for name, mode in LARGE_BODY_MODES.items():
             suffix = _key_suffix(name)
-            print(f"large body ({lb['body_bytes']} bytes, {lb['concurrency']} at once), {mode}: Envoy p50 "
-                  f"{lb['envoy']['p50_ms']:.2f} ms, Envoy+EPP {lb[name]['p50_ms']:.2f} ms (EPP adds "
+            print(f"large body ({lb['body_bytes']} bytes, {lb['concurrency']} at once), "
+                  f"{_large_body_label(name, mode)}: Envoy alone p50 {lb['envoy']['p50_ms']:.2f} ms, this path "
+                  f"{lb[name]['p50_ms']:.2f} ms (adds "
                   f"{lb[f'epp_hop_added_p50_ms{suffix}']:.2f} ms p50, {lb[f'epp_hop_added_p99_ms{suffix}']:.2f} ms p99); "
                   f"CPU per request: EPP {lb[f'epp_cpu_ms_per_request{suffix}']:.2f} ms, Envoy's ext_proc work "
                   f"{lb[f'envoy_ext_proc_cpu_ms_per_request{suffix}']:.2f} ms", flush=True)
