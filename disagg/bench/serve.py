@@ -33,13 +33,19 @@ from typing import Any
 from disagg.bench import driver, workloads
 from disagg.bench.progress import Progress, heartbeat, say
 from disagg.bench.results import fmt, machine, versions
-from disagg.bench.stacks import EngineSettings, OursRay, ensure_model, native_dtype
+from disagg.bench.stacks import EngineSettings, GatewayWorker, OursGateway, OursRay, ensure_model, native_dtype
 from disagg.config import AppConfig, RoutingConfig
 
 MODES = ("disagg", "aggregated")
 # The summary metrics compared between the modes; a ratio's name drops the unit.
 COMPARED = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
             "latency_p50_ms", "output_tok_s")
+
+
+# How a stack serves its OpenAI port: `disagg serve` (Serve's proxy, the Router, the decode replica's
+# handle stream) or the gateway path (Envoy asks `disagg epp` for the pair and streams from the
+# decode worker's own HTTP endpoint: nothing of the stream crosses Ray).
+PATHS = ("serve", "gateway")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plot", type=Path, help="PNG plot (default: beside --json)")
     p.add_argument("--kv-connector", choices=["disagg", "nixl"],
                    help="the disagg mode's KV connector (default: the stack's default)")
+    p.add_argument("--path", choices=PATHS, default="serve",
+                   help="how a started stack serves: `disagg serve` (Serve's proxy and Router) or the gateway "
+                        "path (standalone workers behind Envoy and `disagg epp`, as `disagg epp` serves them)")
     p.add_argument("--dtype", help="engine dtype (default: the model's own, float32 on CPUs without bf16)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a stack may take to start")
@@ -160,18 +169,37 @@ def ratios(disagg: dict[str, Any] | None, aggregated: dict[str, Any] | None) -> 
 
 
 def make_stack(mode: str, model: str, settings: EngineSettings, log_dir: Path,
-               kv_connector: str | None = None) -> OursRay:
+               kv_connector: str | None = None, path: str = "serve") -> OursRay | OursGateway:
     m = stack_mode(mode, kv_connector)
+    if path == "gateway":
+        cores = [settings.prefill_core, settings.decode_core]
+        roles = ["prefill"] * m.prefill_replicas + ["decode"] * m.decode_replicas
+        workers = [GatewayWorker(f"{role}{i}", role, core) for i, (role, core) in enumerate(zip(roles, cores))]
+        gateway = OursGateway(mode, model, settings, log_dir=log_dir / f"{mode}-gateway", workers=workers,
+                              worker_settings=list(m.settings), initial_route=[w.label for w in workers])
+        gateway.description = f"{m.description}; the gateway path (Envoy + disagg epp)"
+        return gateway
+    if path != "serve":
+        raise ValueError(f"unknown path {path!r}; choose one of {', '.join(PATHS)}")
     stack = OursRay(mode, model, settings, log_dir=log_dir / mode, settings_overrides=list(m.settings),
                     prefill_replicas=m.prefill_replicas, decode_replicas=m.decode_replicas)
     stack.description = m.description
     return stack
 
 
+def worker_urls(stack: OursRay | OursGateway) -> list[str]:
+    """The base URL of each of the stack's workers (for their own /metrics)."""
+    if isinstance(stack, OursGateway):
+        return [f"http://{w.address}" for w in stack.workers]
+    import httpx
+
+    return [f"http://{w['address']}" for w in httpx.get(f"{stack.url}/v1/pool", timeout=10).json()]
+
+
 def bench_mode(mode: str, args: argparse.Namespace, model: str, model_name: str, workload: workloads.Workload,
                warm: workloads.Workload | None, settings: EngineSettings, log_dir: Path) -> dict[str, Any]:
     """Measure one mode: the stack at `args.url`, or one started (and stopped) here."""
-    stack = None if args.url else make_stack(mode, model, settings, log_dir, args.kv_connector)
+    stack = None if args.url else make_stack(mode, model, settings, log_dir, args.kv_connector, args.path)
     entry: dict[str, Any] = {"mode": mode, "url": args.url,
                              "description": stack.description if stack else "running stack at --url"}
     try:
@@ -328,7 +356,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         "command": "disagg bench serve " + " ".join(argv),
         "machine": machine(), "versions": versions(), "model": model_name, "workload": w,
         "load": f"poisson {args.rate:g}/s" if args.rate else f"closed {args.concurrency}",
-        "engines": None if args.url else settings.__dict__, "seed": args.seed, "logs": str(log_dir), "modes": {},
+        "engines": None if args.url else settings.__dict__, "path": None if args.url else args.path,
+        "seed": args.seed, "logs": str(log_dir), "modes": {},
     }
     for mode in modes_of(args):
         report["modes"][mode] = bench_mode(mode, args, model, model_name, workload, warm, settings, log_dir)

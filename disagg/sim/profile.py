@@ -198,23 +198,24 @@ async def measure(model: str, core: str, dtype: str, block_size: int, kv_cache_g
     return cost
 
 
-def measure_stack(model: str, cost: CostModel, rate: float = 2.0, requests: int = 16) -> StackCost:
+def measure_stack(model: str, cost: CostModel, rate: float = 2.0, requests: int = 16, path: str = "serve"
+                  ) -> StackCost:
     """What our stack adds to the engine alone, on this machine now, at `rate` requests/s:
     `disagg serve` as `disagg bench serve` starts it (1 prefill + 1 decode) serves short prompts
     (prefilled on decode) and long ones (prefilled remotely), each answering 32-128 tokens, timed
     as `disagg bench serve` times them. Per short request, TTFT minus the engine's prefill is the
     stack's; a long one's extra is the prefill call's; TPOT over a lone request's simulated TPOT
-    is how much slower the stack's engines step than one alone (its other processes share the
-    cores). The stack's own processes load the machine more as more streams run, so profile at
-    the rate you mean to simulate."""
+    (with `path`'s stream window) is how much slower the stack's engines step (its other processes
+    share the cores). The stack's own processes load the machine more as more streams
+    run, so profile at the rate you mean to simulate. `path`: `disagg serve`'s (serve) or the
+    gateway's."""
     from disagg.bench import driver, workloads
     from disagg.bench.serve import make_stack
     from disagg.bench.stacks import EngineSettings, native_dtype
-    from disagg.config import AppConfig
     from disagg.sim.cluster import last_seen
 
     log_dir = Path(f"/tmp/dgp-{time.strftime('%H%M%S')}")
-    stack = make_stack("disagg", model, EngineSettings(dtype=native_dtype()), log_dir)
+    stack = make_stack("disagg", model, EngineSettings(dtype=native_dtype()), log_dir, path=path)
     say("profile", f"starting the stack ({stack.description}); logs in {log_dir}")
     stack.start(timeout_s=900)
     try:
@@ -226,7 +227,7 @@ def measure_stack(model: str, cost: CostModel, rate: float = 2.0, requests: int 
     finally:
         stack.stop()
     timed = [r for r in run.results if r.ok and r.ttft_s is not None and r.tpot_s]
-    window = AppConfig.model_fields["stream_batching_ms"].default / 1000
+    window = stream_window_s(path)
 
     def lone_tpot(r: driver.RequestResult) -> float:
         step, n = cost.step_s(0, 0, 1, r.prompt_tokens + 64), r.output_tokens
@@ -245,6 +246,15 @@ def measure_stack(model: str, cost: CostModel, rate: float = 2.0, requests: int 
     say("profile", f"stack at {rate:g}/s: {request_s * 1e3:.1f} ms per request, {call_s * 1e3:.1f} ms per prefill "
                    f"call, engine steps x{scale:.2f} ({len(timed)} requests timed)")
     return StackCost(request_s=request_s, prefill_call_s=call_s, step_scale=scale)
+
+
+def stream_window_s(path: str) -> float:
+    """How long a stream's tokens may wait to leave together on `path`: the Serve path merges deltas
+    (`stream_batching_ms`, across its process hops); a worker's own endpoint (the gateway path)
+    sends each as it comes."""
+    from disagg.config import AppConfig
+
+    return 0.0 if path == "gateway" else AppConfig.model_fields["stream_batching_ms"].default / 1000
 
 
 def _hardware(core: str) -> str:
@@ -275,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", action="store_true", help="also time our stack (`disagg serve`) around the engine: "
                    "the per-request and per-prefill-call overheads, and how much slower its engines step (2-3 min)")
     p.add_argument("--stack-rate", type=float, default=2.0, help="requests/s of the --stack measurement")
+    p.add_argument("--stack-path", choices=("serve", "gateway"), default="serve",
+                   help="the --stack measurement's request path: `disagg serve`'s Serve proxy, or the gateway "
+                        "(Envoy + disagg epp in front of the workers' own endpoints)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     model = ensure_model(args.model, "tiny")
@@ -283,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     cost = asyncio.run(measure(model, args.core, args.dtype or native_dtype(), args.block_size, args.kv_cache_gib,
                                args.max_model_len, transfer, args.name or args.json.stem))
     if args.stack:
-        cost.stack = measure_stack(model, cost, rate=args.stack_rate)
-        cost.sources["stack"] = f"measured: disagg serve at {args.stack_rate:g} requests/s (disagg profile --stack)"
+        cost.stack = measure_stack(model, cost, rate=args.stack_rate, path=args.stack_path)
+        cost.sources["stack"] = (f"measured: disagg serve ({args.stack_path} path) at {args.stack_rate:g} requests/s "
+                                 "(disagg profile --stack)")
     cost.save(args.json)
     if args.plot:
         from disagg.sim.plots import plot_profile

@@ -143,6 +143,20 @@ def test_the_modes_use_the_same_two_cores(tiny_model: str, tmp_path: Path) -> No
     assert f"kv_connector={default}" in disagg.settings_overrides and default in disagg.description
 
 
+def test_the_gateway_path_runs_the_same_modes_on_the_same_cores(tiny_model: str, tmp_path: Path) -> None:
+    from disagg.bench.stacks import EngineSettings, OursGateway
+
+    disagg = serve.make_stack("disagg", tiny_model, EngineSettings(), tmp_path, path="gateway")
+    agg = serve.make_stack("aggregated", tiny_model, EngineSettings(), tmp_path, path="gateway")
+    assert isinstance(disagg, OursGateway) and isinstance(agg, OursGateway)
+    assert [(w.role, w.core) for w in disagg.workers] == [("prefill", "0"), ("decode", "1")]
+    assert [(w.role, w.core) for w in agg.workers] == [("decode", "0"), ("decode", "1")]
+    assert disagg.initial_route == [w.label for w in disagg.workers] and len(set(disagg.initial_route)) == 2
+    assert "kv_connector=none" in agg.worker_settings and "gateway" in agg.description
+    with pytest.raises(ValueError, match="unknown path"):
+        serve.make_stack("disagg", tiny_model, EngineSettings(), tmp_path, path="direct")
+
+
 def test_the_disagg_mode_can_take_another_kv_connector(tiny_model: str, tmp_path: Path) -> None:
     from disagg.bench.stacks import EngineSettings
 
