@@ -268,6 +268,7 @@ def _hardware(core: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from disagg.bench.serve import PATHS
     from disagg.bench.stacks import ensure_model, native_dtype
 
     p = argparse.ArgumentParser(prog="disagg profile", description=__doc__,
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stack", action="store_true", help="also time our stack (`disagg serve`) around the engine: "
                    "the per-request and per-prefill-call overheads, and how much slower its engines step (2-3 min)")
     p.add_argument("--stack-rate", type=float, default=2.0, help="requests/s of the --stack measurement")
-    p.add_argument("--stack-path", choices=("serve", "gateway"), default="serve",
+    p.add_argument("--stack-path", choices=PATHS, default="serve",
                    help="the --stack measurement's request path: `disagg serve`'s Serve proxy, or the gateway "
                         "(Envoy + disagg epp in front of the workers' own endpoints)")
     args = p.parse_args(argv)

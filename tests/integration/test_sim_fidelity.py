@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +121,7 @@ def simulated(mode: str, cost: CostModel, model: str, sizes: dict[str, dict[str,
         n = size.get("requests") or size["conversations"] * size["turns"]
         reqs = list(trace.workload(name, requests=n, rate=RATE, seed=seed, model_dir=model,
                                    **{k: v for k, v in size.items() if k != "requests"}))
-        deployment = dataclasses.replace(MODES[mode], stream_window_s=stream_window_s(PATH))
+        deployment = replace(MODES[mode], stream_window_s=stream_window_s(PATH))
         s = simulate(cost, deployment, reqs, seed=seed, progress=False).summary
         out[name] = Figures(s["ttft_ms_p50"], s["tpot_ms_p50"], s["prefix_hit_rate"], s["requests"], s["failed"])
     return out
